@@ -1,0 +1,27 @@
+"""cqil_fx: run quasi-independent decoder layers concurrently, as a torch.compile backend.
+
+    import torch
+    from cqil_fx import cqil_backend, make_backend, CQILConfig
+
+    fast = torch.compile(model, backend=make_backend(CQILConfig(start=20, end=28, parallel=2, bypass=1)))
+
+See docs/ for the semantics (CQIL, Zou et al., ACL 2024) and the pipeline.
+"""
+
+from .backend import CompileReport, cqil_backend, make_backend, rewrite_graph
+from .config import CQILConfig, Plan
+from .errors import CQILConfigError, CQILPlanError, CQILUnsupportedError
+from .reference import cqil_reference
+
+__all__ = [
+    "CQILConfig",
+    "CQILConfigError",
+    "CQILPlanError",
+    "CQILUnsupportedError",
+    "CompileReport",
+    "Plan",
+    "cqil_backend",
+    "cqil_reference",
+    "make_backend",
+    "rewrite_graph",
+]

@@ -1,0 +1,151 @@
+"""The cqil ``torch.compile`` backend: find blocks, plan, rewrite, hand to Inductor.
+
+Usage::
+
+    import torch
+    from cqil_fx import cqil_backend, make_backend, CQILConfig
+
+    fast = torch.compile(model, backend=cqil_backend)         # default plan
+    fast = torch.compile(model, backend=make_backend(start=20, end=28, parallel=2, bypass=1))
+    fast = torch.compile(model, backend="cqil")                # registered entry point
+
+A backend is a plain function ``(gm, example_inputs) -> callable``.  For each
+graph Dynamo hands it:
+
+    find_blocks -> config.plan_for -> rewrite_groups -> add_bypass_edges -> inner compiler
+
+A graph with nothing to rewrite (no decoder stack, a fragment after a graph
+break, a plan with no groups) is compiled unchanged, with one log line saying
+why.  What each graph went through is counted in
+``torch._dynamo.utils.counters["cqil"]`` and kept in ``backend.reports``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.fx
+from torch._dynamo.utils import counters
+
+from passes import GroupRewrite, UnrecognisedBlockError, add_bypass_edges, find_blocks, rewrite_groups
+from passes.find_blocks import Block
+
+from .config import CQILConfig, Plan
+from .errors import CQILUnsupportedError
+
+log = logging.getLogger(__name__)
+
+CompilerFn = Callable[[torch.fx.GraphModule, list], Callable[..., Any]]
+
+
+@dataclasses.dataclass(eq=False)
+class CompileReport:
+    """What the backend did with one graph."""
+
+    nodes_before: int
+    nodes_after: int
+    blocks: list[Block]
+    plan: Plan | None
+    rewrites: list[GroupRewrite]
+    bypass_edges: int
+    fallback: str | None  # why the graph was compiled unchanged, or None
+
+    def __repr__(self) -> str:
+        if self.fallback:
+            return f"CompileReport(unchanged: {self.fallback})"
+        return (
+            f"CompileReport({len(self.blocks)} blocks, {self.plan}, {len(self.rewrites)} groups "
+            f"rewritten, {self.bypass_edges} bypass edges, nodes {self.nodes_before} -> {self.nodes_after})"
+        )
+
+
+def make_backend(config: CQILConfig | None = None, **fields: Any) -> CompilerFn:
+    """A cqil backend for ``config`` (or ``CQILConfig(**fields)``; fields override ``config``).
+
+    The config and the inner compiler are checked here, before any compile work.
+    """
+    if config is None:
+        config = CQILConfig(**fields)
+    elif fields:
+        config = dataclasses.replace(config, **fields)
+    if config.mode in ("concurrent", "spmd"):
+        raise CQILUnsupportedError(
+            f"mode={config.mode!r} is not available in this version; use mode='local' (or 'auto')"
+        )
+    inner = resolve_inner(config.inner)
+    reports: list[CompileReport] = []
+
+    def cqil(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        report = rewrite_graph(gm, config)
+        reports.append(report)
+        return inner(gm, example_inputs)
+
+    cqil.config = config  # type: ignore[attr-defined]
+    cqil.reports = reports  # type: ignore[attr-defined]
+    return cqil
+
+
+def cqil_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+    """The cqil backend with the default :class:`CQILConfig` (registered as ``"cqil"``)."""
+    return _default_backend()(gm, example_inputs)
+
+
+def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig) -> CompileReport:
+    """Apply the CQIL passes to ``gm`` in place for ``config``; report what was done."""
+    nodes_before = len(gm.graph.nodes)
+    counters["cqil"]["graphs"] += 1
+
+    def unchanged(why: str, blocks: list[Block] = (), plan: Plan | None = None, level=logging.INFO):
+        counters["cqil"]["fallbacks"] += 1
+        log.log(level, "cqil: compiling graph of %d nodes unchanged: %s", nodes_before, why)
+        return CompileReport(nodes_before, nodes_before, list(blocks), plan, [], 0, why)
+
+    try:
+        blocks = find_blocks(gm)
+    except UnrecognisedBlockError as e:
+        return unchanged(f"decoder blocks not understood ({e})", level=logging.WARNING)
+    if not blocks:
+        return unchanged("no decoder blocks found")
+    counters["cqil"]["blocks_found"] += len(blocks)
+    plan = plan_for_blocks(blocks, config)
+    if not plan.groups:
+        return unchanged(f"{plan} has no groups of two or more blocks", blocks, plan)
+
+    rewrites = rewrite_groups(gm, blocks, plan.groups)
+    edges = add_bypass_edges(gm, blocks, plan.groups, plan.bypass) if plan.bypass else 0
+    counters["cqil"]["groups_rewritten"] += len(rewrites)
+    counters["cqil"]["bypass_edges"] += edges
+    report = CompileReport(nodes_before, len(gm.graph.nodes), blocks, plan, rewrites, edges, None)
+    log.info("cqil: %s", report)
+    return report
+
+
+def resolve_inner(inner: str | CompilerFn) -> CompilerFn:
+    """The compiler a rewritten graph is handed to."""
+    if callable(inner):
+        return inner
+    if inner == "inductor":
+        from torch._inductor.compile_fx import compile_fx  # heavy: import on first use
+
+        return compile_fx
+    return torch._dynamo.lookup_backend(inner)
+
+
+_DEFAULT: list[CompilerFn] = []
+
+
+def _default_backend() -> CompilerFn:
+    if not _DEFAULT:
+        _DEFAULT.append(make_backend())
+    return _DEFAULT[0]
+
+
+def plan_for_blocks(blocks: Sequence[Block], config: CQILConfig) -> Plan:
+    """The plan ``config`` gives for these blocks, checked against their kinds."""
+    plan = config.plan_for(len(blocks))
+    plan.check_block_kinds({b.index: b.kind for b in blocks})
+    return plan

@@ -1,0 +1,194 @@
+"""What to rewrite: :class:`CQILConfig` (the user's request) and :class:`Plan`.
+
+A config is validated when it is built, before any compile work; it becomes a
+:class:`Plan` once the number of decoder blocks is known (at compile time)::
+
+    >>> CQILConfig(start=20, end=28, parallel=2, bypass=1).plan_for(30)
+    Plan(30 blocks: [20-21] [22-23] [24-25] [26-27], bypass 1, saves 4 block-times)
+
+Block indices are positions in the model's decoder-layer list (the HF layer
+index).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from .errors import CQILConfigError, CQILPlanError
+
+MODES = ("auto", "local", "concurrent", "spmd")
+INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+
+# The default plan when the user names no blocks: the paper's uniform plan over
+# the middle of the stack.  The first ~40 % of blocks change the residual stream
+# fast (their inputs are not similar) and the last two blocks shape the logits;
+# grouping either costs far more quality than grouping the middle.
+DEFAULT_START_FRACTION = 0.4
+DEFAULT_TAIL_BLOCKS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Groups of consecutive blocks that run concurrently, and the bypass distance.
+
+    ``groups`` holds only groups of two or more blocks, in order; every other
+    block runs alone, as in the original model.
+    """
+
+    num_blocks: int
+    groups: tuple[tuple[int, ...], ...]
+    bypass: int = 0
+
+    @property
+    def saved_blocks(self) -> int:
+        """Block-times a perfectly concurrent run saves: sum of (|G| - 1)."""
+        return sum(len(g) - 1 for g in self.groups)
+
+    def cover(self) -> list[tuple[int, ...]]:
+        """All groups, singletons included, covering ``range(num_blocks)`` in order."""
+        grouped = {i: g for g in self.groups for i in g}
+        out: list[tuple[int, ...]] = []
+        for i in range(self.num_blocks):
+            g = grouped.get(i, (i,))
+            if g[0] == i:
+                out.append(g)
+        return out
+
+    def check_block_kinds(self, kinds: Mapping[int, str]) -> None:
+        """Refuse bypass edges into blocks whose MLP does not read the mid-block residual."""
+        if self.bypass == 0:
+            return
+        for g in self.groups:
+            parallel = [i for i in g if kinds[i] != "sequential"]
+            if parallel:
+                raise CQILPlanError(
+                    f"bypass={self.bypass} needs sequential blocks, but block(s) {parallel} "
+                    f"are {kinds[parallel[0]]}-residual (attention and MLP both read the block "
+                    f"input, so there is no MLP input to bypass into); use bypass=0 for this model"
+                )
+
+    def __repr__(self) -> str:
+        spans = " ".join(f"[{g[0]}-{g[-1]}]" for g in self.groups) or "no groups"
+        return (
+            f"Plan({self.num_blocks} blocks: {spans}, bypass {self.bypass}, "
+            f"saves {self.saved_blocks} block-times)"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CQILConfig:
+    """How the cqil backend rewrites a model.
+
+    Name the groups either explicitly (``groups=[[3, 4, 5], [8, 9]]``) or as the
+    paper's uniform plan (``start``, ``end``, ``parallel``: groups of
+    ``parallel`` blocks over ``[start, end)``).  With neither, the default plan
+    is uniform ``parallel`` over ``[round(0.4 N), N - 2)`` for a model of N
+    blocks, ``start`` moved up until the span divides evenly.
+
+    ``bypass`` is the paper's D: member k's MLP also reads the attention outputs
+    of the D members before it.  ``mode`` picks the execution mode; ``inner``
+    the compiler that turns the rewritten graph into code ("inductor",
+    "aot_eager", "eager", or any Dynamo backend callable).
+    """
+
+    groups: Sequence[Sequence[int]] | None = None
+    start: int | None = None
+    end: int | None = None
+    parallel: int = 2
+    bypass: int = 0
+    mode: str = "auto"
+    inner: str | Callable[..., Any] = "inductor"
+
+    def __post_init__(self) -> None:
+        _check_int("parallel", self.parallel, minimum=1)
+        _check_int("bypass", self.bypass, minimum=0)
+        if self.mode not in MODES:
+            raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if not (callable(self.inner) or self.inner in INNER_COMPILERS):
+            raise CQILConfigError(
+                f"inner={self.inner!r} is unknown; use one of {', '.join(INNER_COMPILERS)} "
+                "or pass a Dynamo backend callable"
+            )
+        if self.groups is not None:
+            if self.start is not None or self.end is not None:
+                raise CQILConfigError("give either groups=... or start=/end=, not both")
+            object.__setattr__(self, "groups", _normalise_groups(self.groups))
+            largest = max((len(g) for g in self.groups), default=1)
+            if self.bypass >= largest:
+                raise CQILConfigError(
+                    f"bypass={self.bypass} must be smaller than the largest group ({largest} blocks)"
+                )
+            return
+        if (self.start is None) != (self.end is None):
+            raise CQILConfigError("give start= and end= together (the span [start, end) to group)")
+        if self.bypass >= self.parallel:
+            raise CQILConfigError(
+                f"bypass={self.bypass} must be smaller than parallel={self.parallel} "
+                f"(a member can only read the attention outputs of earlier members)"
+            )
+        if self.start is not None:
+            _check_int("start", self.start, minimum=0)
+            _check_int("end", self.end, minimum=0)
+            if self.end <= self.start:
+                raise CQILConfigError(f"end={self.end} must be greater than start={self.start}")
+            if (self.end - self.start) % self.parallel:
+                raise CQILConfigError(
+                    f"(end - start) = {self.end - self.start} is not a multiple of "
+                    f"parallel={self.parallel}; move start or end"
+                )
+
+    def plan_for(self, num_blocks: int) -> Plan:
+        """The plan for a model with ``num_blocks`` decoder blocks."""
+        if self.groups is not None:
+            groups = self.groups
+        else:
+            start, end = self.start, self.end
+            if start is None:
+                start, end = default_span(num_blocks, self.parallel)
+            groups = tuple(tuple(range(s, s + self.parallel)) for s in range(start, end, self.parallel))
+        out_of_range = [i for g in groups for i in g if i >= num_blocks]
+        if out_of_range:
+            raise CQILPlanError(
+                f"block index {out_of_range[0]} is out of range: the model has {num_blocks} "
+                f"decoder blocks (0..{num_blocks - 1}); fix groups= or start=/end="
+            )
+        return Plan(num_blocks, tuple(g for g in groups if len(g) > 1), self.bypass)
+
+
+def default_span(num_blocks: int, parallel: int) -> tuple[int, int]:
+    """The ``[start, end)`` the default plan groups for a model of ``num_blocks`` blocks."""
+    end = max(num_blocks - DEFAULT_TAIL_BLOCKS, 0)
+    start = min(round(DEFAULT_START_FRACTION * num_blocks), end)
+    start += (end - start) % parallel
+    return start, end
+
+
+def _check_int(field: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CQILConfigError(f"{field}={value!r} must be an int")
+    if value < minimum:
+        raise CQILConfigError(f"{field}={value} must be >= {minimum}")
+
+
+def _normalise_groups(groups: Sequence[Sequence[int]]) -> tuple[tuple[int, ...], ...]:
+    try:
+        out = tuple(sorted((tuple(g) for g in groups), key=lambda g: g[0] if g else -1))
+    except TypeError as e:
+        raise CQILConfigError(f"groups={groups!r} must be a list of lists of block indices") from e
+    previous_end = -1
+    for g in out:
+        if not g:
+            raise CQILConfigError("groups= holds an empty group; every group needs at least one block")
+        for i in g:
+            _check_int("groups", i, minimum=0)
+        if list(g) != list(range(g[0], g[0] + len(g))):
+            raise CQILConfigError(
+                f"group {list(g)} is not consecutive: a group is a run of adjacent blocks, "
+                f"e.g. [{g[0]}, {g[0] + 1}]"
+            )
+        if g[0] <= previous_end:
+            raise CQILConfigError(f"group {list(g)} overlaps another group; each block may be in one group")
+        previous_end = g[-1]
+    return out

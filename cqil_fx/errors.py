@@ -1,0 +1,20 @@
+"""Exceptions cqil_fx raises for user mistakes.
+
+Every one names the field or block at fault and says how to fix it. Inside
+``torch.compile`` Dynamo wraps them in ``BackendCompilerFailed``; the original
+stays in the ``__cause__`` chain.
+"""
+
+from __future__ import annotations
+
+
+class CQILConfigError(ValueError):
+    """A :class:`~cqil_fx.CQILConfig` field holds an illegal value."""
+
+
+class CQILPlanError(ValueError):
+    """A plan does not fit the model it is applied to (indices, block kinds)."""
+
+
+class CQILUnsupportedError(NotImplementedError):
+    """The request is legal but this version of cqil_fx cannot carry it out."""

@@ -1,0 +1,24 @@
+"""FX passes of cqil_fx, one per file; each is a function over a GraphModule.
+
+Analysis:  :func:`find_blocks` (decoder blocks and their residual paths).
+Rewrite:   :func:`rewrite_groups` (members read the group input, deltas summed),
+           :func:`add_bypass_edges` (earlier members' attention outputs into later MLPs).
+
+The passes import nothing from :mod:`cqil_fx`; they take and return plain values.
+"""
+
+from .bypass import add_bypass_edges
+from .concurrent_groups import GroupRewrite, rewrite_groups
+from .find_blocks import Block, UnrecognisedBlockError, find_blocks
+from .module_stack import LayerRef, layer_of
+
+__all__ = [
+    "Block",
+    "GroupRewrite",
+    "LayerRef",
+    "UnrecognisedBlockError",
+    "add_bypass_edges",
+    "find_blocks",
+    "layer_of",
+    "rewrite_groups",
+]

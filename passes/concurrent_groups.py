@@ -1,0 +1,100 @@
+"""Rewrite each group of consecutive blocks to read one input and sum its deltas.
+
+For a group [g0, g1] with input x (before -> after)::
+
+    mid0 = x + a0                       mid0 = x + a0
+    out0 = mid0 + m0(mid0)              d0   = a0 + m0(mid0)
+    mid1 = out0 + a1(out0)      ==>     mid1 = x + a1(x)         # g1 reads x
+    out1 = mid1 + m1(mid1)              d1   = a1 + m1(mid1)
+    ... uses of out1 ...                out  = x + (d0 + d1)     # replaces out1
+
+A parallel-residual block already has its delta as one node (attn + mlp).
+The old block outputs are erased; every other node is kept, so the
+:class:`Block` records of the members stay valid for later passes (bypass),
+except for their ``input`` (now x) and ``output`` (gone).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+
+import torch.fx
+
+from .find_blocks import Block
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GroupRewrite:
+    """What :func:`rewrite_groups` made of one group."""
+
+    members: tuple[int, ...]
+    input: torch.fx.Node
+    deltas: tuple[torch.fx.Node, ...]
+    output: torch.fx.Node
+
+    def __repr__(self) -> str:
+        return (
+            f"GroupRewrite({list(self.members)}, input={self.input.name}, "
+            f"deltas={[d.name for d in self.deltas]}, output={self.output.name})"
+        )
+
+
+def rewrite_groups(
+    gm: torch.fx.GraphModule, blocks: Sequence[Block], groups: Sequence[Sequence[int]]
+) -> list[GroupRewrite]:
+    """Rewrite every group of two or more blocks in place; returns what was made."""
+    by_index = {b.index: b for b in blocks}
+    rewrites: list[GroupRewrite] = []
+    renamed: dict[torch.fx.Node, torch.fx.Node] = {}  # erased block output -> its replacement
+    for g in groups:
+        if len(g) > 1:
+            members = [by_index[i] for i in g]
+            rewrite = _rewrite_group(gm.graph, members, renamed.get(members[0].input, members[0].input))
+            renamed[members[-1].output] = rewrite.output
+            rewrites.append(rewrite)
+    gm.graph.lint()
+    gm.recompile()
+    return rewrites
+
+
+def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node) -> GroupRewrite:
+    for member in members[1:]:
+        _read_from(member, x)
+    deltas = tuple(_delta(graph, m) for m in members)
+    last = members[-1].output
+    with graph.inserting_before(deltas[-1].next):
+        total = deltas[0]
+        for d in deltas[1:]:
+            total = _add_like(graph, total, d, last)
+        out = _add_like(graph, x, total, last)
+    last.replace_all_uses_with(out)
+    for m in members:
+        if not m.output.users:
+            graph.erase_node(m.output)
+    return GroupRewrite(tuple(m.index for m in members), x, deltas, out)
+
+
+def _read_from(member: Block, x: torch.fx.Node) -> None:
+    """Make ``member``'s own nodes read ``x`` where they read the block input."""
+    inside = set(member.nodes)
+    for user in list(member.input.users):
+        if user in inside:
+            user.replace_input_with(member.input, x)
+
+
+def _delta(graph: torch.fx.Graph, member: Block) -> torch.fx.Node:
+    """The node holding Δ = a + m (sequential) or the summed branches (parallel)."""
+    terms = member.delta_terms
+    if len(terms) == 1:
+        return terms[0]
+    with graph.inserting_before(member.output.next):
+        return _add_like(graph, terms[0], terms[1], member.output)
+
+
+def _add_like(graph: torch.fx.Graph, lhs, rhs, like: torch.fx.Node) -> torch.fx.Node:
+    """``lhs + rhs`` carrying ``like``'s metadata (module stack, shape, stack trace)."""
+    node = graph.call_function(operator.add, (lhs, rhs))
+    node.meta = dict(like.meta)
+    return node

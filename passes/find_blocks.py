@@ -1,0 +1,189 @@
+"""Find the decoder blocks of a Dynamo graph and their residual paths (analysis only).
+
+A block is the set of nodes traced inside one entry of the model's decoder-layer
+list, with the chain of residual ``add`` nodes from the block input to the block
+output.  Two shapes are recognised::
+
+    sequential (pre-norm, GPT-2, LLaMA ...)      parallel residual (Phi, GPT-J)
+      x ──────────┬──────────┐                      x ──────┬────────┐
+      attn(x) = a │          │                     attn(x)  mlp(x)   │
+      mid = x + a ┤ (add #1) │                      s = attn + mlp   │
+      mlp(mid) = m│          │                      out = s + x  (the only residual add)
+      out = mid + m (add #2)
+
+At every residual ``add`` the residual operand is the one the other operand
+depends on (``x`` feeds ``a``; ``mid`` feeds ``m``), a reachability question
+answered with networkx on a DiGraph view of the FX graph.
+
+Nodes traced outside the layer list (embedding, rotary tables, masks, final
+norm) belong to no block.  KV-cache writes carry the stack of the attention
+module that makes them and so belong to that block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections import defaultdict
+
+import networkx as nx
+import torch
+import torch.fx
+
+from .module_stack import layer_of
+
+SEQUENTIAL = "sequential"
+PARALLEL = "parallel"
+
+_ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
+
+
+class UnrecognisedBlockError(ValueError):
+    """The graph has decoder layers, but not in a shape these passes can rewrite."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Block:
+    """One decoder block of a captured graph.
+
+    ``residual`` is the chain of residual adds, input side first: ``(mid, out)``
+    for a sequential block, ``(out,)`` for a parallel-residual one.
+    ``attention`` and ``mlp`` are the branch outputs entering those adds
+    (``attention`` includes any post-norm); for a parallel-residual block
+    ``attention`` is None and ``mlp`` is the summed branches.  ``mlp_inputs``
+    are the nodes of the MLP branch that read ``mid`` (empty when parallel).
+    """
+
+    index: int
+    path: str
+    kind: str
+    nodes: tuple[torch.fx.Node, ...]
+    params: tuple[torch.fx.Node, ...]
+    input: torch.fx.Node
+    residual: tuple[torch.fx.Node, ...]
+    attention: torch.fx.Node | None
+    mlp: torch.fx.Node
+    mlp_inputs: tuple[torch.fx.Node, ...]
+
+    @property
+    def output(self) -> torch.fx.Node:
+        return self.residual[-1]
+
+    @property
+    def delta_terms(self) -> tuple[torch.fx.Node, ...]:
+        """Nodes whose sum is the block's contribution Δ(x) to the residual stream."""
+        return (self.mlp,) if self.attention is None else (self.attention, self.mlp)
+
+    @property
+    def param_count(self) -> int:
+        return sum(_numel(p) for p in self.params)
+
+    def __repr__(self) -> str:
+        return (
+            f"Block({self.index}, {self.path!r}, {self.kind}, {len(self.nodes)} nodes, "
+            f"{self.param_count} params, input={self.input.name}, output={self.output.name})"
+        )
+
+
+def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
+    """The decoder blocks of ``gm`` in layer order; ``[]`` if it has no layer list.
+
+    Raises :class:`UnrecognisedBlockError` when layers are there but their
+    residual structure is not one of the two shapes above, or when the graph
+    holds only part of the stack (e.g. a fragment after a graph break).
+    """
+    lists = _nodes_by_layer(gm.graph)
+    if not lists:
+        return []
+    # The decoder stack is the module list with the most traced nodes.
+    list_path, layers = max(lists.items(), key=lambda kv: sum(map(len, kv[1].values())))
+    indices = sorted(layers)
+    if indices != list(range(len(indices))):
+        raise UnrecognisedBlockError(
+            f"the graph holds layers {indices} of {list_path}, not a whole stack from 0 "
+            "(a graph break inside the stack?)"
+        )
+    dag = _dataflow(gm.graph)
+    blocks = [_analyse(i, f"{list_path}.{i}", layers[i], dag) for i in indices]
+    for before, after in zip(blocks, blocks[1:]):
+        if after.input is not before.output:
+            raise UnrecognisedBlockError(
+                f"block {after.index} reads {after.input.name}, not block {before.index}'s "
+                f"output {before.output.name}: the stack is not a plain residual chain"
+            )
+    return blocks
+
+
+def _nodes_by_layer(graph: torch.fx.Graph) -> dict[str, dict[int, list[torch.fx.Node]]]:
+    out: dict[str, dict[int, list[torch.fx.Node]]] = defaultdict(lambda: defaultdict(list))
+    for node in graph.nodes:
+        ref = layer_of(node)
+        if ref is not None:
+            out[ref.list_path][ref.index].append(node)
+    return out
+
+
+def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
+    dag = nx.DiGraph()
+    dag.add_nodes_from(graph.nodes)
+    dag.add_edges_from((n, user) for n in graph.nodes for user in n.users)
+    return dag
+
+
+def _analyse(index: int, path: str, nodes: list[torch.fx.Node], dag: nx.DiGraph) -> Block:
+    params = tuple(n for n in nodes if n.op in ("placeholder", "get_attr"))
+    body = tuple(n for n in nodes if n.op not in ("placeholder", "get_attr"))
+    inside = set(body)
+    outputs = [n for n in body if _is_add(n) and any(u not in inside for u in n.users)]
+    if len(outputs) != 1:
+        raise UnrecognisedBlockError(
+            f"block {index} ({path}): expected one residual add read outside the block, "
+            f"found {[n.name for n in outputs]}"
+        )
+    chain, x = _residual_chain(outputs[0], inside, dag, path)
+    if len(chain) == 2:
+        mid, out = chain
+        mlp_inputs = tuple(u for u in mid.users if u is not out)
+        stray = [u.name for u in mlp_inputs if u not in inside]
+        if stray:
+            raise UnrecognisedBlockError(f"block {index} ({path}): mid-block residual read outside: {stray}")
+        return Block(index, path, SEQUENTIAL, body, params, x, chain,
+                     _other(mid, x), _other(out, mid), mlp_inputs)
+    if len(chain) == 1:
+        return Block(index, path, PARALLEL, body, params, x, chain, None, _other(chain[0], x), ())
+    raise UnrecognisedBlockError(f"block {index} ({path}): {len(chain)} residual adds; expected 1 or 2")
+
+
+def _residual_chain(output: torch.fx.Node, inside: set, dag: nx.DiGraph, path: str):
+    """Walk from the block output back along residual operands to the block input."""
+    chain = []
+    node = output
+    while node in inside:
+        if not _is_add(node) or not all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+            raise UnrecognisedBlockError(f"{path}: residual path passes through {node.name} ({node.target})")
+        lhs, rhs = node.args[:2]
+        if nx.has_path(dag, lhs, rhs):
+            residual = lhs
+        elif nx.has_path(dag, rhs, lhs):
+            residual = rhs
+        else:
+            raise UnrecognisedBlockError(f"{path}: neither operand of {node.name} feeds the other")
+        chain.append(node)
+        node = residual
+    return tuple(reversed(chain)), node
+
+
+def _other(add: torch.fx.Node, operand: torch.fx.Node) -> torch.fx.Node:
+    lhs, rhs = add.args[:2]
+    return rhs if lhs is operand else lhs
+
+
+def _is_add(node: torch.fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _ADD_TARGETS and len(node.args) == 2 and not node.kwargs
+    return node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs
+
+
+def _numel(node: torch.fx.Node) -> int:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value.numel() if isinstance(value, torch.Tensor) else 0
