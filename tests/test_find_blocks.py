@@ -5,9 +5,9 @@ import torch
 
 from passes import UnrecognisedBlockError, find_blocks
 from passes.module_stack import LayerRef, layer_of, normalise_path
+from cqil_fx.inspect import capture_graph
 from cqil_fx.reference import decoder_layers
 
-from capture import capture_graph
 from tiny_models import FAMILIES, LAYERS, tiny_model, tokens
 
 
@@ -40,7 +40,7 @@ def test_layer_of_picks_the_outermost_list_element():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_finds_every_block_with_its_residual_path(family):
     model = tiny_model(family)
-    gm, _ = capture_graph(model, tokens(), use_cache=False)
+    gm = capture_graph(model, tokens(), use_cache=False)
     blocks = find_blocks(gm)
     kind = FAMILIES[family][3]
     assert [b.index for b in blocks] == list(range(LAYERS))
@@ -68,7 +68,7 @@ def test_finds_every_block_with_its_residual_path(family):
 
 def test_graph_without_layers_has_no_blocks():
     mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
-    gm, _ = capture_graph(mlp, torch.randn(2, 4))
+    gm = capture_graph(mlp, torch.randn(2, 4))
     assert find_blocks(gm) == []
 
 
@@ -89,6 +89,6 @@ def test_partial_stack_is_refused():
 
     h = torch.randn(1, 5, 32)
     cos_sin = model.model.rotary_emb(h, torch.arange(5)[None])
-    gm, _ = capture_graph(Fragment(), h, cos_sin)
+    gm = capture_graph(Fragment(), h, cos_sin)
     with pytest.raises(UnrecognisedBlockError, match=r"holds layers \[3, 4\]"):
         find_blocks(gm)
