@@ -36,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--end", type=int)
     inspect.add_argument("--parallel", type=int, default=2)
     inspect.add_argument("--bypass", type=int, default=0)
-    inspect.add_argument("-v", "--verbose", action="store_true", help="log what the passes do")
+    inspect.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (model loading, capture)")
     inspect.set_defaults(run=_inspect)
     return parser
 

@@ -1,8 +1,8 @@
 """Exceptions cqil_fx raises for user mistakes.
 
 Every one names the field or block at fault and says how to fix it. Inside
-``torch.compile`` Dynamo wraps them in ``BackendCompilerFailed``; the original
-stays in the ``__cause__`` chain.
+``torch.compile`` Dynamo wraps them in ``BackendCompilerFailed``, whose message
+repeats ours; the original is its ``inner_exception`` (and its ``__context__``).
 """
 
 from __future__ import annotations

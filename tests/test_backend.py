@@ -70,6 +70,7 @@ def test_plan_errors_stay_visible_through_torch_compile(family, config, error, m
         compiled(tokens(), use_cache=False)
     ours = [e for e in exception_chain(info.value) if isinstance(e, error)]
     assert ours and message in str(ours[0])
+    assert isinstance(info.value.inner_exception, error) and message in str(info.value)
     # The eager reference refuses the same plans with the same error.
     with pytest.raises(error, match=message):
         cqil_reference(tiny_model(family), config, tokens(), use_cache=False)
