@@ -31,11 +31,12 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
-from passes import GroupRewrite, UnrecognisedBlockError, add_bypass_edges, find_blocks, rewrite_groups
+from passes import GroupRewrite, UnrecognisedBlockError, find_blocks
 from passes.find_blocks import Block
 
 from .config import CQILConfig, Plan
 from .errors import CQILUnsupportedError
+from .rewrite import apply_plan
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +64,15 @@ class CompileReport:
         )
 
 
-def make_backend(config: CQILConfig | None = None, **fields: Any) -> CompilerFn:
+def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> CompilerFn:
     """A cqil backend for ``config`` (or ``CQILConfig(**fields)``; fields override ``config``).
 
+    ``config`` may also be a :class:`Plan` (from the planner or ``Plan.load``).
     The config and the inner compiler are checked here, before any compile work.
     """
-    if config is None:
+    if isinstance(config, Plan):
+        config = CQILConfig(plan=config, **fields)
+    elif config is None:
         config = CQILConfig(**fields)
     elif fields:
         config = dataclasses.replace(config, **fields)
@@ -80,7 +84,7 @@ def make_backend(config: CQILConfig | None = None, **fields: Any) -> CompilerFn:
     reports: list[CompileReport] = []
 
     def cqil(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
-        report = rewrite_graph(gm, config)
+        report = rewrite_graph(gm, config, example_inputs)
         reports.append(report)
         return inner(gm, example_inputs)
 
@@ -94,8 +98,12 @@ def cqil_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[...
     return _default_backend()(gm, example_inputs)
 
 
-def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig) -> CompileReport:
-    """Apply the CQIL passes to ``gm`` in place for ``config``; report what was done."""
+def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig, example_inputs: Sequence = ()) -> CompileReport:
+    """Apply the CQIL passes to ``gm`` in place for ``config``; report what was done.
+
+    ``example_inputs`` (real tensors, as Dynamo passes them) are needed only
+    for automatic planning, which runs copies of the graph on calibration data.
+    """
     nodes_before = len(gm.graph.nodes)
     counters["cqil"]["graphs"] += 1
 
@@ -111,12 +119,11 @@ def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig) -> CompileReport
     if not blocks:
         return unchanged("no decoder blocks found")
     counters["cqil"]["blocks_found"] += len(blocks)
-    plan = plan_for_blocks(blocks, config)
+    plan = choose_plan(gm, example_inputs, blocks, config)
     if not plan.groups:
         return unchanged(f"{plan} has no groups of two or more blocks", blocks, plan)
 
-    rewrites = rewrite_groups(gm, blocks, plan.groups)
-    edges = add_bypass_edges(gm, blocks, plan.groups, plan.bypass) if plan.bypass else 0
+    rewrites, edges = apply_plan(gm, blocks, plan)
     counters["cqil"]["groups_rewritten"] += len(rewrites)
     counters["cqil"]["bypass_edges"] += edges
     report = CompileReport(nodes_before, len(gm.graph.nodes), blocks, plan, rewrites, edges, None)
@@ -142,6 +149,26 @@ def _default_backend() -> CompilerFn:
     if not _DEFAULT:
         _DEFAULT.append(make_backend())
     return _DEFAULT[0]
+
+
+def choose_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence[Block],
+                config: CQILConfig) -> Plan:
+    """The config's plan; searched on calibration data when it asks for an automatic one."""
+    if config.wants_auto_plan:
+        from .calibration import UncalibratableGraphError
+        from .planner import search_graph_plan
+
+        try:
+            search = search_graph_plan(gm, example_inputs, blocks, config)
+        except UncalibratableGraphError as e:
+            log.warning("cqil: cannot calibrate this graph (%s); using the default uniform plan", e)
+            return plan_for_blocks(blocks, dataclasses.replace(config, plan=None, calibration=None))
+        log.info("cqil: automatic plan %s", search)
+        return search.plan
+    if config.plan is None and config.groups is None and config.start is None:
+        log.info("cqil: no calibration data, so the default uniform plan over the middle of the stack "
+                 "(give calibration= for an automatic, quality-budgeted plan)")
+    return plan_for_blocks(blocks, config)
 
 
 def plan_for_blocks(blocks: Sequence[Block], config: CQILConfig) -> Plan:

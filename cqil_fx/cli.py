@@ -2,6 +2,8 @@
 
     cqil-fx inspect --model smollm2 --start 12 --end 28 --bypass 1
     cqil-fx inspect --model path/to/hf_model_dir --groups 3-5,8-9
+    cqil-fx plan --budget 0.1 --out plan.json     # automatic plan on the calibration split
+    cqil-fx eval --out docs                       # quality study: CQIL vs layer removal
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from .errors import CQILConfigError, CQILPlanError
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    args.command_line = " ".join(["cqil-fx", *(sys.argv[1:] if argv is None else argv)])
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.run(args, _config(args))
@@ -36,8 +39,25 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--end", type=int)
     inspect.add_argument("--parallel", type=int, default=2)
     inspect.add_argument("--bypass", type=int, default=0)
+    inspect.add_argument("--dot", help="write the rewritten graph as Graphviz DOT to this file")
     inspect.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (model loading, capture)")
     inspect.set_defaults(run=_inspect)
+
+    plan = sub.add_parser("plan", help="search an automatic plan on the calibration split of the real text")
+    plan.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
+    plan.add_argument("--parallel", type=int, default=2)
+    plan.add_argument("--budget", type=float, default=0.10, help="allowed relative perplexity increase")
+    plan.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens")
+    plan.add_argument("--seq-len", type=int, default=256)
+    plan.add_argument("--out", help="write the plan as JSON here")
+    plan.set_defaults(run=_plan, groups=None, start=None, end=None, bypass=0, verbose=False)
+
+    study = sub.add_parser("eval", help="perplexity of CQIL plans vs layer removal; writes quality.{md,json,png}")
+    study.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
+    study.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens")
+    study.add_argument("--seq-len", type=int, default=256)
+    study.add_argument("--out", default="docs", help="directory for quality.md, quality.json, quality.png")
+    study.set_defaults(run=_eval, groups=None, start=None, end=None, parallel=2, bypass=0, verbose=False)
     return parser
 
 
@@ -55,14 +75,14 @@ def _config(args: argparse.Namespace) -> CQILConfig:
 
 
 def _load(name: str):
+    """(model, tokenizer) for --model."""
     if name == "smollm2":
         from .models import load_smollm2
 
-        model, _ = load_smollm2()
-        return model
-    from transformers import AutoModelForCausalLM
+        return load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name).eval()
+    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
 
 
 def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
@@ -70,9 +90,43 @@ def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
 
     from .inspect import inspect_model
 
-    model = _load(args.model)
+    model, _ = _load(args.model)
     ids = torch.arange(args.tokens)[None] % model.config.vocab_size
-    print(inspect_model(model, ids, config))
+    report = inspect_model(model, ids, config)
+    print(report)
+    if args.dot:
+        report.write_dot(args.dot)
+        print(f"wrote {args.dot}")
+    return 0
+
+
+def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
+    from .models import token_batches
+    from .planner import plan_auto
+
+    model, tokenizer = _load(args.model)
+    calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
+    search = plan_auto(model, calibration, parallel=args.parallel, budget=args.budget)
+    print(search)
+    if args.out:
+        search.plan.save(args.out)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
+    from .models import token_batches
+    from .study import run_study, write_report
+
+    model, tokenizer = _load(args.model)
+    calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
+    evaluation = token_batches(tokenizer, "evaluation", args.seq_len)
+    rows = run_study(model, calibration, evaluation)
+    tokens = {"calibration": sum(t.numel() for t in calibration), "evaluation": sum(t.numel() for t in evaluation)}
+    write_report(rows, args.out, args.command_line, tokens)
+    for row in rows:
+        print(f"{row.name:<32} saved {row.saved_blocks:>2}  perplexity {row.perplexity:8.3f}")
+    print(f"wrote {args.out}/quality.md, quality.json, quality.png")
     return 0
 
 

@@ -13,6 +13,8 @@ index).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -27,6 +29,10 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 # grouping either costs far more quality than grouping the middle.
 DEFAULT_START_FRACTION = 0.4
 DEFAULT_TAIL_BLOCKS = 2
+# The automatic planner's default quality budget: relative perplexity increase
+# on the calibration data.
+DEFAULT_BUDGET = 0.10
+AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +75,28 @@ class Plan:
                     f"input, so there is no MLP input to bypass into); use bypass=0 for this model"
                 )
 
+    def to_json(self) -> str:
+        return json.dumps({"num_blocks": self.num_blocks, "groups": [list(g) for g in self.groups],
+                           "bypass": self.bypass})
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+            config = CQILConfig(groups=data["groups"], bypass=data["bypass"])
+            return config.plan_for(int(data["num_blocks"]))
+        except (KeyError, TypeError, json.JSONDecodeError) as e:
+            raise CQILConfigError(f"not a cqil_fx plan: {e}") from e
+
+    def save(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            f.write(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        with open(path) as f:
+            return cls.from_json(f.read())
+
     def __repr__(self) -> str:
         spans = " ".join(f"[{g[0]}-{g[-1]}]" for g in self.groups) or "no groups"
         return (
@@ -87,6 +115,13 @@ class CQILConfig:
     is uniform ``parallel`` over ``[round(0.4 N), N - 2)`` for a model of N
     blocks, ``start`` moved up until the span divides evenly.
 
+    Or hand over a finished :class:`Plan` (``plan=Plan.load("plan.json")``), or
+    ask for an automatic one: ``plan="auto"`` with ``calibration=`` batches of
+    token ids searches, at compile time, the groups of ``parallel`` blocks that
+    save the most block-time while the calibration perplexity stays within
+    ``(1 + budget)`` times the original's (:mod:`cqil_fx.planner`).  Giving
+    ``calibration`` with no other plan field also plans automatically.
+
     ``bypass`` is the paper's D: member k's MLP also reads the attention outputs
     of the D members before it.  ``mode`` picks the execution mode; ``inner``
     the compiler that turns the rewritten graph into code ("inductor",
@@ -100,10 +135,22 @@ class CQILConfig:
     bypass: int = 0
     mode: str = "auto"
     inner: str | Callable[..., Any] = "inductor"
+    plan: Plan | str | None = None
+    budget: float = DEFAULT_BUDGET
+    calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def wants_auto_plan(self) -> bool:
+        """Plan automatically at compile time (``plan="auto"``, or calibration and no other plan)."""
+        if self.plan == AUTO:
+            return True
+        named = self.plan is not None or self.groups is not None or self.start is not None
+        return self.calibration is not None and not named
 
     def __post_init__(self) -> None:
         _check_int("parallel", self.parallel, minimum=1)
         _check_int("bypass", self.bypass, minimum=0)
+        self._check_plan_fields()
         if self.mode not in MODES:
             raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):
@@ -139,8 +186,34 @@ class CQILConfig:
                     f"parallel={self.parallel}; move start or end"
                 )
 
+    def _check_plan_fields(self) -> None:
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
+            raise CQILConfigError(f"budget={self.budget!r} must be a number >= 0 (relative perplexity increase)")
+        if self.plan is None:
+            return
+        if self.groups is not None or self.start is not None or self.end is not None:
+            raise CQILConfigError("give plan=... or groups=/start=/end=, not both")
+        if self.plan == AUTO:
+            if self.calibration is None:
+                raise CQILConfigError("plan='auto' needs calibration=[token id batches] to measure quality on")
+            if self.parallel < 2:
+                raise CQILConfigError(f"plan='auto' needs parallel >= 2, got {self.parallel}")
+        elif not isinstance(self.plan, Plan):
+            raise CQILConfigError(f"plan={self.plan!r} must be a Plan, 'auto' or None")
+        elif self.bypass:
+            raise CQILConfigError("a Plan carries its own bypass distance; leave bypass= unset")
+
     def plan_for(self, num_blocks: int) -> Plan:
-        """The plan for a model with ``num_blocks`` decoder blocks."""
+        """The plan for a model with ``num_blocks`` decoder blocks (not for ``plan="auto"``)."""
+        if self.wants_auto_plan:
+            raise CQILConfigError("an automatic plan is searched at compile time; see cqil_fx.planner")
+        if isinstance(self.plan, Plan):
+            if self.plan.num_blocks != num_blocks:
+                raise CQILPlanError(
+                    f"the plan was made for {self.plan.num_blocks} decoder blocks, "
+                    f"but the model has {num_blocks}; make a plan for this model"
+                )
+            return self.plan
         if self.groups is not None:
             groups = self.groups
         else:

@@ -1,9 +1,11 @@
-"""Look at what the backend sees: the captured graph, its blocks and the plan.
+"""Look at what the backend sees and does: the captured graph, its blocks, the plan, the rewrite.
 
     from cqil_fx.inspect import inspect_model
-    print(inspect_model(model, input_ids, CQILConfig(start=12, end=28)))
+    report = inspect_model(model, input_ids, CQILConfig(start=12, end=28))
+    print(report)                    # block table, plan, ideal saving, before/after summary
+    report.write_dot("cqil.dot")     # the rewritten graph, one cluster per block, groups outlined
 
-The same report is printed by ``cqil-fx inspect``.
+The same report is printed by ``cqil-fx inspect`` (``--dot FILE`` writes the graph).
 """
 
 from __future__ import annotations
@@ -15,21 +17,42 @@ import torch
 
 from passes import find_blocks
 from passes.find_blocks import Block
+from passes.module_stack import layer_of
 
-from .backend import plan_for_blocks
+from .backend import CompileReport, plan_for_blocks, rewrite_graph
 from .config import CQILConfig, Plan
 
 
 @dataclasses.dataclass(eq=False)
 class Inspection:
-    """The blocks of a captured graph and the plan a config gives for them."""
+    """A captured graph's blocks, the plan a config gives for them, and the rewritten graph."""
 
-    graph: torch.fx.GraphModule
-    blocks: list[Block]
+    graph: torch.fx.GraphModule  # rewritten
+    blocks: list[Block]  # as found before the rewrite
     plan: Plan
+    report: CompileReport
+    nodes_per_block_before: dict[int, int]
 
     def __str__(self) -> str:
-        return f"{format_blocks(self.blocks)}\n{self.plan}"
+        return "\n".join([format_blocks(self.blocks), format_plan(self.plan), self.rewrite_summary()])
+
+    def nodes_per_block_after(self) -> dict[int, int]:
+        return _nodes_per_block(self.graph)
+
+    def rewrite_summary(self) -> str:
+        """Nodes per rewritten block before/after, nodes added and removed, collectives inserted."""
+        after = self.nodes_per_block_after()
+        grouped = [i for g in self.plan.groups for i in g]
+        lines = [f"rewrite: {self.report.nodes_before} -> {self.report.nodes_after} nodes, "
+                 f"{len(self.report.rewrites)} groups, {self.report.bypass_edges} bypass edges, "
+                 f"0 collectives (mode local)"]
+        lines += [f"  block {i}: {self.nodes_per_block_before[i]} -> {after.get(i, 0)} nodes" for i in grouped]
+        return "\n".join(lines)
+
+    def write_dot(self, path: str) -> None:
+        """The rewritten graph in Graphviz DOT: a cluster per block, group clusters around them."""
+        with open(path, "w") as f:
+            f.write(to_dot(self.graph, self.plan))
 
 
 def capture_graph(model: torch.nn.Module, *args, **kwargs) -> torch.fx.GraphModule:
@@ -57,10 +80,62 @@ def inspect_model(model: torch.nn.Module, input_ids: torch.Tensor, config: CQILC
                   **kwargs) -> Inspection:
     """Capture ``model(input_ids, **kwargs)``, find its blocks and plan them with ``config``."""
     kwargs.setdefault("use_cache", False)
+    config = config or CQILConfig()
     with torch.no_grad():
         gm = capture_graph(model, input_ids, **kwargs)
     blocks = find_blocks(gm)
-    return Inspection(gm, blocks, plan_for_blocks(blocks, config or CQILConfig()))
+    plan = plan_for_blocks(blocks, config)
+    before = _nodes_per_block(gm)
+    report = rewrite_graph(gm, dataclasses.replace(config, groups=plan.groups, bypass=plan.bypass,
+                                                   start=None, end=None, plan=None))
+    return Inspection(gm, blocks, plan, report, before)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan and its ideal latency reduction: the share of block-time a perfect CQIL saves."""
+    share = plan.saved_blocks / plan.num_blocks if plan.num_blocks else 0.0
+    return f"{plan}\nideal: {plan.saved_blocks} of {plan.num_blocks} block-times saved ({share:.0%} of block time)"
+
+
+def to_dot(gm: torch.fx.GraphModule, plan: Plan) -> str:
+    """DOT text for ``gm``: placeholders (inputs, weights) left out, each block a cluster,
+    each group a cluster of clusters.  ``dot -Tsvg`` renders it."""
+    group_of = {i: g for g in plan.groups for i in g}
+    by_block: dict[int | None, list[torch.fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr"):
+            continue  # one per weight: they would drown the picture
+        ref = layer_of(node)
+        by_block.setdefault(ref.index if ref else None, []).append(node)
+    lines = ["digraph cqil {", "  rankdir=TB; node [shape=box, fontsize=9];"]
+    lines += [f'  "{n.name}" [label="{n.name}\\n{_label(n)}"];' for n in by_block.get(None, [])]
+    for group in plan.cover():
+        if len(group) > 1:
+            lines.append(f'  subgraph "cluster_group_{group[0]}" {{ label="group {list(group)}"; color=red;')
+        for i in group:
+            lines.append(f'  subgraph "cluster_block_{i}" {{ label="block {i}"; color=gray;')
+            lines += [f'    "{n.name}" [label="{n.name}\\n{_label(n)}"];' for n in by_block.get(i, [])]
+            lines.append("  }")
+        if len(group) > 1:
+            lines.append("  }")
+    shown = {n for nodes in by_block.values() for n in nodes}
+    lines += [f'  "{n.name}" -> "{u.name}";' for n in shown for u in n.users if u in shown]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _label(node: torch.fx.Node) -> str:
+    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    return f"{node.op}: {target}".replace('"', "'")
+
+
+def _nodes_per_block(gm: torch.fx.GraphModule) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for node in gm.graph.nodes:
+        ref = layer_of(node)
+        if ref is not None and node.op not in ("placeholder", "get_attr"):
+            counts[ref.index] = counts.get(ref.index, 0) + 1
+    return counts
 
 
 def format_blocks(blocks: Sequence[Block]) -> str:

@@ -20,8 +20,28 @@ def test_inspect_model_reports_blocks_and_plan():
     assert lines[1].split() == ["block", "module", "kind", "nodes", "params"]
     assert lines[2].split()[:3] == ["0", "transformer.h.0", "sequential"]
     assert int(lines[2].split()[4].replace(",", "")) == report.blocks[0].param_count
-    assert lines[-1] == "Plan(8 blocks: [2-4], bypass 1, saves 2 block-times)"
+    assert lines[10] == "Plan(8 blocks: [2-4], bypass 1, saves 2 block-times)"
+    assert lines[11] == "ideal: 2 of 8 block-times saved (25% of block time)"
+    nodes = report.nodes_per_block_before
+    assert lines[12] == (f"rewrite: {report.report.nodes_before} -> {report.report.nodes_before + 5} nodes, "
+                         "1 groups, 2 bypass edges, 0 collectives (mode local)")
+    # +3 deltas, +1 group sum... per block: block 3 gains a bypass add, block 4 a bypass add and the sums.
+    assert lines[13:] == [f"  block 2: {nodes[2]} -> {nodes[2]} nodes", f"  block 3: {nodes[3]} -> {nodes[3] + 1} nodes",
+                          f"  block 4: {nodes[4]} -> {nodes[4] + 4} nodes"]
     assert format_blocks([]) == "no decoder blocks"
+
+
+def test_dot_export_draws_groups_around_blocks(tmp_path):
+    report = inspect_model(tiny_model("llama"), tokens(batch=1), CQILConfig(groups=[[1, 2], [5, 6]]))
+    path = tmp_path / "g.dot"
+    report.write_dot(str(path))
+    text = path.read_text()
+    assert text.startswith("digraph cqil {") and text.rstrip().endswith("}")
+    assert 'subgraph "cluster_group_1" { label="group [1, 2]"' in text
+    assert 'subgraph "cluster_group_5"' in text and 'subgraph "cluster_group_3"' not in text
+    assert text.count('subgraph "cluster_block_') == 8
+    assert text.count("->") == sum(
+        1 for n in report.graph.graph.nodes if n.op != "placeholder" for u in n.users)
 
 
 def test_cli_rejects_bad_input_with_a_message(capsys):
@@ -42,4 +62,6 @@ def test_cli_inspect_smollm2(smollm2):
     ).stdout
     assert "30 decoder blocks" in out
     assert "model.layers.29" in out
-    assert out.strip().endswith("Plan(30 blocks: [12-13] [14-15] [16-17] [18-19] [20-21] [22-23] [24-25] [26-27], bypass 1, saves 8 block-times)")
+    assert "Plan(30 blocks: [12-13] [14-15] [16-17] [18-19] [20-21] [22-23] [24-25] [26-27], bypass 1, " \
+        "saves 8 block-times)\nideal: 8 of 30 block-times saved (27% of block time)\n" in out
+    assert "8 groups, 8 bypass edges, 0 collectives" in out

@@ -1,0 +1,132 @@
+"""Calibration on the captured graph itself, for automatic planning inside the backend.
+
+The Dynamo graph is a pure function of its placeholders, and its example
+inputs are the real weights, so the backend can measure a candidate plan
+without the model object: copy the graph, rewrite the copy, and run it on
+calibration token ids put where the traced token ids were.  Block inputs for
+the similarity ranking are recorded with a ``torch.fx.Interpreter``.
+
+Graphs traced with dynamic shapes are not calibrated (their shapes are
+symbols); the backend says so and uses the default plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from passes import find_blocks
+from passes.find_blocks import Block
+
+from .config import Plan
+from .rewrite import apply_plan
+from .similarity import SimilarityReport
+
+
+class UncalibratableGraphError(ValueError):
+    """The graph cannot be run on calibration data (no token-id input, symbolic shapes, ...)."""
+
+
+class GraphCalibration:
+    """Runs copies of a captured graph on calibration windows shaped like its token input."""
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, calibration: Sequence[torch.Tensor]):
+        if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+            raise UncalibratableGraphError("the graph has symbolic-size inputs (dynamic shapes)")
+        self.gm = gm
+        self.example_inputs = list(example_inputs)
+        self.token_index = _token_input_index(gm)
+        self.logits_index = _logits_output_index(gm)
+        self.windows = _windows_like(calibration, self.example_inputs[self.token_index])
+
+    def inputs(self, window: torch.Tensor) -> list:
+        args = list(self.example_inputs)
+        args[self.token_index] = window
+        return args
+
+    def perplexity(self, plan: Plan | None = None) -> float:
+        """Perplexity of the graph, rewritten for ``plan``, on the calibration windows."""
+        gm = self.gm if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
+        nll, count = 0.0, 0
+        with torch.no_grad():
+            for window in self.windows:
+                logits = gm(*self.inputs(window))[self.logits_index][:, :-1]
+                targets = window[:, 1:]
+                nll += nn.functional.cross_entropy(
+                    logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
+                count += targets.numel()
+        return math.exp(nll / count)
+
+    def similarity(self, blocks: Sequence[Block]) -> SimilarityReport:
+        """Mean cosine similarity of block inputs (and the stack output) over the windows."""
+        watched = [b.input for b in blocks] + [blocks[-1].output]
+        n = len(watched)
+        total, tokens = torch.zeros(n, n, dtype=torch.float64), 0
+        for window in self.windows:
+            values = _Recorder(self.gm, set(watched)).record(*self.inputs(window))
+            unit = nn.functional.normalize(torch.stack([values[w] for w in watched]).flatten(1, -2).double(), dim=-1)
+            total += torch.einsum("itd,jtd->ij", unit, unit)
+            tokens += unit.shape[1]
+        return SimilarityReport((total / tokens).float(), tokens)
+
+
+def rewritten_copy(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
+    """A copy of ``gm`` with ``plan`` applied; ``gm`` itself is untouched."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = torch.fx.GraphModule(gm, graph)
+    apply_plan(copy, find_blocks(copy), plan)
+    return copy
+
+
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule, watched: set):
+        super().__init__(gm)
+        self.watched = watched
+        self.values: dict = {}
+
+    def run_node(self, n: torch.fx.Node):
+        value = super().run_node(n)
+        if n in self.watched:
+            self.values[n] = value
+        return value
+
+    def record(self, *args) -> dict:
+        with torch.no_grad():
+            self.run(*args)
+        return self.values
+
+
+def _token_input_index(gm: torch.fx.GraphModule) -> int:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is nn.functional.embedding:
+            ids = node.args[0]
+            if isinstance(ids, torch.fx.Node) and ids.op == "placeholder":
+                return placeholders.index(ids)
+    raise UncalibratableGraphError("no placeholder of token ids feeds an embedding")
+
+
+def _logits_output_index(gm: torch.fx.GraphModule) -> int:
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
+    for i, v in enumerate(values):
+        example = v.meta.get("example_value") if isinstance(v, torch.fx.Node) else None
+        if isinstance(example, torch.Tensor) and example.dim() == 3 and example.is_floating_point():
+            return i
+    raise UncalibratableGraphError("no (batch, tokens, vocab) logits among the graph outputs")
+
+
+def _windows_like(calibration: Sequence[torch.Tensor], example: torch.Tensor) -> list[torch.Tensor]:
+    """Calibration tokens cut into windows of the traced token input's shape."""
+    flat = torch.cat([torch.as_tensor(t).flatten() for t in calibration]).to(example.dtype)
+    size = example.numel()
+    if flat.numel() < size:
+        raise UncalibratableGraphError(
+            f"calibration holds {flat.numel()} tokens, fewer than one traced input ({tuple(example.shape)})")
+    count = flat.numel() // size
+    return [flat[i * size:(i + 1) * size].view_as(example) for i in range(count)]
