@@ -106,6 +106,8 @@ def _token_input_index(gm: torch.fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is nn.functional.embedding:
             ids = node.args[0]
+            while isinstance(ids, torch.fx.Node) and ids.op != "placeholder" and ids.args:
+                ids = ids.args[0]  # through views and reshapes of the token ids
             if isinstance(ids, torch.fx.Node) and ids.op == "placeholder":
                 return placeholders.index(ids)
     raise UncalibratableGraphError("no placeholder of token ids feeds an embedding")

@@ -121,12 +121,12 @@ def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
     model, tokenizer = _load(args.model)
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
     evaluation = token_batches(tokenizer, "evaluation", args.seq_len)
-    rows = run_study(model, calibration, evaluation)
+    rows, similarity = run_study(model, calibration, evaluation)
     tokens = {"calibration": sum(t.numel() for t in calibration), "evaluation": sum(t.numel() for t in evaluation)}
-    write_report(rows, args.out, args.command_line, tokens)
+    write_report(rows, similarity, args.out, args.command_line, tokens)
     for row in rows:
         print(f"{row.name:<32} saved {row.saved_blocks:>2}  perplexity {row.perplexity:8.3f}")
-    print(f"wrote {args.out}/quality.md, quality.json, quality.png")
+    print(f"wrote {args.out}/quality.md, quality.json, quality.png, similarity.png")
     return 0
 
 

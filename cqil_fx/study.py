@@ -30,7 +30,7 @@ from .config import CQILConfig, Plan, default_span
 from .planner import plan_auto
 from .quality import perplexity
 from .reference import decoder_layers
-from .similarity import _progress
+from .similarity import SimilarityReport, _progress, save_heatmap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +43,18 @@ class Row:
 
 
 def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor],
-              budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int = 16) -> list[Row]:
-    """Measure every row of the study (see module docs); minutes on a 135M model and 2 cores."""
+              budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int = 16
+              ) -> tuple[list[Row], SimilarityReport]:
+    """Measure every row of the study (see module docs); minutes on a 135M model and 2 cores.
+
+    Returns the rows and the calibration similarity report (for the heatmap)."""
     num_blocks = len(decoder_layers(model))
     base = perplexity(model, evaluation)
     rows = [Row("original", "original", 0, "", base)]
-    start, end = default_span(num_blocks, 4)
     for parallel in (2, 4):
+        start, end = default_span(num_blocks, parallel)
+        if end - start < parallel:
+            continue  # too few blocks for a uniform plan of this width
         for bypass in (0, 1):
             config = CQILConfig(start=start, end=end, parallel=parallel, bypass=bypass)
             plan = config.plan_for(num_blocks)
@@ -66,11 +71,12 @@ def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], evaluation:
         removed = sorted(order[:saved])
         rows.append(Row(f"remove {saved} blocks", "removal", saved, f"blocks {removed}",
                         perplexity(model, evaluation, removed=removed)))
-    return rows
+    return rows, similarity
 
 
-def write_report(rows: Sequence[Row], out_dir: str | Path, command: str, tokens: dict[str, int]) -> None:
-    """quality.json, quality.md and quality.png in ``out_dir``."""
+def write_report(rows: Sequence[Row], similarity: SimilarityReport, out_dir: str | Path, command: str,
+                 tokens: dict[str, int]) -> None:
+    """quality.json, quality.md, quality.png and similarity.png in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -82,6 +88,7 @@ def write_report(rows: Sequence[Row], out_dir: str | Path, command: str, tokens:
     (out / "quality.json").write_text(json.dumps({"meta": meta, "rows": [dataclasses.asdict(r) for r in rows]},
                                                  indent=2) + "\n")
     _plot(rows, out / "quality.png")
+    save_heatmap(similarity, str(out / "similarity.png"))
     (out / "quality.md").write_text(_markdown(rows, meta))
 
 
@@ -105,9 +112,30 @@ def _markdown(rows: Sequence[Row], meta: dict) -> str:
     for r in rows:
         lines.append(f"| {r.name} | {r.method} | {r.saved_blocks} | {r.perplexity:.2f} | "
                      f"{r.perplexity / base - 1:+.1%} |")
-    lines += ["", "![perplexity vs saved block-times](quality.png)", "", "Plans:", ""]
+    lines += ["", *_targets(rows), "", "![perplexity vs saved block-times](quality.png)", "",
+              "Similarity of block inputs on the calibration split (the planner's ranking signal):", "",
+              "![similarity heatmap](similarity.png)", "", "Plans:", ""]
     lines += [f"* {r.name}: {r.detail}" for r in rows if r.detail]
     return "\n".join(lines) + "\n"
+
+
+def _targets(rows: Sequence[Row]) -> list[str]:
+    """The training-free targets, checked against the rows."""
+    base = rows[0].perplexity
+    lines = ["Targets (training-free):", ""]
+    auto = [r for r in rows if r.name.startswith("auto") and "+10%" in r.name]
+    for r in auto:
+        ok = r.saved_blocks >= 4 and r.perplexity <= 1.1 * base
+        lines.append(f"* automatic plan, budget +10%: saves {r.saved_blocks} block-times at "
+                     f"{r.perplexity / base - 1:+.1%} held-out perplexity (target: >= 4 at <= +10%): "
+                     f"{'met' if ok else 'not met'}")
+    removal = {r.saved_blocks: r.perplexity for r in rows if r.method == "removal"}
+    for r in rows:
+        if r.method == "cqil" and r.saved_blocks in removal:
+            ratio = (r.perplexity - base) / (removal[r.saved_blocks] - base)
+            lines.append(f"* {r.name}: perplexity increase is {ratio:.2f}x that of removing "
+                         f"{r.saved_blocks} blocks (target: <= 0.10x): {'met' if ratio <= 0.1 else 'not met'}")
+    return lines
 
 
 def _plot(rows: Sequence[Row], path: Path) -> None:

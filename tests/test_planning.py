@@ -1,0 +1,180 @@
+"""Similarity, perplexity, layer removal and the automatic planner on tiny models."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+from cqil_fx import CQILConfig, CQILConfigError, CQILPlanError, Plan, cqil_reference, make_backend
+from cqil_fx.calibration import GraphCalibration
+from cqil_fx.inspect import capture_graph
+from cqil_fx.planner import plan_auto
+from cqil_fx.quality import perplexity, removed_blocks
+from cqil_fx.similarity import measure_similarity, save_heatmap
+from passes import find_blocks
+
+from conftest import relative_error
+from tiny_models import LAYERS, tiny_model, tokens
+
+CALIBRATION = [tokens(batch=2, length=16, seed=s) for s in range(3)]
+
+
+def test_similarity_matrix_and_influence():
+    report = measure_similarity(tiny_model("llama"), CALIBRATION, progress=False)
+    m = report.matrix
+    assert m.shape == (LAYERS + 1, LAYERS + 1) and report.tokens == 3 * 2 * 16
+    torch.testing.assert_close(m, m.T)
+    torch.testing.assert_close(m.diagonal(), torch.ones(LAYERS + 1))
+    torch.testing.assert_close(report.influence, 1 - m.diagonal(1))
+    assert report.group_similarity((2, 3, 4)) == pytest.approx(float(m[2, 3:5].mean()))
+
+
+def test_similarity_on_the_graph_equals_the_hooked_eager_pass():
+    model = tiny_model("gpt2")
+    ids = CALIBRATION[0]
+    gm = capture_graph(model, ids, use_cache=False)
+    example_inputs = _real_inputs(model, gm, ids)
+    graph_report = GraphCalibration(gm, example_inputs, CALIBRATION).similarity(find_blocks(gm))
+    eager_report = measure_similarity(model, CALIBRATION, progress=False)
+    torch.testing.assert_close(graph_report.matrix, eager_report.matrix, atol=1e-5, rtol=0)
+
+
+def _real_inputs(model, gm, ids):
+    """What Dynamo passes a backend: captured again with a backend that keeps example_inputs."""
+    kept = []
+
+    def keep(g, example_inputs):
+        kept.extend(example_inputs)
+        return g.forward
+
+    torch._dynamo.reset()
+    torch.compile(model, backend=keep)(ids, use_cache=False)
+    return kept
+
+
+def test_heatmap_png(tmp_path):
+    report = measure_similarity(tiny_model("llama"), CALIBRATION[:1], progress=False)
+    save_heatmap(report, str(tmp_path / "h.png"))
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_perplexity_matches_the_compiled_backend():
+    """The eval's number for a plan equals perplexity computed from compiled CQIL logits."""
+    model, ids = tiny_model("llama"), CALIBRATION[0]
+    config = CQILConfig(groups=[[1, 2], [4, 5, 6]], bypass=1, inner="eager")
+    logits = torch.compile(model, backend=make_backend(config))(ids, use_cache=False).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert perplexity(model, [ids], plan=config) == pytest.approx(math.exp(nll.item()), rel=1e-4)
+    assert perplexity(model, [ids], plan=config) != pytest.approx(perplexity(model, [ids]), rel=1e-3)
+
+
+def test_removed_blocks_equal_a_model_without_them():
+    model, ids = tiny_model("llama"), CALIBRATION[0]
+    shorter = copy.deepcopy(model)
+    del shorter.model.layers[5]
+    del shorter.model.layers[2]
+    shorter.config.num_hidden_layers -= 2
+    with removed_blocks(model, [2, 5]):
+        actual = model(ids, use_cache=False).logits
+    torch.testing.assert_close(actual, shorter(ids, use_cache=False).logits)
+    with pytest.raises(ValueError, match=r"cannot remove blocks \[8\]"):
+        perplexity(model, [ids], removed=[8])
+
+
+@pytest.mark.parametrize("budget", [0.0, 0.02, 0.5])
+def test_planner_respects_its_budget_with_legal_plans(budget):
+    model = tiny_model("qwen2")
+    search = plan_auto(model, CALIBRATION, parallel=2, budget=budget, progress=False)
+    plan = search.plan
+    assert search.perplexity <= search.base_perplexity * (1 + budget)
+    # The reported perplexity is that of the plan, re-measured independently.
+    assert perplexity(model, CALIBRATION, plan=plan) == pytest.approx(search.perplexity, rel=1e-6)
+    CQILConfig(groups=plan.groups, bypass=plan.bypass).plan_for(LAYERS)  # legal
+    assert all(len(g) == 2 for g in plan.groups)
+    # Every window left out either failed alone or would have broken the budget with the chosen ones.
+    limit = search.base_perplexity * (1 + budget)
+    assert all(t.perplexity > limit for t in search.trials if not t.accepted and len(t.groups) == 1
+               and t.perplexity == min(u.perplexity for u in search.trials if u.groups == t.groups))
+    if budget == 0.5:
+        assert plan.saved_blocks >= 2
+
+
+def test_bigger_budget_saves_at_least_as_much():
+    model = tiny_model("mistral")
+    small = plan_auto(model, CALIBRATION, budget=0.01, progress=False)
+    large = plan_auto(model, CALIBRATION, budget=0.5, progress=False)
+    assert large.plan.saved_blocks >= small.plan.saved_blocks
+
+
+def test_backend_plans_on_the_graph_like_the_eager_planner():
+    model = tiny_model("llama")
+    eager = plan_auto(model, CALIBRATION, parallel=2, budget=0.3, progress=False)
+    backend = make_backend(plan="auto", calibration=CALIBRATION, budget=0.3, inner="eager")
+    ids = CALIBRATION[0]
+    logits = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+    assert backend.reports[-1].plan == eager.plan
+    expected = cqil_reference(model, eager.plan, ids, use_cache=False).logits
+    assert relative_error(logits, expected) <= 1e-4
+
+
+def test_backend_without_calibration_says_it_uses_the_default_plan(caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="cqil_fx"):
+        torch.compile(tiny_model("gpt2"), backend=make_backend(inner="eager"))(CALIBRATION[0], use_cache=False)
+    assert any("no calibration data, so the default uniform plan" in r.getMessage() for r in caplog.records)
+
+
+def test_plan_json_round_trip_and_use(tmp_path):
+    plan = Plan(LAYERS, ((1, 2), (4, 5, 6)), 1)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = Plan.load(path)
+    assert loaded == plan and repr(loaded) == repr(plan)
+    model, ids = tiny_model("llama"), CALIBRATION[0]
+    backend = make_backend(loaded, inner="eager")
+    logits = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+    assert relative_error(logits, cqil_reference(model, plan, ids, use_cache=False).logits) <= 1e-4
+    with pytest.raises(CQILConfigError, match="not a cqil_fx plan"):
+        Plan.from_json('{"groups": [[1, 2]]}')
+    with pytest.raises(CQILConfigError, match=r"group \[1, 3\] is not consecutive"):
+        Plan.from_json('{"num_blocks": 8, "groups": [[1, 3]], "bypass": 0}')
+
+
+def test_plan_for_another_model_is_refused():
+    with pytest.raises(CQILPlanError, match="made for 30 decoder blocks, but the model has 8"):
+        CQILConfig(plan=Plan(30, ((12, 13),), 0)).plan_for(8)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(plan="auto"), "plan='auto' needs calibration="),
+        (dict(plan="auto", calibration=CALIBRATION, parallel=1), "needs parallel >= 2"),
+        (dict(plan="best"), "must be a Plan, 'auto' or None"),
+        (dict(plan=Plan(8, ((1, 2),), 0), start=1, end=3), "give plan=... or groups="),
+        (dict(plan=Plan(8, ((1, 2),), 0), bypass=1), "carries its own bypass"),
+        (dict(budget=-0.1), "budget=-0.1 must be a number >= 0"),
+    ],
+)
+def test_bad_plan_fields(fields, message):
+    with pytest.raises(CQILConfigError, match=message):
+        CQILConfig(**fields)
+
+
+def test_quality_study_writes_its_report(tmp_path):
+    from cqil_fx.study import run_study, write_report
+
+    model = tiny_model("llama")
+    rows, similarity = run_study(model, CALIBRATION, CALIBRATION[:2], budgets=(0.5,), screen=4)
+    assert rows[0].method == "original"
+    assert {r.method for r in rows} == {"original", "cqil", "removal"}
+    removal_counts = {r.saved_blocks for r in rows if r.method == "removal"}
+    assert {r.saved_blocks for r in rows if r.method == "cqil" and r.saved_blocks} <= removal_counts
+    write_report(rows, similarity, tmp_path, "cqil-fx eval --test", {"calibration": 96, "evaluation": 64})
+    text = (tmp_path / "quality.md").read_text()
+    assert "    cqil-fx eval --test" in text and "| original | original | 0 |" in text
+    assert "Targets (training-free):" in text
+    for name in ("quality.png", "similarity.png", "quality.json"):
+        assert (tmp_path / name).stat().st_size > 0
