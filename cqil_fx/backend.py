@@ -76,9 +76,9 @@ def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> Comp
         config = CQILConfig(**fields)
     elif fields:
         config = dataclasses.replace(config, **fields)
-    if config.mode in ("concurrent", "spmd"):
+    if config.mode == "spmd":
         raise CQILUnsupportedError(
-            f"mode={config.mode!r} is not available in this version; use mode='local' (or 'auto')"
+            f"mode={config.mode!r} is not available in this version; use mode='local', 'concurrent' or 'auto'"
         )
     inner = resolve_inner(config.inner)
     reports: list[CompileReport] = []
@@ -86,6 +86,8 @@ def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> Comp
     def cqil(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
         report = rewrite_graph(gm, config, example_inputs)
         reports.append(report)
+        if report.fallback is None and execution_mode(config) == "concurrent":
+            return compile_concurrent(gm, report, inner, example_inputs)
         return inner(gm, example_inputs)
 
     cqil.config = config  # type: ignore[attr-defined]
@@ -129,6 +131,25 @@ def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig, example_inputs: 
     report = CompileReport(nodes_before, len(gm.graph.nodes), blocks, plan, rewrites, edges, None)
     log.info("cqil: %s", report)
     return report
+
+
+def execution_mode(config: CQILConfig) -> str:
+    """The mode a config runs in.  "auto" is local for now: see docs/performance.md for why."""
+    return "local" if config.mode == "auto" else config.mode
+
+
+def compile_concurrent(gm: torch.fx.GraphModule, report: CompileReport, inner: CompilerFn,
+                       example_inputs: list) -> Callable[..., Any]:
+    """Split the rewritten graph into segments, compile each, and run groups on worker threads."""
+    from passes.segments import split_segments
+
+    from .executor import ConcurrentProgram
+
+    split = split_segments(gm, report.blocks, report.rewrites, phased=report.plan.bypass > 0)
+    program = ConcurrentProgram(split).compile(inner, example_inputs)
+    counters["cqil"]["segments"] += len(split.segments)
+    log.info("cqil: concurrent mode: %d segments in %d steps", len(split.segments), len(program.steps))
+    return program
 
 
 def resolve_inner(inner: str | CompilerFn) -> CompilerFn:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .config import CQILConfig, Plan
-from .reference import cqil_semantics, decoder_layers
+from .reference import cqil_semantics, decoder_layers, layer_input
 from .similarity import _progress
 
 
@@ -58,5 +58,5 @@ def removed_blocks(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
 
 
 def _pass_through(module, args, kwargs, output):
-    hidden = args[0] if args else kwargs["hidden_states"]
+    hidden = layer_input(args, kwargs)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden

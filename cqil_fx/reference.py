@@ -127,11 +127,16 @@ def _hook_group(members: list[nn.Module], bypass: int) -> list:
     return handles
 
 
+def layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The residual stream a decoder layer was called with (HF passes it first or by name)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 def _feed_group_input(state: dict, k: int):
     def hook(module, args, kwargs):
         if k == 0:
             state.clear()
-            state["x"] = args[0] if args else kwargs["hidden_states"]
+            state["x"] = layer_input(args, kwargs)
             state["a"], state["m"] = {}, {}
             return None
         if args:

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .reference import decoder_layers
+from .reference import decoder_layers, layer_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def save_heatmap(report: SimilarityReport, path: str, title: str = "cosine simil
 
 def _keep_input(states: list, i: int):
     def hook(module, args, kwargs):
-        states[i] = args[0] if args else kwargs["hidden_states"]
+        states[i] = layer_input(args, kwargs)
 
     return hook
 

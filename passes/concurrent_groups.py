@@ -33,6 +33,7 @@ class GroupRewrite:
     input: torch.fx.Node
     deltas: tuple[torch.fx.Node, ...]
     output: torch.fx.Node
+    sums: tuple[torch.fx.Node, ...]  # the adds that make ``output`` from the deltas (output last)
 
     def __repr__(self) -> str:
         return (
@@ -64,16 +65,19 @@ def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node
         _read_from(member, x)
     deltas = tuple(_delta(graph, m) for m in members)
     last = members[-1].output
+    sums = []
     with graph.inserting_before(deltas[-1].next):
         total = deltas[0]
         for d in deltas[1:]:
             total = _add_like(graph, total, d, last)
+            sums.append(total)
         out = _add_like(graph, x, total, last)
+        sums.append(out)
     last.replace_all_uses_with(out)
     for m in members:
         if not m.output.users:
             graph.erase_node(m.output)
-    return GroupRewrite(tuple(m.index for m in members), x, deltas, out)
+    return GroupRewrite(tuple(m.index for m in members), x, deltas, out, tuple(sums))
 
 
 def _read_from(member: Block, x: torch.fx.Node) -> None:

@@ -46,9 +46,8 @@ def test_out_of_range_indices_are_caught_when_block_count_is_known():
 
 
 def test_modes_of_later_issues_are_refused_clearly():
-    for mode in ("concurrent", "spmd"):
-        with pytest.raises(CQILUnsupportedError, match=f"mode='{mode}' is not available"):
-            make_backend(mode=mode)
+    with pytest.raises(CQILUnsupportedError, match="mode='spmd' is not available"):
+        make_backend(mode="spmd")
 
 
 def test_uniform_plan_matches_the_paper():

@@ -1,0 +1,110 @@
+"""Split a rewritten graph at group boundaries into shared and per-member segments.
+
+For concurrent execution each member of a group must be its own callable.
+After :func:`~passes.concurrent_groups.rewrite_groups`, a graph with one group
+[g0, g1] is cut into (before -> after)::
+
+    embed, rotary ...            shared 0     (everything before the group)
+    block g0 (reads x) -> d0     group 0, member 0 --+ run at the same time
+    block g1 (reads x) -> d1     group 0, member 1 --+
+    out = x + (d0 + d1) ...      shared 1     (the sum, later blocks, head)
+
+With bypass (D > 0) member k's MLP needs the attention outputs of earlier
+members, so each member is cut once more at its mid-block residual: phase 0
+(attention halves of all members, concurrently), then phase 1 (MLP halves).
+
+The cut itself is torch.fx's ``split_module_simple``; this pass only says
+which node goes where and describes the segments it produced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import networkx as nx
+import torch.fx
+from torch.fx.passes.split_module import split_module_simple
+
+from .concurrent_groups import GroupRewrite
+from .find_blocks import Block
+from .module_stack import layer_of
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """One submodule of the split graph: shared (group is None) or one member's phase."""
+
+    name: str
+    group: int | None = None
+    member: int | None = None
+    phase: int = 0
+
+    @property
+    def shared(self) -> bool:
+        return self.group is None
+
+
+@dataclasses.dataclass(eq=False)
+class SplitGraph:
+    """``module`` calls ``submod_*`` in graph order; ``segments`` says what each one is."""
+
+    module: torch.fx.GraphModule
+    segments: dict[str, Segment]
+
+
+def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: Sequence[GroupRewrite],
+                   phased: bool) -> SplitGraph:
+    """Cut ``gm`` (already rewritten) into shared and member segments; ``phased`` for bypass.
+
+    A node belongs to member k of a group when it was traced in (or, for nodes
+    the rewrite passes made, carries the module stack of) that member's layer;
+    the group's sum nodes are shared.
+    """
+    by_index = {b.index: b for b in blocks}
+    member = {i: (g, k) for g, r in enumerate(rewrites) for k, i in enumerate(r.members)}
+    sums = {n for r in rewrites for n in r.sums}
+    mlp_half = set()
+    if phased:
+        for r in rewrites:
+            for i in r.members:
+                mlp_half |= _mlp_half(gm, by_index[i])
+    partition_of: dict[torch.fx.Node, tuple] = {}
+    groups_started = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "get_attr", "output"):
+            continue
+        ref = layer_of(node)
+        if ref is not None and ref.index in member and node not in sums:
+            g, k = member[ref.index]
+            groups_started = max(groups_started, g + 1)
+            partition_of[node] = (g, 0, int(node in mlp_half), k)
+        else:
+            partition_of[node] = (groups_started - 1, 1, 0, 0)  # shared: after the groups begun so far
+    keys = sorted(set(partition_of.values()))
+    pid = {k: i for i, k in enumerate(keys)}
+    module = split_module_simple(gm, {n: pid[k] for n, k in partition_of.items()})
+    segments = {f"submod_{pid[k]}": _describe(f"submod_{pid[k]}", k) for k in keys}
+    return SplitGraph(module, segments)
+
+
+def _mlp_half(gm: torch.fx.GraphModule, block: Block) -> set:
+    """Nodes of ``block``'s layer that depend on its mid-block residual: the MLP branch and delta."""
+    if len(block.residual) != 2:
+        return set()
+    mid = block.residual[0]
+    index = block.index
+    dag = nx.DiGraph()
+    dag.add_edges_from((n, u) for n in gm.graph.nodes for u in n.users
+                       if _in_layer(n, index) and _in_layer(u, index))
+    return nx.descendants(dag, mid) if mid in dag else set()
+
+
+def _in_layer(node: torch.fx.Node, index: int) -> bool:
+    ref = layer_of(node)
+    return ref is not None and ref.index == index
+
+
+def _describe(name: str, key: tuple) -> Segment:
+    group, kind, phase, member = key
+    return Segment(name) if kind == 1 else Segment(name, group, member, phase)

@@ -1,0 +1,116 @@
+"""mode="concurrent": segments on worker threads give the numbers of mode="local"."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cqil_fx import CQILConfig, cqil_reference, make_backend
+from cqil_fx.executor import ConcurrentProgram
+from cqil_fx.inspect import capture_graph
+from cqil_fx.rewrite import apply_plan
+from passes import find_blocks
+from passes.module_stack import layer_of
+from passes.segments import split_segments
+
+from conftest import relative_error
+from tiny_models import tiny_model, tokens
+
+
+def compiled(model, **fields):
+    return torch.compile(model, backend=make_backend(CQILConfig(mode="concurrent", **fields)))
+
+
+@pytest.mark.parametrize(
+    ("family", "groups", "bypass"),
+    [("llama", [[1, 2], [4, 5]], 0), ("llama", [[1, 2, 3], [5, 6]], 1), ("gemma2", [[2, 3, 4]], 2),
+     ("gpt2", [[0, 1], [2, 3], [6, 7]], 1), ("phi", [[1, 2, 3], [4, 5]], 0), ("qwen2", [[3, 4, 5]], 0)],
+)
+def test_concurrent_equals_local_and_reference(family, groups, bypass):
+    model, ids = tiny_model(family), tokens(batch=3, length=10)
+    config = CQILConfig(groups=groups, bypass=bypass, inner="eager")
+    actual = compiled(model, groups=groups, bypass=bypass, inner="eager")(ids, use_cache=False).logits
+    torch._dynamo.reset()
+    local = torch.compile(model, backend=make_backend(config, mode="local"))(ids, use_cache=False).logits
+    torch.testing.assert_close(actual, local, rtol=0, atol=0)
+    expected = cqil_reference(model, config, ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+
+
+def test_concurrent_with_inductor():
+    model, ids = tiny_model("mistral"), tokens()
+    actual = compiled(model, start=2, end=6, bypass=1)(ids, use_cache=False).logits
+    expected = cqil_reference(model, CQILConfig(start=2, end=6, bypass=1), ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+    assert torch._dynamo.utils.counters["cqil"]["segments"] == 3 + 2 * 2 * 2  # shared + members x phases
+
+
+@pytest.mark.parametrize("bypass", [0, 1])
+def test_segments_hold_one_member_each(bypass):
+    model, ids = tiny_model("llama"), tokens()
+    gm = capture_graph(model, ids, use_cache=False)
+    blocks = find_blocks(gm)
+    plan = CQILConfig(groups=[[2, 3, 4]], bypass=bypass).plan_for(len(blocks))
+    rewrites, _ = apply_plan(gm, blocks, plan)
+    split = split_segments(gm, blocks, rewrites, phased=bypass > 0)
+    members = [s for s in split.segments.values() if not s.shared]
+    assert len(members) == 3 * (2 if bypass else 1)
+    assert sum(s.shared for s in split.segments.values()) == 2
+    for name, segment in split.segments.items():
+        layers = {layer_of(n).index for n in split.module.get_submodule(name).graph.nodes
+                  if n.op == "call_function" and layer_of(n) is not None}
+        if not segment.shared:
+            assert layers == {2 + segment.member}
+    program = ConcurrentProgram(split)
+    assert [len(step) for step in program.steps] == ([1, 3, 3, 1] if bypass else [1, 3, 1])
+
+
+def test_member_exception_reaches_the_caller_and_the_executor_survives():
+    failing = [False]
+
+    def inner(gm, example_inputs):
+        member = torch._inductor.config.cpp.threads == 1  # members are compiled single-threaded
+
+        def run(*args):
+            if member and failing[0]:
+                raise ValueError("member failed")
+            return gm.forward(*args)
+
+        return run
+
+    model, ids = tiny_model("gpt2"), tokens()
+    fast = compiled(model, groups=[[2, 3]], inner=inner)
+    first = fast(ids, use_cache=False).logits
+    failing[0] = True
+    with pytest.raises(ValueError, match="member failed"):
+        fast(ids, use_cache=False)
+    failing[0] = False
+    torch.testing.assert_close(fast(ids, use_cache=False).logits, first, rtol=0, atol=0)
+
+
+def test_repeated_calls_and_lengths():
+    model = tiny_model("llama")
+    config = CQILConfig(start=2, end=6, bypass=1, inner="eager")
+    fast = compiled(model, start=2, end=6, bypass=1, inner="eager")
+    for n in (4, 9, 9, 13, 4):
+        ids = tokens(batch=2, length=n, seed=n)
+        expected = cqil_reference(model, config, ids, use_cache=False).logits
+        assert relative_error(fast(ids, use_cache=False).logits, expected) <= 1e-4
+
+
+def test_process_exits_cleanly_after_concurrent_runs(tmp_path):
+    script = textwrap.dedent("""
+        import sys, torch
+        sys.path.insert(0, %r)
+        from tiny_models import tiny_model, tokens
+        from cqil_fx import make_backend
+        model = tiny_model("llama")
+        fast = torch.compile(model, backend=make_backend(start=2, end=6, mode="concurrent", inner="eager"))
+        fast(tokens(), use_cache=False)
+        print("done")
+    """ % str(__import__("pathlib").Path(__file__).parent))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("done")
