@@ -145,6 +145,12 @@ def compile_concurrent(gm: torch.fx.GraphModule, report: CompileReport, inner: C
 
     from .executor import ConcurrentProgram
 
+    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+        # Segments are compiled on concrete inputs; a graph with symbolic sizes would need
+        # each of them compiled dynamically.  Run it as one graph instead.
+        log.info("cqil: graph has dynamic shapes; running it in local mode, not concurrent")
+        counters["cqil"]["concurrent_fallbacks"] += 1
+        return inner(gm, example_inputs)
     split = split_segments(gm, report.blocks, report.rewrites, phased=report.plan.bypass > 0)
     program = ConcurrentProgram(split).compile(inner, example_inputs)
     counters["cqil"]["segments"] += len(split.segments)

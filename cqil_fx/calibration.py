@@ -41,6 +41,8 @@ class GraphCalibration:
         self.example_inputs = list(example_inputs)
         self.token_index = _token_input_index(gm)
         self.logits_index = _logits_output_index(gm)
+        if self.example_inputs[self.token_index].shape[-1] < 2:
+            raise UncalibratableGraphError("traced with one token per sequence: no next token to predict")
         self.windows = _windows_like(calibration, self.example_inputs[self.token_index])
 
     def inputs(self, window: torch.Tensor) -> list:

@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", help="write the plan as JSON here")
     plan.set_defaults(run=_plan, groups=None, start=None, end=None, bypass=0, verbose=False)
 
-    study = sub.add_parser("eval", help="perplexity of CQIL plans vs layer removal; writes quality.{md,json,png}")
+    study = sub.add_parser("eval", help="perplexity of CQIL plans vs layer removal; writes quality.{md,json,png}, similarity.png")
     study.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
     study.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens")
     study.add_argument("--seq-len", type=int, default=256)

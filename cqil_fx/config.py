@@ -151,6 +151,8 @@ class CQILConfig:
         _check_int("parallel", self.parallel, minimum=1)
         _check_int("bypass", self.bypass, minimum=0)
         self._check_plan_fields()
+        if self.wants_auto_plan and self.bypass:
+            raise CQILConfigError("the automatic planner chooses the bypass distance; leave bypass= unset")
         if self.mode not in MODES:
             raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):

@@ -129,11 +129,12 @@ class ConcurrentProgram:
         pool = worker_pool(self.width)
         inputs = [[env[a] for a in call.node.args] for call in step]
         device = next((x.device for xs in inputs for x in xs if isinstance(x, torch.Tensor)), None)
+        grad = torch.is_grad_enabled()  # thread-local: carry the caller's mode to the workers
         if device is not None and device.type == "cuda":
-            futures = [pool.submit(_on_stream, call.fn, xs, torch.cuda.current_stream(device))
-                       for call, xs in zip(step, inputs)]
+            caller = torch.cuda.current_stream(device)
+            futures = [pool.submit(_on_stream, call.fn, xs, caller, grad) for call, xs in zip(step, inputs)]
         else:
-            futures = [pool.submit(call.fn, *xs) for call, xs in zip(step, inputs)]
+            futures = [pool.submit(_with_grad_mode, call.fn, xs, grad) for call, xs in zip(step, inputs)]
         concurrent.futures.wait(futures)
         for call, future in zip(step, futures):
             self._store(env, call, future.result())  # re-raises a member's exception here
@@ -148,7 +149,12 @@ class ConcurrentProgram:
 _STREAMS = threading.local()
 
 
-def _on_stream(fn: Callable, args: list, caller: torch.cuda.Stream):
+def _with_grad_mode(fn: Callable, args: list, grad: bool):
+    with torch.set_grad_enabled(grad):
+        return fn(*args)
+
+
+def _on_stream(fn: Callable, args: list, caller: torch.cuda.Stream, grad: bool):
     """Run ``fn`` on this worker's own CUDA stream, after the caller's pending work, and
     make the caller's stream wait for it."""
     stream = getattr(_STREAMS, "stream", None)
@@ -156,6 +162,6 @@ def _on_stream(fn: Callable, args: list, caller: torch.cuda.Stream):
         stream = _STREAMS.stream = torch.cuda.Stream(caller.device)
     stream.wait_stream(caller)
     with torch.cuda.stream(stream):
-        out = fn(*args)
+        out = _with_grad_mode(fn, args, grad)
     caller.wait_stream(stream)
     return out

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_BUDGET, CQILConfig, Plan
+from .errors import CQILConfigError
 from .quality import perplexity
 from .reference import branches_of, decoder_layers
 from .similarity import SimilarityReport, _progress, measure_similarity
@@ -75,9 +76,9 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     best-ranked windows to measure (default: all).
     """
     if parallel < 2:
-        raise ValueError(f"parallel={parallel}: automatic planning needs groups of at least 2 blocks")
+        raise CQILConfigError(f"parallel={parallel}: automatic planning needs groups of at least 2 blocks")
     if budget < 0:
-        raise ValueError(f"budget={budget} must be >= 0 (a relative perplexity increase, e.g. 0.1)")
+        raise CQILConfigError(f"budget={budget} must be >= 0 (a relative perplexity increase, e.g. 0.1)")
     layers = decoder_layers(model)
     sequential = all(branches_of(layer).kind == "sequential" for layer in layers)
     distances = tuple(bypass) if bypass is not None else (tuple(range(parallel)) if sequential else (0,))

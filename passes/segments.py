@@ -24,7 +24,11 @@ from collections.abc import Sequence
 
 import networkx as nx
 import torch.fx
-from torch.fx.passes.split_module import split_module_simple
+from torch.fx.passes import split_module as _split
+
+# split_module_simple (torch >= 2.12) skips split_module's topological sort and lazy-compiles
+# the submodules; older torch gets the general splitter with the same partition ids.
+_split_simple = getattr(_split, "split_module_simple", None)
 
 from .concurrent_groups import GroupRewrite
 from .find_blocks import Block
@@ -83,7 +87,11 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
             partition_of[node] = (groups_started - 1, 1, 0, 0)  # shared: after the groups begun so far
     keys = sorted(set(partition_of.values()))
     pid = {k: i for i, k in enumerate(keys)}
-    module = split_module_simple(gm, {n: pid[k] for n, k in partition_of.items()})
+    partitions = {n: pid[k] for n, k in partition_of.items()}
+    if _split_simple is not None:
+        module = _split_simple(gm, partitions)
+    else:
+        module = _split.split_module(gm, None, partitions.__getitem__, keep_original_order=True)
     segments = {f"submod_{pid[k]}": _describe(f"submod_{pid[k]}", k) for k in keys}
     return SplitGraph(module, segments)
 

@@ -90,14 +90,19 @@ def test_member_exception_reaches_the_caller_and_the_executor_survives():
     torch.testing.assert_close(fast(ids, use_cache=False).logits, first, rtol=0, atol=0)
 
 
-def test_repeated_calls_and_lengths():
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_repeated_calls_and_lengths(inner):
+    """The first length compiles static segments; later lengths make Dynamo go dynamic,
+    and a dynamic graph runs in local mode (segments are compiled for concrete sizes)."""
     model = tiny_model("llama")
-    config = CQILConfig(start=2, end=6, bypass=1, inner="eager")
-    fast = compiled(model, start=2, end=6, bypass=1, inner="eager")
+    config = CQILConfig(start=2, end=6, bypass=1)
+    fast = compiled(model, start=2, end=6, bypass=1, inner=inner)
     for n in (4, 9, 9, 13, 4):
         ids = tokens(batch=2, length=n, seed=n)
         expected = cqil_reference(model, config, ids, use_cache=False).logits
         assert relative_error(fast(ids, use_cache=False).logits, expected) <= 1e-4
+    counters = torch._dynamo.utils.counters["cqil"]
+    assert counters["graphs"] == 2 and counters["concurrent_fallbacks"] == 1
 
 
 def test_process_exits_cleanly_after_concurrent_runs(tmp_path):

@@ -156,6 +156,7 @@ def test_plan_for_another_model_is_refused():
         (dict(plan=Plan(8, ((1, 2),), 0), start=1, end=3), "give plan=... or groups="),
         (dict(plan=Plan(8, ((1, 2),), 0), bypass=1), "carries its own bypass"),
         (dict(budget=-0.1), "budget=-0.1 must be a number >= 0"),
+        (dict(calibration=CALIBRATION, bypass=1), "the automatic planner chooses the bypass distance"),
     ],
 )
 def test_bad_plan_fields(fields, message):
@@ -178,3 +179,20 @@ def test_quality_study_writes_its_report(tmp_path):
     assert "Targets (training-free):" in text
     for name in ("quality.png", "similarity.png", "quality.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_planner_argument_errors():
+    with pytest.raises(CQILConfigError, match="parallel=1"):
+        plan_auto(tiny_model("llama"), CALIBRATION, parallel=1, progress=False)
+    with pytest.raises(CQILConfigError, match="budget=-1"):
+        plan_auto(tiny_model("llama"), CALIBRATION, budget=-1, progress=False)
+
+
+def test_one_token_graph_falls_back_to_the_default_plan(caplog):
+    import logging
+
+    backend = make_backend(calibration=CALIBRATION, inner="eager")
+    with caplog.at_level(logging.WARNING, logger="cqil_fx"):
+        torch.compile(tiny_model("llama"), backend=backend)(CALIBRATION[0][:, :1], use_cache=False)
+    assert "no next token to predict" in caplog.text
+    assert backend.reports[-1].plan == CQILConfig().plan_for(LAYERS)
