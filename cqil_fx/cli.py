@@ -40,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--parallel", type=int, default=2)
     inspect.add_argument("--bypass", type=int, default=0)
     inspect.add_argument("--dot", help="write the rewritten graph as Graphviz DOT to this file")
+    inspect.add_argument("--windows", type=int, default=0,
+                         help="measure the plan's perplexity cost on this many 256-token calibration windows")
     inspect.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (model loading, capture)")
     inspect.set_defaults(run=_inspect)
 
@@ -90,9 +92,14 @@ def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
 
     from .inspect import inspect_model
 
-    model, _ = _load(args.model)
+    model, tokenizer = _load(args.model)
     ids = torch.arange(args.tokens)[None] % model.config.vocab_size
-    report = inspect_model(model, ids, config)
+    calibration = None
+    if args.windows:
+        from .models import token_batches
+
+        calibration = token_batches(tokenizer, "calibration", 256, args.windows)
+    report = inspect_model(model, ids, config, calibration=calibration)
     print(report)
     if args.dot:
         report.write_dot(args.dot)

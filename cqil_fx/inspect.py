@@ -21,6 +21,7 @@ from passes.module_stack import layer_of
 
 from .backend import CompileReport, plan_for_blocks, rewrite_graph
 from .config import CQILConfig, Plan
+from .quality import perplexity
 
 
 @dataclasses.dataclass(eq=False)
@@ -32,9 +33,18 @@ class Inspection:
     plan: Plan
     report: CompileReport
     nodes_per_block_before: dict[int, int]
+    perplexity: tuple[float, float] | None = None  # calibration perplexity: original, under the plan
 
     def __str__(self) -> str:
-        return "\n".join([format_blocks(self.blocks), format_plan(self.plan), self.rewrite_summary()])
+        return "\n".join([format_blocks(self.blocks), format_plan(self.plan), self.quality_cost(),
+                          self.rewrite_summary()])
+
+    def quality_cost(self) -> str:
+        """The plan's expected quality cost: perplexity on the calibration batches, if given."""
+        if self.perplexity is None:
+            return "quality cost: not measured (pass calibration batches; cqil-fx inspect --windows N)"
+        base, planned = self.perplexity
+        return f"quality cost: calibration perplexity {base:.3f} -> {planned:.3f} ({planned / base - 1:+.1%})"
 
     def nodes_per_block_after(self) -> dict[int, int]:
         return _nodes_per_block(self.graph)
@@ -77,8 +87,11 @@ def capture_graph(model: torch.nn.Module, *args, **kwargs) -> torch.fx.GraphModu
 
 
 def inspect_model(model: torch.nn.Module, input_ids: torch.Tensor, config: CQILConfig | None = None,
-                  **kwargs) -> Inspection:
-    """Capture ``model(input_ids, **kwargs)``, find its blocks and plan them with ``config``."""
+                  calibration: Sequence[torch.Tensor] | None = None, **kwargs) -> Inspection:
+    """Capture ``model(input_ids, **kwargs)``, find its blocks and plan them with ``config``.
+
+    With ``calibration`` batches of token ids, also measure the plan's perplexity cost on them.
+    """
     kwargs.setdefault("use_cache", False)
     config = config or CQILConfig()
     with torch.no_grad():
@@ -88,7 +101,10 @@ def inspect_model(model: torch.nn.Module, input_ids: torch.Tensor, config: CQILC
     before = _nodes_per_block(gm)
     report = rewrite_graph(gm, dataclasses.replace(config, groups=plan.groups, bypass=plan.bypass,
                                                    start=None, end=None, plan=None))
-    return Inspection(gm, blocks, plan, report, before)
+    cost = None
+    if calibration is not None:
+        cost = (perplexity(model, calibration), perplexity(model, calibration, plan=plan))
+    return Inspection(gm, blocks, plan, report, before, cost)
 
 
 def format_plan(plan: Plan) -> str:

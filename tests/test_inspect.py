@@ -22,6 +22,8 @@ def test_inspect_model_reports_blocks_and_plan():
     assert int(lines[2].split()[4].replace(",", "")) == report.blocks[0].param_count
     assert lines[10] == "Plan(8 blocks: [2-4], bypass 1, saves 2 block-times)"
     assert lines[11] == "ideal: 2 of 8 block-times saved (25% of block time)"
+    assert lines[12].startswith("quality cost: not measured")
+    del lines[12]
     nodes = report.nodes_per_block_before
     assert lines[12] == (f"rewrite: {report.report.nodes_before} -> {report.report.nodes_before + 5} nodes, "
                          "1 groups, 2 bypass edges, 0 collectives (mode local)")
@@ -29,6 +31,17 @@ def test_inspect_model_reports_blocks_and_plan():
     assert lines[13:] == [f"  block 2: {nodes[2]} -> {nodes[2]} nodes", f"  block 3: {nodes[3]} -> {nodes[3] + 1} nodes",
                           f"  block 4: {nodes[4]} -> {nodes[4] + 4} nodes"]
     assert format_blocks([]) == "no decoder blocks"
+
+
+def test_inspection_measures_the_quality_cost_on_calibration_batches():
+    from cqil_fx.quality import perplexity
+
+    model, config = tiny_model("llama"), CQILConfig(groups=[[1, 2], [5, 6]])
+    calibration = [tokens(batch=2, length=12, seed=s) for s in range(2)]
+    report = inspect_model(model, tokens(batch=1), config, calibration=calibration)
+    base, planned = perplexity(model, calibration), perplexity(model, calibration, plan=config)
+    assert report.perplexity == (base, planned)
+    assert f"quality cost: calibration perplexity {base:.3f} -> {planned:.3f}" in str(report)
 
 
 def test_dot_export_draws_groups_around_blocks(tmp_path):
@@ -57,7 +70,8 @@ def test_cli_rejects_bad_input_with_a_message(capsys):
 @pytest.mark.real_model
 def test_cli_inspect_smollm2(smollm2):
     out = subprocess.run(
-        [sys.executable, "-m", "cqil_fx.cli", "inspect", "--start", "12", "--end", "28", "--bypass", "1"],
+        [sys.executable, "-m", "cqil_fx.cli", "inspect", "--start", "12", "--end", "28", "--bypass", "1",
+         "--windows", "1"],
         capture_output=True, text=True, check=True,
     ).stdout
     assert "30 decoder blocks" in out
@@ -65,3 +79,4 @@ def test_cli_inspect_smollm2(smollm2):
     assert "Plan(30 blocks: [12-13] [14-15] [16-17] [18-19] [20-21] [22-23] [24-25] [26-27], bypass 1, " \
         "saves 8 block-times)\nideal: 8 of 30 block-times saved (27% of block time)\n" in out
     assert "8 groups, 8 bypass edges, 0 collectives" in out
+    assert "quality cost: calibration perplexity " in out
