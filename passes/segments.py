@@ -26,13 +26,13 @@ import networkx as nx
 import torch.fx
 from torch.fx.passes import split_module as _split
 
-# split_module_simple (torch >= 2.12) skips split_module's topological sort and lazy-compiles
-# the submodules; older torch gets the general splitter with the same partition ids.
-_split_simple = getattr(_split, "split_module_simple", None)
-
 from .concurrent_groups import GroupRewrite
 from .find_blocks import Block
 from .module_stack import layer_of
+
+# split_module_simple (torch >= 2.12) skips split_module's topological sort and lazy-compiles
+# the submodules; older torch gets the general splitter with the same partition ids.
+_split_simple = getattr(_split, "split_module_simple", None)
 
 
 @dataclasses.dataclass(frozen=True)
