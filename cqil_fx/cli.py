@@ -14,6 +14,7 @@ import sys
 
 from .config import CQILConfig
 from .errors import CQILConfigError, CQILPlanError
+from .models import TextSplitError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.run(args, _config(args))
-    except (CQILConfigError, CQILPlanError) as e:
+    except (CQILConfigError, CQILPlanError, TextSplitError) as e:
         parser.exit(2, f"cqil-fx: error: {e}\n")
 
 
