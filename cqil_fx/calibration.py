@@ -24,7 +24,7 @@ from passes.find_blocks import Block
 
 from .config import Plan
 from .rewrite import apply_plan
-from .similarity import SimilarityReport
+from .similarity import SimilarityAccumulator, SimilarityReport
 
 
 class UncalibratableGraphError(ValueError):
@@ -66,14 +66,11 @@ class GraphCalibration:
     def similarity(self, blocks: Sequence[Block]) -> SimilarityReport:
         """Mean cosine similarity of block inputs (and the stack output) over the windows."""
         watched = [b.input for b in blocks] + [blocks[-1].output]
-        n = len(watched)
-        total, tokens = torch.zeros(n, n, dtype=torch.float64), 0
+        accumulator = SimilarityAccumulator()
         for window in self.windows:
             values = _Recorder(self.gm, set(watched)).record(*self.inputs(window))
-            unit = nn.functional.normalize(torch.stack([values[w] for w in watched]).flatten(1, -2).double(), dim=-1)
-            total += torch.einsum("itd,jtd->ij", unit, unit)
-            tokens += unit.shape[1]
-        return SimilarityReport((total / tokens).float(), tokens)
+            accumulator.add([values[w] for w in watched])
+        return accumulator.report()
 
 
 def rewritten_copy(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:

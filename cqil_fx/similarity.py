@@ -42,6 +42,26 @@ class SimilarityReport:
         return float(self.matrix[first, list(group[1:])].mean()) if len(group) > 1 else 1.0
 
 
+class SimilarityAccumulator:
+    """Sums token-wise cosine similarities of a stack of hidden states over batches."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, states: Sequence[torch.Tensor]) -> None:
+        """``states``: one (batch, tokens, hidden) tensor per block input (and the stack output)."""
+        unit = nn.functional.normalize(torch.stack(list(states)).flatten(1, -2).double(), dim=-1)
+        step = torch.einsum("itd,jtd->ij", unit, unit)
+        self.total = step if self.total is None else self.total + step
+        self.tokens += unit.shape[1]
+
+    def report(self) -> SimilarityReport:
+        if not self.tokens:
+            raise ValueError("similarity needs at least one batch of token ids")
+        return SimilarityReport((self.total / self.tokens).float(), self.tokens)
+
+
 def measure_similarity(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True,
                        **forward_kwargs) -> SimilarityReport:
     """Run ``model`` on each batch of token ids and average the input similarities."""
@@ -50,21 +70,17 @@ def measure_similarity(model: nn.Module, batches: Iterable[torch.Tensor], progre
     handles = [layer.register_forward_pre_hook(_keep_input(states, i), with_kwargs=True)
                for i, layer in enumerate(layers)]
     handles.append(layers[-1].register_forward_hook(_keep_output(states, len(layers))))
-    total, tokens = torch.zeros(len(states), len(states), dtype=torch.float64), 0
+    accumulator = SimilarityAccumulator()
     forward_kwargs.setdefault("use_cache", False)
     try:
         with torch.no_grad():
             for ids in _progress(batches, progress, "similarity"):
                 model(ids, **forward_kwargs)
-                unit = nn.functional.normalize(torch.stack(states).flatten(1, -2).double(), dim=-1)
-                total += torch.einsum("itd,jtd->ij", unit, unit)
-                tokens += unit.shape[1]
+                accumulator.add(states)
     finally:
         for h in handles:
             h.remove()
-    if not tokens:
-        raise ValueError("measure_similarity needs at least one batch of token ids")
-    return SimilarityReport((total / tokens).float(), tokens)
+    return accumulator.report()
 
 
 def save_heatmap(report: SimilarityReport, path: str, title: str = "cosine similarity of block inputs") -> None:

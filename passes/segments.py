@@ -70,9 +70,10 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
     sums = {n for r in rewrites for n in r.sums}
     mlp_half = set()
     if phased:
+        within_layers = _within_layer_dataflow(gm)
         for r in rewrites:
             for i in r.members:
-                mlp_half |= _mlp_half(gm, by_index[i])
+                mlp_half |= _mlp_half(within_layers, by_index[i])
     partition_of: dict[torch.fx.Node, tuple] = {}
     groups_started = 0
     for node in gm.graph.nodes:
@@ -96,21 +97,20 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
     return SplitGraph(module, segments)
 
 
-def _mlp_half(gm: torch.fx.GraphModule, block: Block) -> set:
+def _within_layer_dataflow(gm: torch.fx.GraphModule) -> nx.DiGraph:
+    """Data-flow edges between nodes of the same layer (built once for all members)."""
+    layer = {n: ref.index for n in gm.graph.nodes if (ref := layer_of(n)) is not None}
+    dag = nx.DiGraph()
+    dag.add_edges_from((n, u) for n in layer for u in n.users if layer.get(u) == layer[n])
+    return dag
+
+
+def _mlp_half(within_layers: nx.DiGraph, block: Block) -> set:
     """Nodes of ``block``'s layer that depend on its mid-block residual: the MLP branch and delta."""
     if len(block.residual) != 2:
         return set()
     mid = block.residual[0]
-    index = block.index
-    dag = nx.DiGraph()
-    dag.add_edges_from((n, u) for n in gm.graph.nodes for u in n.users
-                       if _in_layer(n, index) and _in_layer(u, index))
-    return nx.descendants(dag, mid) if mid in dag else set()
-
-
-def _in_layer(node: torch.fx.Node, index: int) -> bool:
-    ref = layer_of(node)
-    return ref is not None and ref.index == index
+    return nx.descendants(within_layers, mid) if mid in within_layers else set()
 
 
 def _describe(name: str, key: tuple) -> Segment:
