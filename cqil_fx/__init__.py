@@ -10,6 +10,8 @@ See docs/ for the semantics (CQIL, Zou et al., ACL 2024) and the pipeline.
 
 from .backend import CompileReport, cqil_backend, make_backend, rewrite_graph
 from .config import CQILConfig, Plan
+from .distill import (PlanMismatchWarning, RecoveredWeightsError, Recovery, distill, load_recovered, recover,
+                      save_recovered)
 from .errors import CQILConfigError, CQILPlanError, CQILUnsupportedError
 from .reference import cqil_reference
 
@@ -20,8 +22,15 @@ __all__ = [
     "CQILUnsupportedError",
     "CompileReport",
     "Plan",
+    "PlanMismatchWarning",
+    "RecoveredWeightsError",
+    "Recovery",
     "cqil_backend",
     "cqil_reference",
+    "distill",
+    "load_recovered",
     "make_backend",
+    "recover",
     "rewrite_graph",
+    "save_recovered",
 ]

@@ -4,6 +4,7 @@
     cqil-fx inspect --model path/to/hf_model_dir --groups 3-5,8-9
     cqil-fx plan --budget 0.1 --out plan.json     # automatic plan on the calibration split
     cqil-fx eval --out docs                       # quality study: CQIL vs layer removal
+    cqil-fx recover --start 12 --end 28 --steps 400 --out recovered/   # distil the plan's blocks
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import sys
 
 from .config import CQILConfig
+from .distill import RecoveredWeightsError
 from .errors import CQILConfigError, CQILPlanError
 from .models import TextSplitError
 
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.run(args, _config(args))
-    except (CQILConfigError, CQILPlanError, TextSplitError) as e:
+    except (CQILConfigError, CQILPlanError, TextSplitError, RecoveredWeightsError) as e:
         parser.exit(2, f"cqil-fx: error: {e}\n")
 
 
@@ -60,8 +62,38 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens")
     study.add_argument("--seq-len", type=int, default=256)
     study.add_argument("--out", default="docs", help="directory for quality.md, quality.json, quality.png")
+    study.add_argument("--recovered", action="append", default=[], metavar="DIR",
+                       help="add a 'recovered' row for weights written by `cqil-fx recover --out DIR` (repeatable)")
     study.set_defaults(run=_eval, groups=None, start=None, end=None, parallel=2, bypass=0, verbose=False)
+    _recover_parser(sub)
     return parser
+
+
+def _recover_parser(sub) -> None:
+    recover = sub.add_parser("recover", help="distil the original model into the plan's grouped blocks; "
+                                             "writes recovered weights, plan.json and recovery.json")
+    recover.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
+    recover.add_argument("--groups", type=_groups, help="explicit groups, e.g. 3-5,8-9")
+    recover.add_argument("--start", type=int)
+    recover.add_argument("--end", type=int)
+    recover.add_argument("--parallel", type=int, default=2)
+    recover.add_argument("--bypass", type=int, default=0)
+    recover.add_argument("--steps", type=int, default=400)
+    recover.add_argument("--method", choices=("full", "lora"), default="full")
+    recover.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 full, 1e-3 lora)")
+    recover.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    recover.add_argument("--seq-len", type=int, default=128, help="tokens per training window")
+    recover.add_argument("--batch", type=int, default=1, help="training windows per step")
+    recover.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (0: all)")
+    recover.add_argument("--lm-weight", type=float, default=0.0, help="weight of the language-model loss")
+    recover.add_argument("--validation", type=int, default=8,
+                         help="calibration windows held out of training for early stopping")
+    recover.add_argument("--eval-every", type=int, default=50)
+    recover.add_argument("--patience", type=int, default=3)
+    recover.add_argument("--seed", type=int, default=0)
+    recover.add_argument("--out", required=True, help="directory for the recovered weights and recovery.json")
+    recover.add_argument("-v", "--verbose", action="store_true")
+    recover.set_defaults(run=_recover)
 
 
 def _groups(text: str) -> list[list[int]]:
@@ -129,12 +161,40 @@ def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
     model, tokenizer = _load(args.model)
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
     evaluation = token_batches(tokenizer, "evaluation", args.seq_len)
-    rows, similarity = run_study(model, calibration, evaluation)
+    rows, similarity = run_study(model, calibration, evaluation, recovered=_recovered_models(model, args.recovered))
     tokens = {"calibration": sum(t.numel() for t in calibration), "evaluation": sum(t.numel() for t in evaluation)}
     write_report(rows, similarity, args.out, args.command_line, tokens)
     for row in rows:
         print(f"{row.name:<32} saved {row.saved_blocks:>2}  perplexity {row.perplexity:8.3f}")
     print(f"wrote {args.out}/quality.md, quality.json, quality.png, similarity.png")
+    return 0
+
+
+def _recovered_models(model, directories: list[str]) -> list:
+    """(copy of model with recovered weights, their plan) per directory."""
+    import copy
+
+    from .distill import load_recovered
+
+    pairs = []
+    for directory in directories:
+        recovered = copy.deepcopy(model)
+        pairs.append((recovered, load_recovered(recovered, directory)))
+    return pairs
+
+
+def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
+    from .distill import recovery_windows, run_recovery
+
+    model, tokenizer = _load(args.model)
+    train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
+    summary = run_recovery(model, config, train, validation, evaluation, args.out, command=args.command_line,
+                           steps=args.steps, method=args.method, lr=args.lr, rank=args.rank,
+                           top_k=args.top_k or None, lm_weight=args.lm_weight, eval_every=args.eval_every,
+                           patience=args.patience, seed=args.seed)
+    for key in ("original", "cqil", "recovered"):
+        print(f"held-out perplexity {key:<10} {summary['perplexity'][key]:8.3f}")
+    print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s; wrote {args.out}")
     return 0
 
 

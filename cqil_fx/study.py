@@ -8,7 +8,9 @@ evaluation batches it measures the evaluation perplexity of
 * automatic plans (:func:`cqil_fx.planner.plan_auto`) at several budgets;
 * ShortGPT-style layer removal (drop the blocks of lowest influence,
   1 - cos(input, output), on the calibration split) at the same numbers of
-  saved block-times,
+  saved block-times;
+* optionally, models recovered by distillation (:mod:`cqil_fx.distill`) under
+  their plans (:func:`recovered_rows`, ``cqil-fx eval --recovered DIR``),
 
 and writes a JSON file, a Markdown table and a PNG of perplexity vs saved
 block-times.
@@ -36,17 +38,18 @@ from .similarity import SimilarityReport, _progress, save_heatmap
 @dataclasses.dataclass(frozen=True)
 class Row:
     name: str
-    method: str  # "original" | "cqil" | "removal"
+    method: str  # "original" | "cqil" | "removal" | "recovered"
     saved_blocks: int
     detail: str
     perplexity: float
 
 
 def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor],
-              budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int = 16
-              ) -> tuple[list[Row], SimilarityReport]:
+              budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int = 16,
+              recovered: Sequence[tuple[nn.Module, Plan]] = ()) -> tuple[list[Row], SimilarityReport]:
     """Measure every row of the study (see module docs); minutes on a 135M model and 2 cores.
 
+    ``recovered``: (distilled model, its plan) pairs measured as "recovered" rows.
     Returns the rows and the calibration similarity report (for the heatmap)."""
     num_blocks = len(decoder_layers(model))
     base = perplexity(model, evaluation)
@@ -71,7 +74,22 @@ def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], evaluation:
         removed = sorted(order[:saved])
         rows.append(Row(f"remove {saved} blocks", "removal", saved, f"blocks {removed}",
                         perplexity(model, evaluation, removed=removed)))
-    return rows, similarity
+    return rows + recovered_rows(recovered, evaluation), similarity
+
+
+def recovered_rows(recovered: Sequence[tuple[nn.Module, Plan]], evaluation: Sequence[torch.Tensor]) -> list[Row]:
+    """One "recovered" row per (distilled model, plan): its held-out perplexity under the plan."""
+    return [Row(f"recovered {plan_label(plan)}", "recovered", plan.saved_blocks, repr(plan),
+                perplexity(model, evaluation, plan=plan)) for model, plan in recovered]
+
+
+def plan_label(plan: Plan) -> str:
+    """``S12-E28 P2 D0`` for a uniform plan, else its groups (``[3-4] [8-9] D1``)."""
+    sizes = {len(g) for g in plan.groups}
+    contiguous = all(a[-1] + 1 == b[0] for a, b in zip(plan.groups, plan.groups[1:]))
+    if len(sizes) == 1 and contiguous:
+        return f"S{plan.groups[0][0]}-E{plan.groups[-1][-1] + 1} P{sizes.pop()} D{plan.bypass}"
+    return " ".join(f"[{g[0]}-{g[-1]}]" for g in plan.groups) + f" D{plan.bypass}"
 
 
 def write_report(rows: Sequence[Row], similarity: SimilarityReport, out_dir: str | Path, command: str,
@@ -122,7 +140,7 @@ def _markdown(rows: Sequence[Row], meta: dict) -> str:
 def _targets(rows: Sequence[Row]) -> list[str]:
     """The training-free targets, checked against the rows."""
     base = rows[0].perplexity
-    lines = ["Targets (training-free):", ""]
+    lines = ["Targets:", ""]
     auto = [r for r in rows if r.name.startswith("auto") and "+10%" in r.name]
     for r in auto:
         ok = r.saved_blocks >= 4 and r.perplexity <= 1.1 * base
@@ -135,6 +153,11 @@ def _targets(rows: Sequence[Row]) -> list[str]:
             ratio = (r.perplexity - base) / (removal[r.saved_blocks] - base)
             lines.append(f"* {r.name}: perplexity increase is {ratio:.2f}x that of removing "
                          f"{r.saved_blocks} blocks (target: <= 0.10x): {'met' if ratio <= 0.1 else 'not met'}")
+    for r in rows:
+        if r.method == "recovered":
+            change = r.perplexity / base - 1
+            lines.append(f"* {r.name} (distilled): saves {r.saved_blocks} block-times at {change:+.1%} held-out "
+                         f"perplexity (target: <= +10%): {'met' if change <= 0.1 else 'not met'}")
     return lines
 
 
@@ -146,10 +169,11 @@ def _plot(rows: Sequence[Row], path: Path) -> None:
 
     base = rows[0].perplexity
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, style in (("cqil", "o"), ("removal", "s")):
+    labels = {"cqil": "CQIL (training-free)", "recovered": "CQIL recovered (distilled)", "removal": "layer removal"}
+    for method, style in (("cqil", "o"), ("recovered", "^"), ("removal", "s")):
         points = sorted((r.saved_blocks, r.perplexity) for r in rows if r.method == method)
-        ax.plot(*zip(*points), style, label="CQIL (training-free)" if method == "cqil" else "layer removal",
-                linestyle="-" if method == "removal" else "none")
+        if points:
+            ax.plot(*zip(*points), style, label=labels[method], linestyle="-" if method == "removal" else "none")
     ax.axhline(base, color="gray", linestyle=":", label=f"original ({base:.2f})")
     ax.axhline(base * 1.1, color="gray", linestyle="--", linewidth=0.8, label="original +10%")
     ax.set_yscale("log")

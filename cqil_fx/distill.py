@@ -1,0 +1,571 @@
+"""Recover the quality a CQIL plan costs by distilling the original model into the grouped blocks.
+
+    from cqil_fx import recover, make_backend, CQILConfig
+
+    config = CQILConfig(start=12, end=28, parallel=2)
+    recovered = recover(model, config, texts, tokenizer=tokenizer, steps=400)   # a trained copy
+    fast = torch.compile(recovered, backend=make_backend(config))
+
+    result = distill(model, config, train_batches, eval_batches=held_out)     # with the history
+    save_recovered(result.model, result.plan, "recovered/")                    # safetensors + plan
+    plan = load_recovered(model, "recovered/")                                 # into a fresh model
+
+The student is a copy of ``model`` run under :func:`cqil_fx.reference.cqil_semantics`
+(the exact numbers the backend computes for the plan, bypass included); the
+teacher is ``model`` itself, left untouched. The loss is the KL divergence from
+the teacher's next-token distribution to the student's, optionally mixed with
+the language-model loss. What trains:
+
+* ``method="full"``: every weight of the trained blocks (by default the plan's
+  grouped blocks); everything else is frozen.
+* ``method="lora"``: low-rank adapters ``W + (alpha / rank) B A`` on every
+  ``nn.Linear`` of the trained blocks, merged into the weights afterwards, so
+  the returned model has the original architecture.
+
+The teacher's distribution is kept per training batch as its ``top_k``
+log-probabilities plus the mass of the rest (a (k+1)-way distribution whose KL
+is exact when ``top_k`` covers the vocabulary): it is computed once, the first
+time a batch is used, and reused on later epochs, in ``O(tokens * top_k)``
+memory. ``top_k=None`` uses the full vocabulary and recomputes the teacher at
+every step instead of storing vocab-sized logits.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import CQILConfig, Plan
+from .errors import CQILConfigError
+from .quality import perplexity
+from .reference import cqil_semantics, decoder_layers, resolve_plan
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "METHODS",
+    "PlanMismatchWarning",
+    "RecoveredWeightsError",
+    "Recovery",
+    "RecoveryRecord",
+    "distill",
+    "load_recovered",
+    "recover",
+    "recovery_windows",
+    "run_recovery",
+    "save_recovered",
+]
+
+METHODS = ("full", "lora")
+DEFAULT_LR = {"full": 2e-4, "lora": 1e-3}
+WEIGHTS_FILE = "recovered.safetensors"
+PLAN_FILE = "plan.json"
+FORMAT = "cqil_fx.recovered/1"
+
+
+class RecoveredWeightsError(ValueError):
+    """A recovered-weights directory is missing, malformed, or does not fit the model."""
+
+
+class PlanMismatchWarning(UserWarning):
+    """Recovered weights are loaded for a plan other than the one they were trained for."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoveryRecord:
+    """One point of the training history: mean loss since the last record, held-out perplexity."""
+
+    step: int
+    loss: float
+    perplexity: float | None
+    seconds: float  # wall time since training started
+    cpu_seconds: float  # this process's CPU time since then (all threads)
+
+
+@dataclasses.dataclass
+class Recovery:
+    """What :func:`distill` returns: the recovered model and how it got there."""
+
+    model: nn.Module
+    plan: Plan
+    method: str
+    trained_blocks: tuple[int, ...]
+    history: list[RecoveryRecord]
+    steps: int  # optimizer steps taken
+    best_step: int  # the step whose weights were kept
+    stopped_early: bool
+    seconds: float
+
+    @property
+    def initial_perplexity(self) -> float | None:
+        return self.history[0].perplexity if self.history else None
+
+    @property
+    def best_perplexity(self) -> float | None:
+        values = [r.perplexity for r in self.history if r.perplexity is not None]
+        return min(values) if values else None
+
+
+def recover(model: nn.Module, plan: Plan | CQILConfig, data, **kwargs) -> nn.Module:
+    """A copy of ``model`` whose blocks are distilled to recover the quality ``plan`` costs.
+
+    Takes the arguments of :func:`distill` and returns ``distill(...).model``;
+    ``model`` itself is not changed. Compile the result with the backend for the same plan.
+    """
+    return distill(model, plan, data, **kwargs).model
+
+
+def distill(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400, method: str = "full",
+            lr: float | None = None, warmup: int | None = None, rank: int = 16, alpha: float | None = None,
+            blocks: Sequence[int] | None = None, top_k: int | None = 64, lm_weight: float = 0.0,
+            tokenizer=None, seq_len: int = 256, eval_batches: Sequence[torch.Tensor] | None = None,
+            eval_every: int = 50, patience: int = 3, seed: int = 0, progress: bool = True) -> Recovery:
+    """Distil ``model`` (teacher) into a copy of it run under the CQIL semantics of ``plan`` (student).
+
+    Args:
+        model: a Hugging Face causal LM; it stays unchanged and serves as the teacher.
+        plan: a :class:`Plan` or :class:`CQILConfig` (resolved for this model).
+        data: training text: a string or a list of strings (with ``tokenizer``, cut into
+            ``seq_len``-token windows), or a list of ``(batch, tokens)`` tensors of token ids.
+            Steps cycle through it in a seeded random order, one item per step.
+        steps: optimizer steps (at most; early stopping may end sooner).
+        method: ``"full"`` (train the blocks' weights) or ``"lora"`` (low-rank adapters, merged).
+        lr: AdamW peak learning rate; default 2e-4 for full, 1e-3 for lora. Linear warmup over
+            ``warmup`` steps (default 5 % of ``steps``), then cosine decay to 10 % of the peak.
+        rank, alpha: LoRA rank and scale (``alpha`` defaults to ``2 * rank``).
+        blocks: the blocks that train; default the plan's grouped blocks.
+        top_k: teacher tokens kept per position (see module docs); ``None``: full vocabulary.
+        lm_weight: weight of the next-token cross-entropy added to the KL loss.
+        eval_batches: held-out token batches; their perplexity under the plan is measured
+            before training, every ``eval_every`` steps and at the end. Training stops after
+            ``patience`` measurements without improvement and the best weights are kept.
+        seed: seeds the data order and the adapters' initialisation.
+        progress: show a tqdm bar with the loss and the last held-out perplexity.
+    """
+    _check_args(steps, method, rank, top_k, lm_weight, eval_every, patience)
+    plan = resolve_plan(model, plan)
+    trained = _trained_blocks(plan, blocks)
+    batches = _training_batches(data, tokenizer, seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    student, adapters, params = _student(model, trained, method, rank, alpha)
+    lr = lr if lr is not None else DEFAULT_LR[method]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=_fused_ok(params))
+    warmup = warmup if warmup is not None else max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
+    run = _Run(student, eval_batches, patience, params)
+    targets = _TeacherTargets(model, top_k)
+    log.info("distilling %s: %s on blocks %s, %d steps, lr %s", plan, method, list(trained), steps, lr)
+    with cqil_semantics(student, plan), _progress_bar(steps, progress) as bar:
+        run.evaluate(0, bar)
+        for step, index in enumerate(_order(len(batches), steps, generator), start=1):
+            loss = _loss(student, batches[index], targets.get(index, batches[index]), lm_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            run.add_loss(loss.item(), bar)
+            if (step % eval_every == 0 or step == steps) and run.evaluate(step, bar):
+                break
+    run.restore_best()
+    if adapters:
+        adapters.merge()
+    student.requires_grad_(False)
+    return Recovery(student, plan, method, trained, run.history, run.step, run.best_step, run.stopped_early,
+                    time.perf_counter() - run.started)
+
+
+def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, alpha: float | None):
+    """(frozen copy of model, its adapters or None, the parameters to train)."""
+    student = copy.deepcopy(model).eval()
+    student.requires_grad_(False)
+    if method == "lora":
+        adapters = _LowRankAdapters(student, trained, rank, alpha)
+        return student, adapters, adapters.parameters()
+    return student, None, _unfreeze(student, trained)
+
+
+# --------------------------------------------------------------------------- arguments and data
+
+
+def _check_args(steps, method, rank, top_k, lm_weight, eval_every, patience) -> None:
+    if method not in METHODS:
+        raise CQILConfigError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
+    for name, value in (("steps", steps), ("rank", rank), ("eval_every", eval_every), ("patience", patience)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CQILConfigError(f"{name}={value!r} must be a positive int")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise CQILConfigError(f"top_k={top_k!r} must be a positive int, or None for the full vocabulary")
+    if lm_weight < 0:
+        raise CQILConfigError(f"lm_weight={lm_weight} must be >= 0")
+
+
+def _trained_blocks(plan: Plan, blocks: Sequence[int] | None) -> tuple[int, ...]:
+    trained = tuple(sorted(set(blocks))) if blocks is not None else tuple(i for g in plan.groups for i in g)
+    if not trained:
+        raise CQILConfigError(f"nothing to train: {plan} groups no blocks; pass blocks=[...] or a plan with groups")
+    bad = [i for i in trained if not 0 <= i < plan.num_blocks]
+    if bad:
+        raise CQILConfigError(f"blocks={bad} are out of range: the model has {plan.num_blocks} decoder blocks")
+    return trained
+
+
+def _training_batches(data, tokenizer, seq_len: int) -> list[torch.Tensor]:
+    """``data`` as a list of (batch, tokens) id tensors."""
+    if isinstance(data, str):
+        data = [data]
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    data = list(data)
+    if not data:
+        raise CQILConfigError("no training data: pass texts or token id tensors")
+    if all(isinstance(d, str) for d in data):
+        return _windows(data, tokenizer, seq_len)
+    bad = [i for i, d in enumerate(data) if not (isinstance(d, torch.Tensor) and not d.is_floating_point()
+                                                 and d.dim() == 2 and d.shape[1] >= 2)]
+    if bad:
+        raise CQILConfigError(
+            f"training item {bad[0]} is not a (batch, tokens) tensor of token ids with >= 2 tokens; "
+            "pass strings (with tokenizer=) or integer tensors shaped (batch, tokens)")
+    return data
+
+
+def _windows(texts: list[str], tokenizer, seq_len: int) -> list[torch.Tensor]:
+    if tokenizer is None:
+        raise CQILConfigError("training texts need tokenizer= to turn them into token ids")
+    if seq_len < 2:
+        raise CQILConfigError(f"seq_len={seq_len} must be at least 2 tokens")
+    ids = torch.tensor([t for text in texts
+                        for t in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]])
+    count = ids.numel() // seq_len
+    if not count:
+        raise CQILConfigError(f"the texts hold {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    return list(ids[: count * seq_len].view(count, 1, seq_len).unbind(0))
+
+
+def _order(count: int, steps: int, generator: torch.Generator) -> Iterator[int]:
+    """``steps`` batch indices: seeded random permutations of ``range(count)``, one after another."""
+    taken = 0
+    while taken < steps:
+        for i in torch.randperm(count, generator=generator).tolist()[: steps - taken]:
+            taken += 1
+            yield i
+
+
+def _fused_ok(params: Sequence[nn.Parameter]) -> bool:
+    """The fused AdamW kernel (several times faster on CPU) takes float tensors on CPU or CUDA."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
+def _warmup_cosine(warmup: int, steps: int, floor: float = 0.1):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        done = (step - warmup) / max(1, steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+
+    return factor
+
+
+# --------------------------------------------------------------------------- what trains
+
+
+def _block_prefixes(model: nn.Module, blocks: Sequence[int]) -> list[str]:
+    """Qualified names (``model.layers.12.``) of the given decoder blocks."""
+    layers = decoder_layers(model)
+    names = {id(m): name for name, m in model.named_modules()}
+    return [f"{names[id(layers[i])]}." for i in blocks]
+
+
+def _unfreeze(model: nn.Module, blocks: Sequence[int]) -> list[nn.Parameter]:
+    layers = decoder_layers(model)
+    params = [p for i in blocks for p in layers[i].parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class _LowRankAdapters:
+    """``y = W x + (alpha / rank) B A x`` on every Linear of the blocks, by forward hooks; ``merge`` folds them in."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[int], rank: int, alpha: float | None) -> None:
+        layers = decoder_layers(model)
+        self.scale = (alpha if alpha is not None else 2 * rank) / rank
+        self.adapted: list[tuple[nn.Linear, nn.Parameter, nn.Parameter]] = []
+        self.handles = []
+        for i in blocks:
+            for linear in (m for m in layers[i].modules() if isinstance(m, nn.Linear)):
+                a = nn.Parameter(torch.empty(rank, linear.in_features, dtype=linear.weight.dtype))
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+                b = nn.Parameter(torch.zeros(linear.out_features, rank, dtype=linear.weight.dtype))
+                self.adapted.append((linear, a, b))
+                self.handles.append(linear.register_forward_hook(self._hook(a, b)))
+
+    def _hook(self, a: nn.Parameter, b: nn.Parameter):
+        def hook(module, args, output):
+            return output + self.scale * nn.functional.linear(nn.functional.linear(args[0], a), b)
+
+        return hook
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, a, b in self.adapted for p in (a, b)]
+
+    def merge(self) -> None:
+        for h in self.handles:
+            h.remove()
+        with torch.no_grad():
+            for linear, a, b in self.adapted:
+                linear.weight += self.scale * (b @ a)
+        self.handles, self.adapted = [], []
+
+
+# --------------------------------------------------------------------------- teacher and loss
+
+
+class _TeacherTargets:
+    """The teacher's next-token distribution per training batch, computed once (``top_k``) or every time."""
+
+    def __init__(self, teacher: nn.Module, top_k: int | None) -> None:
+        self.teacher, self.top_k = teacher, top_k
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def get(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(log-probs, token indices or None for the full vocabulary), both (batch, tokens, k)."""
+        if index in self.cache:
+            return self.cache[index]
+        with torch.no_grad():
+            logp = torch.log_softmax(self.teacher(ids, use_cache=False).logits.float(), dim=-1)
+        if self.top_k is None or self.top_k >= logp.shape[-1]:
+            return logp, None
+        values, indices = logp.topk(self.top_k, dim=-1)
+        self.cache[index] = (values, indices)
+        return self.cache[index]
+
+
+def _loss(student: nn.Module, ids: torch.Tensor, target, lm_weight: float) -> torch.Tensor:
+    logits = student(ids, use_cache=False).logits.float()
+    loss = distillation_kl(logits, *target)
+    if lm_weight:
+        loss = loss + lm_weight * nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    return loss
+
+
+def distillation_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
+                    teacher_indices: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student).
+
+    With ``teacher_indices`` the teacher holds only its top-k log-probs: the KL is taken
+    between the (k+1)-way distributions "each of the k tokens, or any other token",
+    which equals the full KL when k covers the vocabulary.
+    """
+    logp = torch.log_softmax(student_logits, dim=-1)
+    if teacher_indices is None:
+        return (teacher_logp.exp() * (teacher_logp - logp)).sum(-1).mean()
+    student_top = logp.gather(-1, teacher_indices)
+    tiny = torch.finfo(logp.dtype).tiny
+    teacher_rest = torch.log((1 - teacher_logp.exp().sum(-1)).clamp_min(tiny))
+    student_rest = torch.log((1 - student_top.exp().sum(-1)).clamp_min(tiny))
+    kl = (teacher_logp.exp() * (teacher_logp - student_top)).sum(-1)
+    return (kl + teacher_rest.exp() * (teacher_rest - student_rest)).mean()
+
+
+# --------------------------------------------------------------------------- evaluation, early stop
+
+
+class _Run:
+    """The history, the held-out evaluation and the best weights seen so far."""
+
+    def __init__(self, model, eval_batches, patience, params) -> None:
+        self.model, self.eval_batches, self.patience = model, eval_batches, patience
+        self.params = list(params)
+        self.history: list[RecoveryRecord] = []
+        self.losses: list[float] = []
+        self.step = self.best_step = 0
+        self.best: tuple[float, list[torch.Tensor]] | None = None
+        self.bad_evaluations = 0
+        self.stopped_early = False
+        self.last_ppl: float | None = None
+        self.started, self.cpu_started = time.perf_counter(), time.process_time()
+
+    def add_loss(self, loss: float, bar) -> None:
+        self.step += 1
+        self.losses.append(loss)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", ppl="-" if self.last_ppl is None else f"{self.last_ppl:.2f}")
+
+    def evaluate(self, step: int, bar) -> bool:
+        """Record a history point; True when training should stop early."""
+        loss = sum(self.losses) / len(self.losses) if self.losses else float("nan")
+        self.losses = []
+        ppl = None
+        if self.eval_batches:
+            # The model is already under cqil_semantics; perplexity must not hook it twice.
+            ppl = perplexity(self.model, self.eval_batches)
+            self.last_ppl = ppl
+        self.history.append(RecoveryRecord(step, loss, ppl, time.perf_counter() - self.started,
+                                           time.process_time() - self.cpu_started))
+        log.info("step %d: loss %.4f, held-out perplexity %s", step, loss, ppl)
+        if bar is not None and ppl is not None:
+            bar.set_postfix(loss=f"{loss:.4f}", ppl=f"{ppl:.2f}")
+        if ppl is None:
+            return False
+        if self.best is None or ppl < self.best[0]:
+            self.best = (ppl, [p.detach().clone() for p in self.params])
+            self.best_step, self.bad_evaluations = step, 0
+            return False
+        self.bad_evaluations += 1
+        self.stopped_early = self.bad_evaluations >= self.patience
+        return self.stopped_early
+
+    def restore_best(self) -> None:
+        if self.best is None:
+            self.best_step = self.step
+            return
+        with torch.no_grad():
+            for p, saved in zip(self.params, self.best[1]):
+                p.copy_(saved)
+
+
+class _NoBar:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _progress_bar(steps: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=steps, desc="recover", unit="step")
+
+
+# --------------------------------------------------------------------------- save and load
+
+
+def save_recovered(model: nn.Module, plan: Plan, directory: str | Path, blocks: Sequence[int] | None = None) -> Path:
+    """Write the trained blocks' weights (``recovered.safetensors``) and ``plan.json`` into ``directory``.
+
+    ``blocks`` defaults to the plan's grouped blocks (what :func:`distill` trains by default).
+    The plan is stored in the safetensors metadata as well as beside it.
+    """
+    from safetensors.torch import save_file
+
+    blocks = _trained_blocks(plan, blocks)
+    prefixes = tuple(_block_prefixes(model, blocks))
+    tensors = {name: t.detach().contiguous() for name, t in model.state_dict().items() if name.startswith(prefixes)}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": FORMAT, "plan": plan.to_json(), "blocks": json.dumps(list(blocks))}
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata=metadata)
+    plan.save(out / PLAN_FILE)
+    log.info("saved %d tensors of blocks %s to %s", len(tensors), list(blocks), out)
+    return out
+
+
+def load_recovered(model: nn.Module, directory: str | Path, plan: Plan | CQILConfig | None = None) -> Plan:
+    """Load weights written by :func:`save_recovered` into ``model`` (in place); return their plan.
+
+    With ``plan`` given and different from the stored one, warns (:class:`PlanMismatchWarning`):
+    the weights were tuned for the stored plan and lose quality under another.
+    """
+    from safetensors import safe_open
+
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        raise RecoveredWeightsError(f"{path} does not exist; point to a directory written by save_recovered")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if metadata.get("format") != FORMAT:
+        raise RecoveredWeightsError(f"{path} is not a cqil_fx recovered-weights file "
+                                    f"(format {metadata.get('format')!r}, expected {FORMAT!r})")
+    stored = Plan.from_json(metadata["plan"])
+    _check_fits(model, tensors, path)
+    if plan is not None:
+        wanted = resolve_plan(model, plan)
+        if wanted != stored:
+            warnings.warn(f"{path} was recovered for {stored}, but is loaded for {wanted}; "
+                          "its quality holds only for the stored plan: recover again for this one",
+                          PlanMismatchWarning, stacklevel=2)
+    else:
+        resolve_plan(model, stored)
+    model.load_state_dict(tensors, strict=False)
+    return stored
+
+
+def _check_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    own = model.state_dict()
+    unknown = [n for n in tensors if n not in own]
+    if unknown:
+        raise RecoveredWeightsError(f"{path} holds {unknown[0]!r}, which this model does not have; "
+                                    "load it into the model it was recovered from")
+    wrong = [n for n, t in tensors.items() if t.shape != own[n].shape]
+    if wrong:
+        raise RecoveredWeightsError(f"{path}: {wrong[0]!r} has shape {tuple(tensors[wrong[0]].shape)}, the model's "
+                                    f"is {tuple(own[wrong[0]].shape)}; load it into the model it was recovered from")
+
+
+# --------------------------------------------------------------------------- the recipe behind `cqil-fx recover`
+
+
+def recovery_windows(tokenizer, seq_len: int = 128, batch: int = 1, validation: int = 8
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(training, validation, evaluation) token batches of the Python reference text.
+
+    Training and validation come from the ``calibration`` split (its last ``validation``
+    windows are held out of training, for early stopping); evaluation is the whole disjoint
+    ``evaluation`` split in 256-token windows, as the quality study measures it.
+    """
+    from .models import token_batches
+
+    windows = token_batches(tokenizer, "calibration", seq_len)
+    if validation < 1 or len(windows) <= validation + batch:
+        raise CQILConfigError(f"validation={validation} must be >= 1 and leave training windows of the "
+                              f"{len(windows)} calibration windows of {seq_len} tokens")
+    train, held = windows[:-validation], windows[-validation:]
+    train = [torch.cat(train[i:i + batch]) for i in range(0, len(train) - batch + 1, batch)]
+    return train, held, token_batches(tokenizer, "evaluation", 256)
+
+
+def run_recovery(model: nn.Module, plan: Plan | CQILConfig, train, validation, evaluation, out_dir: str | Path,
+                 command: str = "", **kwargs) -> dict:
+    """Measure, distil, measure again; save the weights and ``recovery.json`` (the summary returned)."""
+    import platform
+
+    plan = resolve_plan(model, plan)
+    before = {"original": perplexity(model, evaluation), "cqil": perplexity(model, evaluation, plan=plan)}
+    result = distill(model, plan, train, eval_batches=validation, **kwargs)
+    after = perplexity(result.model, evaluation, plan=plan)
+    save_recovered(result.model, plan, out_dir, blocks=result.trained_blocks)
+    summary = {
+        "command": command,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "plan": json.loads(plan.to_json()),
+        "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, type(None)))},
+        "train_windows": len(train),
+        "train_tokens_per_step": int(train[0].numel()),
+        "method": result.method,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "train_seconds": result.seconds,
+        "perplexity": {**before, "recovered": after},
+        "history": [dataclasses.asdict(r) for r in result.history],
+    }
+    (Path(out_dir) / "recovery.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
