@@ -59,6 +59,7 @@ class _Call:
     segment: Segment
     fn: Callable[..., Any] | None = None
     unpack: list[tuple[torch.fx.Node, int]] = dataclasses.field(default_factory=list)
+    single: bool = False  # the segment returns one value, compiled as a 1-tuple
 
 
 class ConcurrentProgram:
@@ -99,13 +100,12 @@ class ConcurrentProgram:
 
     def compile(self, inner: Callable, example_inputs: Sequence) -> ConcurrentProgram:
         """Compile every segment with ``inner`` on the values it sees for ``example_inputs``."""
-        # Dynamo passes sizes of dynamic dimensions as SymInts: run the segments on their hints.
-        concrete = [x.node.hint if isinstance(x, torch.SymInt) else x for x in example_inputs]
-        env = dict(zip(self.placeholders, concrete))
+        env = dict(zip(self.placeholders, _scratch_inputs(example_inputs)))
         for step in self.steps:
             for call in step:
                 args = [env[a] for a in call.node.args]
                 module = self.modules[call.node.target]
+                call.single = _return_tuple(module)
                 threads = {} if call.segment.shared else {"cpp.threads": 1}
                 # A fresh tracing context: the segments are compiled as graphs of their own, on
                 # their real inputs, and must not add symbols to the enclosing Dynamo frame's guards.
@@ -141,9 +141,32 @@ class ConcurrentProgram:
 
     @staticmethod
     def _store(env: dict, call: _Call, value: Any) -> None:
-        env[call.node] = value
+        env[call.node] = value[0] if call.single else value
         for node, index in call.unpack:
             env[node] = value[index]
+
+
+def _scratch_inputs(example_inputs: Sequence) -> list:
+    """Inputs for the compile-time run: sizes as ints, tensors other than weights copied.
+
+    The compile-time run executes the graph once, and Dynamo then calls the
+    program on the same inputs: the in-place cache writes of a generation step
+    (``index_copy_``, the length counter's ``add_``) must not happen twice.
+    """
+    # Dynamo passes sizes of dynamic dimensions as SymInts: run the segments on their hints.
+    return [x.node.hint if isinstance(x, torch.SymInt)
+            else x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter)
+            else x for x in example_inputs]
+
+
+def _return_tuple(module: torch.fx.GraphModule) -> bool:
+    """Make ``module`` return a tuple (AOTAutograd requires one); True if it returned one value."""
+    output = next(n for n in reversed(module.graph.nodes) if n.op == "output")
+    if isinstance(output.args[0], (tuple, list)):
+        return False
+    output.args = ((output.args[0],),)
+    module.recompile()
+    return True
 
 
 _STREAMS = threading.local()

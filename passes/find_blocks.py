@@ -17,7 +17,11 @@ answered with networkx on a DiGraph view of the FX graph.
 
 Nodes traced outside the layer list (embedding, rotary tables, masks, final
 norm) belong to no block.  KV-cache writes carry the stack of the attention
-module that makes them and so belong to that block.
+module that makes them and so belong to that block: with a static cache each
+block writes its own buffers in place (``index_copy_`` of K and V, ``add_`` of
+the cache's length counter), listed in ``Block.cache_writes``.  A block that
+writes in place a tensor that another block reads cannot be regrouped (the
+members' order would matter), so that is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ class Block:
     (``attention`` includes any post-norm); for a parallel-residual block
     ``attention`` is None and ``mlp`` is the summed branches.  ``mlp_inputs``
     are the nodes of the MLP branch that read ``mid`` (empty when parallel).
+    ``cache_writes`` are the block's in-place writes (KV-cache updates), in
+    graph order; only this block reads the tensors they write.
     """
 
     index: int
@@ -64,6 +70,7 @@ class Block:
     attention: torch.fx.Node | None
     mlp: torch.fx.Node
     mlp_inputs: tuple[torch.fx.Node, ...]
+    cache_writes: tuple[torch.fx.Node, ...] = ()
 
     @property
     def output(self) -> torch.fx.Node:
@@ -117,6 +124,7 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
                 f"block {after.index} reads {after.input.name}, not block {before.index}'s "
                 f"output {before.output.name}: the stack is not a plain residual chain"
             )
+    _check_cache_writes(blocks)
     return blocks
 
 
@@ -140,13 +148,16 @@ def _analyse(index: int, path: str, nodes: list[torch.fx.Node], dag: nx.DiGraph)
     params = tuple(n for n in nodes if n.op in ("placeholder", "get_attr"))
     body = tuple(n for n in nodes if n.op not in ("placeholder", "get_attr"))
     inside = set(body)
-    outputs = [n for n in body if _is_add(n) and any(u not in inside for u in n.users)]
+    # Tensor adds only: a static sliding-window cache also adds to a Python int counter
+    # (``cumulative_length_int += 1``) that leaves the graph as an output.
+    outputs = [n for n in body if _is_add(n) and _is_tensor(n) and any(u not in inside for u in n.users)]
     if len(outputs) != 1:
         raise UnrecognisedBlockError(
             f"block {index} ({path}): expected one residual add read outside the block, "
             f"found {[n.name for n in outputs]}"
         )
     chain, x = _residual_chain(outputs[0], inside, dag, path)
+    writes = tuple(n for n in body if mutates_in_place(n))
     if len(chain) == 2:
         mid, out = chain
         mlp_inputs = tuple(u for u in mid.users if u is not out)
@@ -154,9 +165,9 @@ def _analyse(index: int, path: str, nodes: list[torch.fx.Node], dag: nx.DiGraph)
         if stray:
             raise UnrecognisedBlockError(f"block {index} ({path}): mid-block residual read outside: {stray}")
         return Block(index, path, SEQUENTIAL, body, params, x, chain,
-                     _other(mid, x), _other(out, mid), mlp_inputs)
+                     _other(mid, x), _other(out, mid), mlp_inputs, writes)
     if len(chain) == 1:
-        return Block(index, path, PARALLEL, body, params, x, chain, None, _other(chain[0], x), ())
+        return Block(index, path, PARALLEL, body, params, x, chain, None, _other(chain[0], x), (), writes)
     raise UnrecognisedBlockError(f"block {index} ({path}): {len(chain)} residual adds; expected 1 or 2")
 
 
@@ -179,6 +190,42 @@ def _residual_chain(output: torch.fx.Node, inside: set, dag: nx.DiGraph, path: s
     return tuple(reversed(chain)), node
 
 
+def mutates_in_place(node: torch.fx.Node) -> bool:
+    """Whether ``node`` writes its first argument in place (``index_copy_``, ``add_``, ``t[i] = v``)."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        if node.target is operator.setitem:
+            return True
+        if isinstance(node.target, torch._ops.OpOverload):
+            return node.target._schema.is_mutable
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _check_cache_writes(blocks: list[Block]) -> None:
+    """Each block's in-place writes touch tensors only that block reads (its own cache).
+
+    Grouped members run in any order (or at the same time), so a write one block
+    makes and another block reads would make the result depend on that order.
+    """
+    owner = {n: b for b in blocks for n in b.nodes}
+    for block in blocks:
+        for write in block.cache_writes:
+            target = write.args[0]
+            if not isinstance(target, torch.fx.Node):
+                continue
+            readers = {owner.get(n) for n in (target, *target.users) if n.op not in ("placeholder", "output")}
+            others = sorted(b.index for b in readers - {block} if b is not None)
+            if others:
+                raise UnrecognisedBlockError(
+                    f"block {block.index} writes {target.name} in place ({write.name}), and blocks "
+                    f"{others} read it: only a block's own cache may be written in place"
+                )
+
+
 def _other(add: torch.fx.Node, operand: torch.fx.Node) -> torch.fx.Node:
     lhs, rhs = add.args[:2]
     return rhs if lhs is operand else lhs
@@ -188,6 +235,11 @@ def _is_add(node: torch.fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _ADD_TARGETS and len(node.args) == 2 and not node.kwargs
     return node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs
+
+
+def _is_tensor(node: torch.fx.Node) -> bool:
+    value = node.meta.get("example_value", node.meta.get("val"))
+    return value is None or isinstance(value, torch.Tensor)  # graphs without metadata: assume a tensor
 
 
 def _numel(node: torch.fx.Node) -> int:

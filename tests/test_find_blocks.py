@@ -92,3 +92,50 @@ def test_partial_stack_is_refused():
     gm = capture_graph(Fragment(), h, cos_sin)
     with pytest.raises(UnrecognisedBlockError, match=r"holds layers \[3, 4\]"):
         find_blocks(gm)
+
+
+class _CachedLayer(torch.nn.Module):
+    """A pre-norm-shaped block that writes a cache in place, like a static KV cache."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.mlp = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+    def forward(self, h, cache, counter, position):
+        cache.index_copy_(0, position, h)  # its own cache ...
+        counter.add_(1)  # ... and its own length counter, as transformers' StaticLayer does
+        mid = h + self.attn(h) * cache.sum()
+        return mid + self.mlp(mid)
+
+
+class _CachedStack(torch.nn.Module):
+    def __init__(self, shared_cache: bool):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_CachedLayer() for _ in range(3)])
+        self.shared = shared_cache
+
+    def forward(self, h, caches, counters, position):
+        for i, layer in enumerate(self.layers):
+            cache = caches[0] if self.shared else caches[i]
+            h = layer(h, cache, counters[i], position)
+        return h * 2
+
+
+def _cached_stack_graph(shared_cache: bool):
+    caches = [torch.zeros(4, 4) for _ in range(3)]
+    counters = [torch.zeros((), dtype=torch.long) for _ in range(3)]
+    return capture_graph(_CachedStack(shared_cache), torch.randn(1, 4), caches, counters, torch.tensor([0]))
+
+
+def test_cache_writes_belong_to_their_block():
+    blocks = find_blocks(_cached_stack_graph(shared_cache=False))
+    for block in blocks:
+        assert [n.target for n in block.cache_writes] == ["index_copy_", "add_"]
+        assert all(n in block.nodes for n in block.cache_writes)
+    written = [b.cache_writes[0].args[0] for b in blocks]
+    assert len(set(written)) == 3  # three caches, one per block
+
+
+def test_a_cache_written_by_one_block_and_read_by_another_is_refused():
+    with pytest.raises(UnrecognisedBlockError, match=r"block 0 writes .* in place .* blocks \[1, 2\] read it"):
+        find_blocks(_cached_stack_graph(shared_cache=True))
