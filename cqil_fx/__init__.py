@@ -10,7 +10,7 @@ See docs/ for the semantics (CQIL, Zou et al., ACL 2024) and the pipeline.
 
 from .backend import CompileReport, cqil_backend, make_backend, rewrite_graph
 from .config import CQILConfig, Plan
-from .distill import (PlanMismatchWarning, RecoveredWeightsError, Recovery, distill, load_recovered, recover,
+from .distill import (PlanMismatchWarning, RecoveredWeightsError, Recovery, distill_plan, load_recovered, recover,
                       save_recovered)
 from .errors import CQILConfigError, CQILPlanError, CQILUnsupportedError
 from .reference import cqil_reference
@@ -27,7 +27,7 @@ __all__ = [
     "Recovery",
     "cqil_backend",
     "cqil_reference",
-    "distill",
+    "distill_plan",
     "load_recovered",
     "make_backend",
     "recover",

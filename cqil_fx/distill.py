@@ -6,7 +6,7 @@
     recovered = recover(model, config, texts, tokenizer=tokenizer, steps=400)   # a trained copy
     fast = torch.compile(recovered, backend=make_backend(config))
 
-    result = distill(model, config, train_batches, eval_batches=held_out)     # with the history
+    result = distill_plan(model, config, train_batches, eval_batches=held_out)     # with the history
     save_recovered(result.model, result.plan, "recovered/")                    # safetensors + plan
     plan = load_recovered(model, "recovered/")                                 # into a fresh model
 
@@ -58,7 +58,7 @@ __all__ = [
     "RecoveredWeightsError",
     "Recovery",
     "RecoveryRecord",
-    "distill",
+    "distill_plan",
     "load_recovered",
     "recover",
     "recovery_windows",
@@ -94,7 +94,7 @@ class RecoveryRecord:
 
 @dataclasses.dataclass
 class Recovery:
-    """What :func:`distill` returns: the recovered model and how it got there."""
+    """What :func:`distill_plan` returns: the recovered model and how it got there."""
 
     model: nn.Module
     plan: Plan
@@ -105,6 +105,7 @@ class Recovery:
     best_step: int  # the step whose weights were kept
     stopped_early: bool
     seconds: float
+    teacher_perplexity: float | None = None  # the original model's, on eval_batches
 
     @property
     def initial_perplexity(self) -> float | None:
@@ -119,13 +120,13 @@ class Recovery:
 def recover(model: nn.Module, plan: Plan | CQILConfig, data, **kwargs) -> nn.Module:
     """A copy of ``model`` whose blocks are distilled to recover the quality ``plan`` costs.
 
-    Takes the arguments of :func:`distill` and returns ``distill(...).model``;
+    Takes the arguments of :func:`distill_plan` and returns ``distill_plan(...).model``;
     ``model`` itself is not changed. Compile the result with the backend for the same plan.
     """
-    return distill(model, plan, data, **kwargs).model
+    return distill_plan(model, plan, data, **kwargs).model
 
 
-def distill(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400, method: str = "full",
+def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400, method: str = "full",
             lr: float | None = None, warmup: int | None = None, rank: int = 16, alpha: float | None = None,
             blocks: Sequence[int] | None = None, top_k: int | None = 64, lm_weight: float = 0.0,
             tokenizer=None, seq_len: int = 256, eval_batches: Sequence[torch.Tensor] | None = None,
@@ -164,9 +165,11 @@ def distill(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400
     warmup = warmup if warmup is not None else max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
     run = _Run(student, eval_batches, patience, params)
-    targets = _TeacherTargets(model, top_k)
-    log.info("distilling %s: %s on blocks %s, %d steps, lr %s", plan, method, list(trained), steps, lr)
-    with cqil_semantics(student, plan), _progress_bar(steps, progress) as bar:
+    targets = _TeacherTargets(model, _top_k(top_k, model), batches)
+    teacher_ppl = perplexity(model, eval_batches) if eval_batches else None
+    log.info("distilling %s: %s on blocks %s, %d steps, lr %s; teacher perplexity %s",
+             plan, method, list(trained), steps, lr, teacher_ppl)
+    with cqil_semantics(student, plan), _progress_bar(steps, progress, teacher_ppl) as bar:
         run.evaluate(0, bar)
         for step, index in enumerate(_order(len(batches), steps, generator), start=1):
             loss = _loss(student, batches[index], targets.get(index, batches[index]), lm_weight)
@@ -182,7 +185,7 @@ def distill(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400
         adapters.merge()
     student.requires_grad_(False)
     return Recovery(student, plan, method, trained, run.history, run.step, run.best_step, run.stopped_early,
-                    time.perf_counter() - run.started)
+                    time.perf_counter() - run.started, teacher_ppl)
 
 
 def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, alpha: float | None):
@@ -333,23 +336,45 @@ class _LowRankAdapters:
 
 
 class _TeacherTargets:
-    """The teacher's next-token distribution per training batch, computed once (``top_k``) or every time."""
+    """The teacher's next-token distribution per training batch: its top-k, computed once, or all of it each time.
 
-    def __init__(self, teacher: nn.Module, top_k: int | None) -> None:
+    The top-k store is allocated once for every position of every batch: many small
+    cached tensors would pin freed logits-sized blocks of the allocator in place and
+    make the process grow by about one logits tensor per step.
+    """
+
+    def __init__(self, teacher: nn.Module, top_k: int | None, batches: Sequence[torch.Tensor]) -> None:
         self.teacher, self.top_k = teacher, top_k
-        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        sizes = [b.numel() for b in batches]
+        self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+        self.done = [False] * len(batches)
+        if top_k is not None:
+            self.values = torch.empty(self.offsets[-1], top_k)
+            self.indices = torch.empty(self.offsets[-1], top_k, dtype=torch.int32)
 
     def get(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probs, token indices or None for the full vocabulary), both (batch, tokens, k)."""
-        if index in self.cache:
-            return self.cache[index]
+        if self.top_k is None:
+            return self._teacher_logp(ids), None
+        rows = slice(self.offsets[index], self.offsets[index + 1])
+        values, indices = self.values[rows], self.indices[rows]
+        if not self.done[index]:
+            top = self._teacher_logp(ids).flatten(0, 1).topk(self.top_k, dim=-1)
+            values.copy_(top.values)
+            indices.copy_(top.indices)
+            self.done[index] = True
+        return values.view(*ids.shape, -1), indices.view(*ids.shape, -1).long()
+
+    def _teacher_logp(self, ids: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logp = torch.log_softmax(self.teacher(ids, use_cache=False).logits.float(), dim=-1)
-        if self.top_k is None or self.top_k >= logp.shape[-1]:
-            return logp, None
-        values, indices = logp.topk(self.top_k, dim=-1)
-        self.cache[index] = (values, indices)
-        return self.cache[index]
+            return torch.log_softmax(self.teacher(ids, use_cache=False).logits.float(), dim=-1)
+
+
+def _top_k(top_k: int | None, model: nn.Module) -> int | None:
+    """None when k covers the vocabulary: then the full distribution is as cheap and exact."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    vocab = getattr(head, "out_features", None)
+    return None if top_k is None or (vocab is not None and top_k >= vocab) else top_k
 
 
 def _loss(student: nn.Module, ids: torch.Tensor, target, lm_weight: float) -> torch.Tensor:
@@ -445,12 +470,13 @@ class _NoBar:
         return False
 
 
-def _progress_bar(steps: int, enabled: bool):
+def _progress_bar(steps: int, enabled: bool, teacher_ppl: float | None):
     if not enabled:
         return _NoBar()
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, desc="recover", unit="step")
+    desc = "recover" if teacher_ppl is None else f"recover (original ppl {teacher_ppl:.2f})"
+    return tqdm(total=steps, desc=desc, unit="step")
 
 
 # --------------------------------------------------------------------------- save and load
@@ -459,7 +485,7 @@ def _progress_bar(steps: int, enabled: bool):
 def save_recovered(model: nn.Module, plan: Plan, directory: str | Path, blocks: Sequence[int] | None = None) -> Path:
     """Write the trained blocks' weights (``recovered.safetensors``) and ``plan.json`` into ``directory``.
 
-    ``blocks`` defaults to the plan's grouped blocks (what :func:`distill` trains by default).
+    ``blocks`` defaults to the plan's grouped blocks (what :func:`distill_plan` trains by default).
     The plan is stored in the safetensors metadata as well as beside it.
     """
     from safetensors.torch import save_file
@@ -548,7 +574,7 @@ def run_recovery(model: nn.Module, plan: Plan | CQILConfig, train, validation, e
 
     plan = resolve_plan(model, plan)
     before = {"original": perplexity(model, evaluation), "cqil": perplexity(model, evaluation, plan=plan)}
-    result = distill(model, plan, train, eval_batches=validation, **kwargs)
+    result = distill_plan(model, plan, train, eval_batches=validation, **kwargs)
     after = perplexity(result.model, evaluation, plan=plan)
     save_recovered(result.model, plan, out_dir, blocks=result.trained_blocks)
     summary = {
@@ -564,6 +590,9 @@ def run_recovery(model: nn.Module, plan: Plan | CQILConfig, train, validation, e
         "best_step": result.best_step,
         "stopped_early": result.stopped_early,
         "train_seconds": result.seconds,
+        "train_cpu_seconds": result.history[-1].cpu_seconds,
+        "validation_perplexity": {"original": result.teacher_perplexity, "cqil": result.initial_perplexity,
+                                  "recovered": result.best_perplexity},
         "perplexity": {**before, "recovered": after},
         "history": [dataclasses.asdict(r) for r in result.history],
     }

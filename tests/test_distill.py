@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from cqil_fx import (CQILConfig, CQILConfigError, Plan, PlanMismatchWarning, RecoveredWeightsError, cqil_reference,
-                     distill, load_recovered, make_backend, recover, save_recovered)
+                     distill_plan, load_recovered, make_backend, recover, save_recovered)
 from cqil_fx.cli import main as cli_main
 from cqil_fx.distill import distillation_kl
+from cqil_fx.quality import perplexity
 from cqil_fx.reference import cqil_semantics, decoder_layers
 from cqil_fx.similarity import SimilarityReport
 from cqil_fx.study import Row, plan_label, write_report
@@ -59,7 +60,7 @@ def changed_outside_blocks(a, b):
 def test_few_steps_lower_the_loss_and_change_only_the_grouped_blocks(method, lr):
     teacher = fresh()
     snapshot = copy.deepcopy(teacher.state_dict())
-    result = distill(teacher, CONFIG, TRAIN, steps=12, method=method, lr=lr, rank=4, top_k=32, progress=False)
+    result = distill_plan(teacher, CONFIG, TRAIN, steps=12, method=method, lr=lr, rank=4, top_k=32, progress=False)
     before = kl_to_teacher(fresh(), teacher, PLAN, TRAIN)
     after = kl_to_teacher(result.model, teacher, PLAN, TRAIN)
     assert after < 0.8 * before, (before, after)
@@ -123,11 +124,12 @@ def test_seeded_runs_are_identical():
 
 def test_early_stop_keeps_the_best_weights():
     teacher = fresh()
-    result = distill(teacher, CONFIG, TRAIN, steps=20, lr=5.0, warmup=1, eval_batches=HELD_OUT, eval_every=1,
+    result = distill_plan(teacher, CONFIG, TRAIN, steps=20, lr=5.0, warmup=1, eval_batches=HELD_OUT, eval_every=1,
                      patience=2, progress=False)  # a learning rate that only makes things worse
     assert result.stopped_early and result.steps == 2 and result.best_step == 0
     assert [r.step for r in result.history] == [0, 1, 2]
     assert result.best_perplexity == result.initial_perplexity
+    assert result.teacher_perplexity == pytest.approx(perplexity(teacher, HELD_OUT))
     assert changed_blocks(result.model, teacher) == set()
 
 
@@ -136,7 +138,7 @@ def test_texts_are_cut_into_windows_with_the_tokenizer():
         def __call__(self, text, **kwargs):
             return {"input_ids": [ord(c) % VOCAB for c in text]}
 
-    result = distill(fresh(), CONFIG, ["some text " * 5, "more text"], tokenizer=Chars(), seq_len=16, steps=2,
+    result = distill_plan(fresh(), CONFIG, ["some text " * 5, "more text"], tokenizer=Chars(), seq_len=16, steps=2,
                      progress=False)
     assert result.steps == 2
 
@@ -183,7 +185,7 @@ def test_compiled_recovered_model_equals_the_reference_on_its_weights():
 def test_bad_input_raises_clear_errors(kwargs, match):
     args = dict(plan=CONFIG, data=TRAIN, steps=1, progress=False) | kwargs
     with pytest.raises(CQILConfigError, match=match):
-        distill(tiny_model("llama"), args.pop("plan"), args.pop("data"), **args)
+        distill_plan(tiny_model("llama"), args.pop("plan"), args.pop("data"), **args)
 
 
 def test_bad_recovered_weights_raise_clear_errors(tmp_path):
