@@ -129,7 +129,7 @@ def recover(model: nn.Module, plan: Plan | CQILConfig, data, **kwargs) -> nn.Mod
 def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400, method: str = "full",
             lr: float | None = None, warmup: int | None = None, rank: int = 16, alpha: float | None = None,
             blocks: Sequence[int] | None = None, top_k: int | None = 64, lm_weight: float = 0.0,
-            tokenizer=None, seq_len: int = 256, eval_batches: Sequence[torch.Tensor] | None = None,
+            tokenizer=None, seq_len: int = 128, eval_batches: Sequence[torch.Tensor] | None = None,
             eval_every: int = 50, patience: int = 3, seed: int = 0, progress: bool = True) -> Recovery:
     """Distil ``model`` (teacher) into a copy of it run under the CQIL semantics of ``plan`` (student).
 
