@@ -6,9 +6,9 @@
     recovered = recover(model, config, texts, tokenizer=tokenizer, steps=400)   # a trained copy
     fast = torch.compile(recovered, backend=make_backend(config))
 
-    result = distill_plan(model, config, train_batches, eval_batches=held_out)     # with the history
-    save_recovered(result.model, result.plan, "recovered/")                    # safetensors + plan
-    plan = load_recovered(model, "recovered/")                                 # into a fresh model
+    result = distill_plan(model, config, train_batches, eval_batches=held_out)  # with the history
+    save_recovered(result.model, result.plan, "recovered/")                     # safetensors + plan
+    plan = load_recovered(fresh_model, "recovered/")                            # in place
 
 The student is a copy of ``model`` run under :func:`cqil_fx.reference.cqil_semantics`
 (the exact numbers the backend computes for the plan, bypass included); the
@@ -308,9 +308,10 @@ class _LowRankAdapters:
         self.handles = []
         for i in blocks:
             for linear in (m for m in layers[i].modules() if isinstance(m, nn.Linear)):
-                a = nn.Parameter(torch.empty(rank, linear.in_features, dtype=linear.weight.dtype))
+                like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+                a = nn.Parameter(torch.empty(rank, linear.in_features, **like))
                 nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                b = nn.Parameter(torch.zeros(linear.out_features, rank, dtype=linear.weight.dtype))
+                b = nn.Parameter(torch.zeros(linear.out_features, rank, **like))
                 self.adapted.append((linear, a, b))
                 self.handles.append(linear.register_forward_hook(self._hook(a, b)))
 
@@ -349,8 +350,9 @@ class _TeacherTargets:
         self.offsets = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
         self.done = [False] * len(batches)
         if top_k is not None:
-            self.values = torch.empty(self.offsets[-1], top_k)
-            self.indices = torch.empty(self.offsets[-1], top_k, dtype=torch.int32)
+            device = batches[0].device  # where the student's logits will be
+            self.values = torch.empty(self.offsets[-1], top_k, device=device)
+            self.indices = torch.empty(self.offsets[-1], top_k, dtype=torch.int32, device=device)
 
     def get(self, index: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(log-probs, token indices or None for the full vocabulary), both (batch, tokens, k)."""
