@@ -215,3 +215,17 @@ def test_quality_report_shows_recovered_rows(tmp_path):
     assert "* recovered S12-E28 P2 D0 (distilled): saves 8 block-times at +5.0% held-out perplexity " \
            "(target: <= +10%): met" in table
     assert plan_label(CQILConfig(groups=[[3, 4], [8, 9]], bypass=1).plan_for(30)) == "[3-4] [8-9] D1"
+
+
+def test_run_recovery_writes_weights_and_summary_that_eval_can_load(tmp_path):
+    from cqil_fx.cli import _recovered_models
+    from cqil_fx.distill import run_recovery
+
+    summary = run_recovery(fresh(), CONFIG, TRAIN, HELD_OUT, HELD_OUT, tmp_path, command="test", steps=2,
+                           lr=3e-3, eval_every=1, progress=False)
+    assert set(summary["perplexity"]) == {"original", "cqil", "recovered"}
+    assert [r["step"] for r in summary["history"]] == [0, 1, 2]
+    assert (tmp_path / "recovery.json").is_file() and (tmp_path / "recovered.safetensors").is_file()
+    [(model, plan)] = _recovered_models(fresh(), [str(tmp_path)])
+    assert plan == PLAN
+    assert perplexity(model, HELD_OUT, plan=plan) == pytest.approx(summary["perplexity"]["recovered"], rel=1e-6)
