@@ -12,12 +12,13 @@ from .backend import CompileReport, cqil_backend, make_backend, rewrite_graph
 from .config import CQILConfig, Plan
 from .distill import (PlanMismatchWarning, RecoveredWeightsError, Recovery, distill_plan, load_recovered, recover,
                       save_recovered)
-from .errors import CQILConfigError, CQILPlanError, CQILUnsupportedError
+from .errors import CQILConfigError, CQILDistributedError, CQILPlanError, CQILUnsupportedError
 from .reference import cqil_reference
 
 __all__ = [
     "CQILConfig",
     "CQILConfigError",
+    "CQILDistributedError",
     "CQILPlanError",
     "CQILUnsupportedError",
     "CompileReport",

@@ -31,11 +31,11 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
-from passes import GroupRewrite, UnrecognisedBlockError, find_blocks
+from passes import GroupRewrite, Placement, SpmdPlacementError, UnrecognisedBlockError, find_blocks
 from passes.find_blocks import Block
 
 from .config import CQILConfig, Plan
-from .errors import CQILUnsupportedError
+from .errors import CQILPlanError
 from .rewrite import apply_plan
 
 log = logging.getLogger(__name__)
@@ -54,13 +54,20 @@ class CompileReport:
     rewrites: list[GroupRewrite]
     bypass_edges: int
     fallback: str | None  # why the graph was compiled unchanged, or None
+    placement: Placement | None = None  # mode="spmd": what this rank kept
+    transport: str | None = None  # mode="spmd": what carries the collectives
 
     def __repr__(self) -> str:
         if self.fallback:
             return f"CompileReport(unchanged: {self.fallback})"
+        where = ""
+        if self.placement is not None:
+            p = self.placement
+            where = (f", rank {p.rank}/{p.world_size} keeps {list(p.kept)}, {p.collectives} collectives "
+                     f"over {self.transport}")
         return (
             f"CompileReport({len(self.blocks)} blocks, {self.plan}, {len(self.rewrites)} groups "
-            f"rewritten, {self.bypass_edges} bypass edges, nodes {self.nodes_before} -> {self.nodes_after})"
+            f"rewritten, {self.bypass_edges} bypass edges, nodes {self.nodes_before} -> {self.nodes_after}{where})"
         )
 
 
@@ -76,17 +83,16 @@ def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> Comp
         config = CQILConfig(**fields)
     elif fields:
         config = dataclasses.replace(config, **fields)
-    if config.mode == "spmd":
-        raise CQILUnsupportedError(
-            f"mode={config.mode!r} is not available in this version; use mode='local', 'concurrent' or 'auto'"
-        )
     inner = resolve_inner(config.inner)
     reports: list[CompileReport] = []
 
     def cqil(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
+        mode = execution_mode(config)
+        if mode == "spmd":
+            return compile_spmd(gm, config, inner, example_inputs, reports)
         report = rewrite_graph(gm, config, example_inputs)
         reports.append(report)
-        if report.fallback is None and execution_mode(config) == "concurrent":
+        if report.fallback is None and mode == "concurrent":
             return compile_concurrent(gm, report, inner, example_inputs)
         return inner(gm, example_inputs)
 
@@ -134,8 +140,42 @@ def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig, example_inputs: 
 
 
 def execution_mode(config: CQILConfig) -> str:
-    """The mode a config runs in.  "auto" is local for now: see docs/performance.md for why."""
-    return "local" if config.mode == "auto" else config.mode
+    """The mode a config runs in now.
+
+    "auto" is "spmd" under an initialised process group of more than one rank,
+    otherwise "local" (concurrent mode loses to plain two-thread execution on
+    the machines measured so far: docs/performance.md).
+    """
+    if config.mode != "auto":
+        return config.mode
+    from .distributed import distributed_world_size
+
+    return "spmd" if distributed_world_size() > 1 else "local"
+
+
+def compile_spmd(gm: torch.fx.GraphModule, config: CQILConfig, inner: CompilerFn, example_inputs: list,
+                 reports: list[CompileReport]) -> Callable[..., Any]:
+    """Rewrite, agree with the other ranks, keep this rank's members, compile (mode="spmd")."""
+    from passes.spmd import check_placeable, place_members
+
+    from .distributed import agree, choose_transport, guard_collectives, spmd_world
+
+    world = spmd_world(config.collective_timeout)
+    report = rewrite_graph(gm, config, example_inputs)
+    reports.append(report)
+    try:
+        check_placeable(report.rewrites, world.world_size)
+    except SpmdPlacementError as e:
+        raise CQILPlanError(f"rank {world.rank}: {e}") from e
+    agree(world, f"unchanged ({report.fallback})" if report.fallback else f"{report.plan!r}")
+    if report.fallback is None:
+        report.placement = place_members(gm, report.blocks, report.rewrites, report.plan.bypass,
+                                         world.rank, world.world_size, world.group_name)
+        report.transport = choose_transport(gm, world, config.transport)
+        report.nodes_after = len(gm.graph.nodes)
+        counters["cqil"]["collectives"] += report.placement.collectives
+        log.info("cqil: %s", report)
+    return guard_collectives(inner(gm, example_inputs), world)
 
 
 def compile_concurrent(gm: torch.fx.GraphModule, report: CompileReport, inner: CompilerFn,

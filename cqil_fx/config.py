@@ -22,6 +22,7 @@ from .errors import CQILConfigError, CQILPlanError
 
 MODES = ("auto", "local", "concurrent", "spmd")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
+TRANSPORTS = ("auto", "process_group", "shared_memory")
 
 # The default plan when the user names no blocks: the paper's uniform plan over
 # the middle of the stack.  The first ~40 % of blocks change the residual stream
@@ -126,6 +127,12 @@ class CQILConfig:
     of the D members before it.  ``mode`` picks the execution mode; ``inner``
     the compiler that turns the rewritten graph into code ("inductor",
     "aot_eager", "eager", or any Dynamo backend callable).
+    ``collective_timeout`` (seconds) bounds how long an SPMD rank waits for the
+    others at a collective before it raises :class:`CQILDistributedError`.
+    ``transport`` carries the SPMD collectives: "process_group" (functional
+    collectives over the process group: gloo, NCCL), "shared_memory" (CPU
+    ranks on one x86-64 host, :mod:`cqil_fx.shm`), or "auto" (shared memory
+    where it applies, else the process group).
     """
 
     groups: Sequence[Sequence[int]] | None = None
@@ -137,6 +144,8 @@ class CQILConfig:
     inner: str | Callable[..., Any] = "inductor"
     plan: Plan | str | None = None
     budget: float = DEFAULT_BUDGET
+    collective_timeout: float = 300.0
+    transport: str = "auto"
     calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -153,6 +162,8 @@ class CQILConfig:
         self._check_plan_fields()
         if self.wants_auto_plan and self.bypass:
             raise CQILConfigError("the automatic planner chooses the bypass distance; leave bypass= unset")
+        if self.transport not in TRANSPORTS:
+            raise CQILConfigError(f"transport={self.transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
         if self.mode not in MODES:
             raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):
@@ -189,6 +200,9 @@ class CQILConfig:
                 )
 
     def _check_plan_fields(self) -> None:
+        timeout = self.collective_timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise CQILConfigError(f"collective_timeout={timeout!r} must be a positive number of seconds")
         if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or self.budget < 0:
             raise CQILConfigError(f"budget={self.budget!r} must be a number >= 0 (relative perplexity increase)")
         if self.plan is None:

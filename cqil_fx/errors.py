@@ -18,3 +18,7 @@ class CQILPlanError(ValueError):
 
 class CQILUnsupportedError(NotImplementedError):
     """The request is legal but this version of cqil_fx cannot carry it out."""
+
+
+class CQILDistributedError(RuntimeError):
+    """SPMD ranks cannot work together: one died or timed out, or they disagree on the plan."""

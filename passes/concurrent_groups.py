@@ -23,6 +23,10 @@ from collections.abc import Sequence
 import torch.fx
 
 from .find_blocks import Block
+from .module_stack import layer_of
+
+
+_INPUTS_OUTPUT = ("placeholder", "get_attr", "output")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -102,3 +106,20 @@ def _add_like(graph: torch.fx.Graph, lhs, rhs, like: torch.fx.Node) -> torch.fx.
     node = graph.call_function(operator.add, (lhs, rhs))
     node.meta = dict(like.meta)
     return node
+
+
+def member_of_nodes(gm: torch.fx.GraphModule, rewrites: Sequence[GroupRewrite]) -> dict[torch.fx.Node, tuple[int, int]]:
+    """(group, member) of every node that belongs to one member of a rewritten group.
+
+    A node belongs to member k of group g when it was traced in (or, for nodes
+    the rewrite passes made, carries the module stack of) that member's layer;
+    the group's sum nodes and the graph's inputs (weights) belong to no member.
+    """
+    member = {i: (g, k) for g, r in enumerate(rewrites) for k, i in enumerate(r.members)}
+    sums = {n for r in rewrites for n in r.sums}
+    owned = {}
+    for node in gm.graph.nodes:
+        ref = layer_of(node)
+        if ref is not None and ref.index in member and node not in sums and node.op not in _INPUTS_OUTPUT:
+            owned[node] = member[ref.index]
+    return owned

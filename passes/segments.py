@@ -26,7 +26,7 @@ import networkx as nx
 import torch.fx
 from torch.fx.passes import split_module as _split
 
-from .concurrent_groups import GroupRewrite
+from .concurrent_groups import GroupRewrite, member_of_nodes
 from .find_blocks import Block
 from .module_stack import layer_of
 
@@ -61,13 +61,11 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
                    phased: bool) -> SplitGraph:
     """Cut ``gm`` (already rewritten) into shared and member segments; ``phased`` for bypass.
 
-    A node belongs to member k of a group when it was traced in (or, for nodes
-    the rewrite passes made, carries the module stack of) that member's layer;
-    the group's sum nodes are shared.
+    Nodes go to members as :func:`~passes.concurrent_groups.member_of_nodes`
+    says; every other node is shared.
     """
     by_index = {b.index: b for b in blocks}
-    member = {i: (g, k) for g, r in enumerate(rewrites) for k, i in enumerate(r.members)}
-    sums = {n for r in rewrites for n in r.sums}
+    owner = member_of_nodes(gm, rewrites)
     mlp_half = set()
     if phased:
         within_layers = _within_layer_dataflow(gm)
@@ -79,9 +77,8 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr", "output"):
             continue
-        ref = layer_of(node)
-        if ref is not None and ref.index in member and node not in sums:
-            g, k = member[ref.index]
+        if node in owner:
+            g, k = owner[node]
             groups_started = max(groups_started, g + 1)
             partition_of[node] = (g, 0, int(node in mlp_half), k)
         else:

@@ -4,7 +4,6 @@ import pytest
 
 from cqil_fx import CQILConfig, CQILConfigError, CQILPlanError, Plan, make_backend
 from cqil_fx.config import default_span
-from cqil_fx.errors import CQILUnsupportedError
 
 
 @pytest.mark.parametrize(
@@ -28,6 +27,8 @@ from cqil_fx.errors import CQILUnsupportedError
         (dict(bypass=-1), "bypass=-1 must be >= 0"),
         (dict(mode="fast"), "mode='fast' is unknown; use one of auto, local, concurrent, spmd"),
         (dict(inner="tensorrt"), "inner='tensorrt' is unknown"),
+        (dict(transport="tcp"), "transport='tcp' is unknown; use one of auto, process_group, shared_memory"),
+        (dict(collective_timeout=0), "collective_timeout=0 must be a positive number of seconds"),
     ],
 )
 def test_bad_config_raises_naming_the_field(fields, message):
@@ -43,11 +44,6 @@ def test_out_of_range_indices_are_caught_when_block_count_is_known():
         config.plan_for(8)
     with pytest.raises(CQILPlanError, match="block index 30"):
         CQILConfig(start=28, end=32).plan_for(30)
-
-
-def test_modes_of_later_issues_are_refused_clearly():
-    with pytest.raises(CQILUnsupportedError, match="mode='spmd' is not available"):
-        make_backend(mode="spmd")
 
 
 def test_uniform_plan_matches_the_paper():

@@ -1,0 +1,196 @@
+"""SPMD runtime (``mode="spmd"``): the ranks' process group, agreement on plans, clear errors, weights per rank.
+
+    # torchrun --nproc-per-node 2 script.py
+    import torch.distributed as dist
+    dist.init_process_group()                         # gloo on CPU, nccl on CUDA
+    model = load_model()
+    release_other_members(model, CQILConfig(start=12, end=28, parallel=2))   # optional: free weights
+    fast = torch.compile(model, backend=make_backend(start=12, end=28, parallel=2, mode="spmd"))
+
+The graph rewrite is :func:`passes.spmd.place_members`; this module is what it
+needs around it at compile time and run time:
+
+* :func:`spmd_world`: rank, world size and a process group of cqil's own,
+  made once with ``new_group(timeout=config.collective_timeout)``, so a rank
+  that stops answering makes the others raise after that many seconds instead
+  of the default process group's 30 minutes;
+* :func:`agree`: before a graph is placed, the ranks exchange what they are
+  about to compile (the plan, or why the graph is left unchanged); different
+  answers raise :class:`CQILDistributedError` on every rank instead of
+  deadlocking in mismatched collectives;
+* :func:`guard_collectives`: a collective that fails at run time (a rank died,
+  or timed out) is re-raised as :class:`CQILDistributedError` naming the rank;
+* :func:`release_other_members` / :func:`parameter_bytes`: each rank keeps
+  real weights only for the blocks it computes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.fx
+from torch import nn
+
+from .config import CQILConfig, Plan
+from .errors import CQILDistributedError, CQILUnsupportedError
+from .reference import decoder_layers, resolve_plan
+
+log = logging.getLogger(__name__)
+
+_GROUPS: dict[float, dist.ProcessGroup] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpmdWorld:
+    """This rank's place among the SPMD ranks and the group cqil's collectives run in."""
+
+    rank: int
+    world_size: int
+    group: Any  # torch.distributed.ProcessGroup
+    timeout: float
+
+    @property
+    def group_name(self) -> str:
+        return self.group.group_name
+
+
+def distributed_world_size() -> int:
+    """World size of the initialised default process group; 1 when there is none."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def spmd_world(timeout: float) -> SpmdWorld:
+    """The SPMD world; makes cqil's process group on first use (every rank must get here)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise CQILUnsupportedError(
+            "mode='spmd' runs under torch.distributed: launch with torchrun (one process per group "
+            "member) and call torch.distributed.init_process_group() before the first compiled call"
+        )
+    if timeout not in _GROUPS:
+        # new_group is itself collective: all ranks reach it at their first SPMD compile.
+        _GROUPS[timeout] = dist.new_group(timeout=datetime.timedelta(seconds=timeout))
+        log.info("cqil: SPMD process group over %d ranks, collective timeout %.0f s",
+                 dist.get_world_size(), timeout)
+    return SpmdWorld(dist.get_rank(), dist.get_world_size(), _GROUPS[timeout], timeout)
+
+
+def agree(world: SpmdWorld, what: str) -> None:
+    """Raise on every rank unless all ranks are about to compile the same ``what``."""
+    digest = hashlib.sha256(what.encode()).hexdigest()[:16]
+    answers: list[Any] = [None] * world.world_size
+    try:
+        dist.all_gather_object(answers, (digest, what), group=world.group)
+    except Exception as e:  # noqa: BLE001 - gloo and nccl raise several types; re-raised with context
+        raise CQILDistributedError(
+            f"rank {world.rank}: the other ranks did not all reach the same graph compile within "
+            f"{world.timeout:.0f} s (collective_timeout): a rank died, or compiles a different model"
+        ) from e
+    if len({d for d, _ in answers}) > 1:
+        listing = "; ".join(f"rank {r}: {w}" for r, (_, w) in enumerate(answers))
+        raise CQILDistributedError(
+            f"rank {world.rank}: the ranks disagree on what to compile ({listing}); give every rank "
+            "the same model, plan and inputs"
+        )
+
+
+def guard_collectives(fn: Callable[..., Any], world: SpmdWorld) -> Callable[..., Any]:
+    """``fn`` with a failed or timed-out collective re-raised as :class:`CQILDistributedError`."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        try:
+            return fn(*args)
+        except Exception as e:
+            if not _is_collective_failure(e):
+                raise
+            if isinstance(e, CQILDistributedError):
+                raise
+            raise CQILDistributedError(
+                f"rank {world.rank}: a collective of the CQIL forward failed or waited longer than "
+                f"{world.timeout:.0f} s (collective_timeout); another rank has probably died or "
+                f"stopped calling the model ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from e
+
+    run._boxed_call = getattr(fn, "_boxed_call", False)  # type: ignore[attr-defined]
+    return run
+
+
+def choose_transport(gm: torch.fx.GraphModule, world: SpmdWorld, transport: str) -> str:
+    """Carry the placed graph's collectives over ``transport``; returns the one used.
+
+    "auto" takes shared memory when every collective moves a CPU tensor of
+    known size and all ranks share an x86-64 host; every rank sees the same
+    graph and host list, so all ranks choose alike.
+    """
+    from passes.spmd import collective_inputs, replace_collectives
+
+    from . import shm
+
+    inputs = [n.meta.get("example_value") for n in collective_inputs(gm)]
+    if transport == "process_group" or not inputs:
+        return "process_group"
+    usable = all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in inputs)
+    if not usable:
+        if transport == "shared_memory":
+            raise CQILDistributedError("transport='shared_memory' needs CPU tensors of known size; "
+                                       "use transport='process_group'")
+        return "process_group"
+    capacity = shm.capacity_for(max(v.numel() * v.element_size() * world.world_size for v in inputs))
+    channel = shm.open_channel(world.group, world.rank, world.world_size, capacity, world.timeout,
+                               required=transport == "shared_memory")
+    if channel is None:
+        return "process_group"
+    replace_collectives(gm, torch.ops.cqil.shm_all_reduce.default, torch.ops.cqil.shm_all_gather.default, channel)
+    return "shared_memory"
+
+
+def _is_collective_failure(e: BaseException) -> bool:
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out", "c10d"))
+
+
+def release_other_members(model: nn.Module, plan: Plan | CQILConfig, rank: int | None = None) -> int:
+    """Free the weights of the group members other ranks compute; returns the bytes released.
+
+    Each such parameter keeps its shape, dtype and device (Dynamo traces the
+    whole model on every rank) but becomes a zero-stride view of a single
+    element, so it holds no memory.  The SPMD graph never reads them.  Call it
+    before compiling, with the plan the backend will use.
+    """
+    if rank is None:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    plan = resolve_plan(model, plan)
+    layers = decoder_layers(model)
+    before = parameter_bytes(model)
+    for group in plan.groups:
+        if rank >= len(group):
+            raise CQILDistributedError(f"rank {rank} has no member in group {list(group)}")
+        for k, index in enumerate(group):
+            if k != rank:
+                for p in layers[index].parameters():
+                    p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+    released = before - parameter_bytes(model)
+    log.info("cqil: rank %d released %.1f MB of other members' weights", rank, released / 2**20)
+    return released
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes of memory actually held by the model's parameters (shared storage counted once)."""
+    storages = {}
+    for p in model.parameters():
+        s = p.untyped_storage()
+        storages[(s.data_ptr(), p.device)] = s.nbytes()
+    return sum(storages.values())

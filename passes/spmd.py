@@ -1,0 +1,178 @@
+"""SPMD placement: keep one member of every group on this rank, sum the deltas with a collective.
+
+Run on each of W ranks after :func:`~passes.concurrent_groups.rewrite_groups`
+(and :func:`~passes.bypass.add_bypass_edges`), with W equal to every group's
+size.  Rank r keeps member r of each group and drops the other members' nodes
+(cache writes included); the sum of the deltas becomes an in-graph functional
+``all_reduce``, so the inner compiler (Inductor) schedules it like any other op.
+Group [g0, g1] on rank 1 (before -> after)::
+
+    d0  = a0 + m0(x + a0)                   d1  = a1 + m1(x + a1)
+    d1  = a1 + m1(x + a1)          ==>      s   = all_reduce(d1, "sum")
+    out = x + (d0 + d1)                     out = x + wait_tensor(s)
+
+With bypass (D > 0) member k's MLP reads attention outputs of members other
+ranks compute.  Every rank all-gathers its member's attention output once per
+group (one collective, before the MLPs) and reads the ones it needs from the
+gathered tensor::
+
+    a1 = attn1(x)                           a1 = attn1(x)
+    u1 = (x + a1) + a0             ==>      a  = wait_tensor(all_gather(a1, dim 0))
+                                            u1 = (x + a1) + chunk(a, W)[0]
+
+Blocks outside groups stay on every rank.  The placeholders of dropped members'
+weights stay too (Dynamo's calling convention), unused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from collections.abc import Sequence
+
+import torch
+import torch.fx
+
+from .concurrent_groups import GroupRewrite, member_of_nodes
+from .find_blocks import Block
+
+_functional = torch.ops._c10d_functional
+
+
+class SpmdPlacementError(ValueError):
+    """The plan's groups cannot be placed one member per rank."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """What :func:`place_members` kept and inserted on one rank."""
+
+    rank: int
+    world_size: int
+    kept: tuple[int, ...]  # block indices this rank computes as a group member
+    dropped: tuple[int, ...]  # block indices other ranks compute
+    all_reduces: int
+    all_gathers: int
+    nodes_removed: int
+
+    @property
+    def collectives(self) -> int:
+        return self.all_reduces + self.all_gathers
+
+
+def place_members(
+    gm: torch.fx.GraphModule,
+    blocks: Sequence[Block],
+    rewrites: Sequence[GroupRewrite],
+    bypass: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+) -> Placement:
+    """Keep member ``rank`` of every group in ``gm`` (in place), summing deltas with ``all_reduce``."""
+    check_placeable(rewrites, world_size)
+    if not 0 <= rank < world_size:
+        raise SpmdPlacementError(f"rank {rank} is outside a world of {world_size}")
+    owner = member_of_nodes(gm, rewrites)
+    by_index = {b.index: b for b in blocks}
+    gathers = 0
+    for g, rewrite in enumerate(rewrites):
+        members = [by_index[i] for i in rewrite.members]
+        if bypass:
+            local = {n for n, gk in owner.items() if gk == (g, rank)}
+            _exchange_attention(gm.graph, members, rank, world_size, group_name, local)
+            gathers += 1
+        _all_reduce_deltas(gm.graph, rewrite, rank, group_name)
+    removed = _drop_other_members(gm.graph, owner, rank)
+    gm.graph.lint()
+    gm.recompile()
+    return Placement(
+        rank, world_size,
+        kept=tuple(r.members[rank] for r in rewrites),
+        dropped=tuple(i for r in rewrites for k, i in enumerate(r.members) if k != rank),
+        all_reduces=len(rewrites), all_gathers=gathers, nodes_removed=removed,
+    )
+
+
+def check_placeable(rewrites: Sequence[GroupRewrite], world_size: int) -> None:
+    """Every group needs exactly one member per rank."""
+    for rewrite in rewrites:
+        if len(rewrite.members) != world_size:
+            raise SpmdPlacementError(
+                f"group {list(rewrite.members)} has {len(rewrite.members)} members but the world has "
+                f"{world_size} ranks; SPMD runs one member per rank, so use parallel={world_size} "
+                f"(or launch {len(rewrite.members)} ranks)"
+            )
+
+
+def _all_reduce_deltas(graph: torch.fx.Graph, rewrite: GroupRewrite, rank: int, group_name: str) -> None:
+    delta = rewrite.deltas[rank]
+    with graph.inserting_before(delta.next):
+        reduced = graph.call_function(_functional.all_reduce.default, (delta, "sum", group_name))
+        total = graph.call_function(_functional.wait_tensor.default, (reduced,))
+    out = rewrite.output
+    out.args = (rewrite.input, total)
+    for node in reversed(rewrite.sums[:-1]):  # the local chain d0 + d1 + ... is no longer read
+        graph.erase_node(node)
+
+
+def _exchange_attention(graph: torch.fx.Graph, members: list[Block], rank: int, world_size: int,
+                        group_name: str, local: set) -> None:
+    """All-gather this rank's attention output; the local member reads the others' from it."""
+    mine = members[rank]
+    with graph.inserting_before(mine.attention.next):
+        gathered = graph.call_function(
+            _functional.all_gather_into_tensor.default, (mine.attention, world_size, group_name))
+        gathered = graph.call_function(_functional.wait_tensor.default, (gathered,))
+        chunks = graph.call_function(torch.chunk, (gathered, world_size), {"dim": 0})
+        parts = [graph.call_function(operator.getitem, (chunks, k)) for k in range(world_size)]
+    for k, member in enumerate(members):
+        if k == rank:
+            continue
+        for user in list(member.attention.users):
+            if user in local:  # a bypass add of the local member
+                user.replace_input_with(member.attention, parts[k])
+
+
+def _drop_other_members(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
+    doomed = [n for n in graph.nodes if n in owner and owner[n][1] != rank]
+    doomed_set = set(doomed)
+    for node in doomed:
+        outside = [u for u in node.users if u not in doomed_set]
+        assert not outside, f"{node.name} (another rank's member) is still read by {outside}"
+    for node in reversed(doomed):
+        graph.erase_node(node)
+    return len(doomed)
+
+
+def collective_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The tensors the functional collectives of ``gm`` send (in graph order)."""
+    kinds = (_functional.all_reduce.default, _functional.all_gather_into_tensor.default)
+    return [n.args[0] for n in gm.graph.nodes if n.target in kinds]
+
+
+def replace_collectives(gm: torch.fx.GraphModule, all_reduce, all_gather, channel: str) -> int:
+    """Swap ``wait_tensor(functional collective(x))`` for ``op(x, channel, previous)`` (another transport).
+
+    ``all_reduce(x, channel, after)`` must sum over the ranks and ``all_gather(x,
+    channel, after)`` concatenate along dim 0, as the functional ops placed here
+    do.  ``after`` is the previous collective's output (None for the first): a
+    data dependency that keeps the graph order of the collectives, which every
+    rank must share, through any reordering compiler.
+    """
+    ops = {_functional.all_reduce.default: all_reduce, _functional.all_gather_into_tensor.default: all_gather}
+    previous = None
+    for node in list(gm.graph.nodes):
+        if node.target in ops:
+            (wait,) = node.users
+            assert wait.target is _functional.wait_tensor.default, wait
+            with gm.graph.inserting_before(node):
+                new = gm.graph.call_function(ops[node.target], (node.args[0], channel, previous))
+            wait.replace_all_uses_with(new)
+            gm.graph.erase_node(wait)
+            gm.graph.erase_node(node)
+            previous = new
+    gm.graph.lint()
+    gm.recompile()
+    return len(gm.graph.find_nodes(op="call_function", target=all_reduce)) + len(
+        gm.graph.find_nodes(op="call_function", target=all_gather))

@@ -1,0 +1,119 @@
+"""mode="spmd" on 2 gloo ranks started by the tests: exactness, graph contents, errors instead of hangs."""
+
+from __future__ import annotations
+
+import multiprocessing
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import relative_error
+
+import spmd_worker
+
+WORLD = 2
+TOLERANCE = 1e-5
+
+
+def run_ranks(scenario: str, tmp_path: Path, timeout: float = 240) -> list[dict]:
+    """Run ``spmd_worker.<scenario>`` on WORLD fresh processes; each rank's result."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=spmd_worker.main, args=(r, WORLD, scenario, str(tmp_path))) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        p.kill() if p.is_alive() else None
+    assert not hung, f"ranks {hung} of {scenario!r} did not finish within {timeout} s"
+    results = []
+    for r in range(WORLD):
+        path = tmp_path / f"rank{r}.pt"
+        results.append(torch.load(path, weights_only=False) if path.exists() else dict(exitcode=procs[r].exitcode))
+    for r, res in enumerate(results):
+        assert "crash" not in res, f"rank {r} crashed:\n{res['crash']}"
+    return results
+
+
+@pytest.fixture(scope="module")
+def exactness(tmp_path_factory):
+    return run_ranks("exactness", tmp_path_factory.mktemp("spmd"))
+
+
+@pytest.mark.parametrize("case", spmd_worker.EXACTNESS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_ranks_equal_local_mode_and_reference(exactness, case):
+    for rank, results in enumerate(exactness):
+        r = results[case]
+        assert relative_error(r["spmd"], r["local"]) < TOLERANCE, rank
+        assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, rank
+        assert relative_error(r["spmd"], r["original"]) > 1e-2  # the plan changes the model
+    assert torch.equal(exactness[0][case]["spmd"], exactness[1][case]["spmd"])  # every rank: same logits
+
+
+@pytest.mark.parametrize("case", spmd_worker.EXACTNESS_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_each_rank_graph_holds_its_members_and_the_collectives(exactness, case):
+    _, bypass, _, transport = case
+    for rank, results in enumerate(exactness):
+        r = results[case]
+        groups = [[2, 3], [4, 5]]
+        others = {g[1 - rank] for g in groups}
+        assert r["layers"] == set(range(8)) - others
+        assert r["collectives"] == {"all_reduce": 2, "all_gather": 2 if bypass else 0}
+        assert r["transport"] == {"auto": "shared_memory"}.get(transport, transport)  # CPU ranks on one host
+        assert r["placement"].kept == tuple(g[rank] for g in groups)
+        assert r["placement"].dropped == tuple(sorted(others))
+
+
+def test_each_rank_keeps_only_its_members_weights(exactness):
+    r = exactness[0][("gpt2", 0, "aot_eager", "shared_memory")]
+    from tiny_models import tiny_model
+
+    layer_bytes = sum(p.numel() * 4 for p in tiny_model("gpt2").transformer.h[2].parameters())
+    # Two members (one per group) released, each down to one element per parameter.
+    assert r["bytes_before"] - r["bytes_after"] == pytest.approx(2 * layer_bytes, rel=0.01)
+
+
+@pytest.fixture(scope="module")
+def compile_errors(tmp_path_factory):
+    return run_ranks("compile_errors", tmp_path_factory.mktemp("spmd"))
+
+
+def test_parallel_different_from_world_size_is_an_error_on_every_rank(compile_errors):
+    for rank, results in enumerate(compile_errors):
+        kind, message = results["parallel_not_world"]["error"]
+        assert kind == "CQILPlanError", results
+        assert f"rank {rank}" in message and "3 members" in message and "parallel=2" in message
+
+
+def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors):
+    for results in compile_errors:
+        kind, message = results["plans_disagree"]["error"]
+        assert kind == "CQILDistributedError", result
+        assert "disagree" in message and "[2-3]" in message and "[4-5]" in message
+
+
+@pytest.mark.parametrize("scenario", ["rank_dies", "rank_hangs"])  # over gloo, over shared memory
+def test_a_lost_rank_raises_on_the_others_within_the_timeout(tmp_path, scenario):
+    result = run_ranks(scenario, tmp_path)[0]
+    kind, message = result["error"]
+    assert kind == "CQILDistributedError", result
+    assert "rank 0" in message and "collective_timeout" in message
+    assert result["seconds"] < 4 + 6  # collective_timeout=4 plus slack for a loaded machine
+
+
+def test_spmd_without_a_process_group_is_a_clear_error():
+    from cqil_fx import CQILUnsupportedError, make_backend
+    from tiny_models import tiny_model, tokens
+
+    fast = torch.compile(tiny_model("llama"), backend=make_backend(start=2, end=6, mode="spmd", inner="eager"))
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        fast(tokens(), use_cache=False)
+    assert isinstance(info.value.inner_exception, CQILUnsupportedError)
+    assert "torchrun" in str(info.value)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
