@@ -1,0 +1,67 @@
+"""Latency regression tests (marker ``latency``; they run in the default suite).
+
+Margins are set for a noisy 2-core machine: well below what a quiet run
+measures (docs/performance.md), and a comparison that falls short is measured
+once more before the test fails (:func:`cqil_fx.testing.assert_latency_reduction`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import spmd_worker
+from cqil_fx import make_backend
+from cqil_fx.testing import LatencyComparison, assert_latency_reduction, compare_latency
+from test_spmd import run_ranks
+
+pytestmark = pytest.mark.latency
+
+
+def sleeper(ms: float):
+    return lambda: time.sleep(ms / 1e3)
+
+
+def test_assertion_passes_for_a_faster_candidate_and_fails_for_a_slower_one():
+    passed = assert_latency_reduction(sleeper(20), sleeper(5), min_reduction=0.5, reps=5, warmup=0)
+    assert passed.reduction > 0.5 and len(passed.baseline_ms) == 5
+    with pytest.raises(AssertionError, match=r"below 50.0% in 2 attempt\(s\)") as info:
+        assert_latency_reduction(sleeper(5), sleeper(20), min_reduction=0.5, reps=3, warmup=0)
+    assert str(info.value).count("reduction -") == 2  # both attempts reported
+
+
+def test_comparison_interleaves_and_reports_medians():
+    calls = []
+    comparison = compare_latency(lambda: calls.append("b"), lambda: calls.append("c"), reps=4, warmup=1)
+    assert calls == ["b", "c"] + ["b", "c", "c", "b"] * 2  # warm-up, then alternating order
+    assert isinstance(comparison, LatencyComparison) and len(comparison.candidate_ms) == 4
+    with pytest.raises(ValueError, match="reps"):
+        compare_latency(lambda: None, lambda: None, reps=0)
+
+
+@pytest.mark.slow
+def test_concurrent_groups_beat_the_one_thread_original():
+    model = spmd_worker.medium_llama()
+    ids = torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(0))
+    original = torch.compile(model, backend=spmd_worker.inductor_one_thread, dynamic=False)
+    fast = torch.compile(model, dynamic=False, backend=make_backend(start=0, end=8, mode="concurrent"))
+    threads = torch.get_num_threads()
+
+    def one_thread(*args, **kwargs):
+        torch.set_num_threads(1)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    comparison = assert_latency_reduction(one_thread, fast, ids, use_cache=False, min_reduction=0.10, reps=9)
+    print(f"concurrent vs one thread: {comparison}")  # shown with pytest -s
+
+
+@pytest.mark.slow
+def test_spmd_on_two_ranks_beats_the_one_thread_original(tmp_path):
+    comparisons = run_ranks("latency", tmp_path, timeout=600)[0]["comparisons"]
+    print("SPMD vs one thread:", "; ".join(map(str, comparisons)))  # shown with pytest -s
+    assert comparisons[-1].reduction >= spmd_worker.LATENCY_MIN_REDUCTION, [str(c) for c in comparisons]
