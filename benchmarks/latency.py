@@ -1,25 +1,50 @@
 """Side-by-side latency of the original model and CQIL on SmolLM2-135M (CPU, Inductor).
 
-    python benchmarks/latency.py                          # S12-E28, P=2, D=0
-    python benchmarks/latency.py --workloads decode prefill-512 --reps 15
+    python benchmarks/latency.py                                   # all columns, S12-E28 and S20-E28, D 0/1
+    python benchmarks/latency.py --plans 12-28:0 --workloads decode --reps 21
+    python benchmarks/latency.py --columns original-1t original-2t cqil-concurrent   # one process
 
-Columns, all compiled with Inductor and measured interleaved in one process
-(one call of each per repetition, after warm-up; medians reported):
+Columns, all compiled with Inductor and measured interleaved (one call of each
+per repetition, after warm-up; medians reported):
 
-* ``original-1t``: the original model, one thread — the paper's baseline (a);
-* ``original-2t``: the original model, two threads — what these two cores give (b);
-* ``cqil-concurrent``: CQIL, ``mode="concurrent"``: shared segments on two
-  threads, the two members of each group on two single-threaded workers.
+* ``original-1t``: the original model, one process, one thread — the paper's baseline (a);
+* ``original-2t``: the original model, one process, two threads — what these two cores give (b);
+* ``cqil-spmd``: CQIL ``mode="spmd"`` on 2 ranks x 1 thread, collectives over
+  shared memory (``transport="auto"`` on one CPU host) (c);
+* ``cqil-spmd-gloo``: the same over the gloo process group (``transport="process_group"``);
+* ``cqil-concurrent``: CQIL ``mode="concurrent"``, one process, the members of a
+  group on two single-threaded workers, shared segments on two threads (d).
+
+When ``cqil-spmd`` is asked for, the script starts two rank processes itself.
+Rank 0 runs every column and takes every time; rank 1 waits (blocked in a
+gloo broadcast, not spinning) until rank 0 tells it which SPMD call to make,
+so the single-process columns run on an otherwise idle machine.  After the
+command both ranks meet at a shared-memory barrier and only then does rank 0
+start the clock: a deployed SPMD model runs its ranks in lockstep, so the
+harness's own wake-up latency (a gloo message, 0.5-2.5 ms) is not part of
+the forward's.
+
+Breakdown of (c), so a missed target says where the time went:
+``spmd-compute`` is rank 0's own placed graph with its collectives replaced by
+local stand-ins (identity for all_reduce, concatenation for all_gather), timed
+alone: compute per rank.  ``collective_ms`` is the median of a bare
+all_reduce of one group delta between the two idle ranks, over the column's
+transport.  Then
+``comm_and_wait = c - compute``, of which ``n_collectives * collective_ms`` is
+the collectives' own cost and the rest is waiting (ranks arriving at
+different times, wake-ups).
 
 Ideal reduction: a perfect CQIL removes (|G| - 1) block-times per group, so
 ``ideal = saved_blocks * t_block / t(a)`` with ``t_block = (t(a) - t_rest) / N``
-and ``t_rest`` the time of the same model with no decoder blocks (embedding,
-final norm, LM head), measured the same way.  "realised" is the measured
-reduction against (a) divided by the ideal.
+and ``t_rest`` the model with no decoder blocks (embedding, final norm, LM head),
+measured the same way (column ``rest-1t``).  "realised" = (1 - c/a) / ideal.
 
-Writes ``benchmarks/results/latency.json`` (schema: {"meta": {...}, "rows":
-[{"workload", "column", "median_ms", "p10_ms", "p90_ms"}], "summary": [{"workload",
-"reduction_vs_1t", "reduction_vs_2t", "ideal", "realised"}]}) and ``latency.png``.
+Writes ``<out>/latency.json`` — schema: {"meta": {command, date, machine, torch},
+"rows": [{workload, plan, column, median_ms, p10_ms, p90_ms}] (plan "" for the
+plan-free columns), "summary": [{workload, plan, column, reduction_vs_1t,
+reduction_vs_2t, ideal, realised}], "breakdown": [{workload, plan, column, spmd_ms,
+compute_ms, comm_and_wait_ms, collectives, collective_ms, waiting_ms}], "param_bytes":
+{"original": ..., "spmd rank 0, <plan>": ...}} — and ``<out>/latency.png``.
 """
 
 from __future__ import annotations
@@ -27,18 +52,28 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
+import os
 import platform
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from cqil_fx import CQILConfig, make_backend
+from cqil_fx.distributed import parameter_bytes, release_other_members
 from cqil_fx.models import load_smollm2
 
 WORKLOADS = {"decode": 1, "prefill-128": 128, "prefill-512": 512}
-COLUMNS = ("original-1t", "original-2t", "cqil-concurrent")
+COLUMNS = ("original-1t", "original-2t", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent")
+THREADS = {"original-1t": 1, "original-2t": 2, "rest-1t": 1, "cqil-spmd": 1, "cqil-spmd-gloo": 1,
+           "spmd-compute": 1, "cqil-concurrent": 2}
+TRANSPORTS = {"cqil-spmd": "auto", "cqil-spmd-gloo": "process_group"}
+_STOP, _CALL, _ALL_REDUCE = 0, 1, 2
 
 
 def inductor_with_threads(threads: int):
@@ -52,6 +87,30 @@ def inductor_with_threads(threads: int):
     return backend
 
 
+def without_collectives(inner):
+    """``inner`` applied to a placed SPMD graph whose collectives became local stand-ins (compute only)."""
+    functional = torch.ops._c10d_functional
+
+    def backend(gm, example_inputs):
+        for node in list(gm.graph.nodes):
+            if node.target is functional.wait_tensor.default:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+        for node in list(gm.graph.nodes):
+            if node.target is functional.all_reduce.default:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            elif node.target is functional.all_gather_into_tensor.default:
+                with gm.graph.inserting_before(node):
+                    cat = gm.graph.call_function(torch.cat, ([node.args[0]] * node.args[1],))
+                node.replace_all_uses_with(cat)
+                gm.graph.erase_node(node)
+        gm.recompile()
+        return inner(gm, example_inputs)
+
+    return backend
+
+
 def model_without_blocks(model):
     rest = copy.deepcopy(model)
     rest.model.layers = torch.nn.ModuleList()
@@ -60,75 +119,258 @@ def model_without_blocks(model):
 
 
 def measure(fns: dict, ids: torch.Tensor, reps: int, warmup: int = 3, threads: dict | None = None,
-            sync=lambda: None) -> dict[str, list[float]]:
-    """Milliseconds per call of each fn, interleaved: one call of each per repetition."""
+            sync=lambda: None, before: dict | None = None) -> dict[str, list[float]]:
+    """Milliseconds per call of each fn, interleaved: one call of each per repetition.
+
+    ``before[name]()`` runs just before the clock starts for ``name`` (e.g. waking the other rank).
+    """
     times = {name: [] for name in fns}
-    before = torch.get_num_threads()
+    saved = torch.get_num_threads()
     with torch.no_grad():
         for i in range(warmup + reps):
             for name, fn in fns.items():
                 if threads:
                     torch.set_num_threads(threads[name])
+                if before and name in before:
+                    before[name]()
                 sync()
                 t = time.perf_counter()
                 fn(ids, use_cache=False)
                 sync()
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t) * 1e3)
-    torch.set_num_threads(before)
+    torch.set_num_threads(saved)
     return times
+
+
+def parse_plan(text: str) -> CQILConfig:
+    """``"12-28:1"`` -> CQILConfig(start=12, end=28, parallel=2, bypass=1)."""
+    span, _, bypass = text.partition(":")
+    start, end = (int(x) for x in span.split("-"))
+    return CQILConfig(start=start, end=end, parallel=2, bypass=int(bypass or 0))
+
+
+def plan_name(config: CQILConfig) -> str:
+    return f"S{config.start}-E{config.end} D{config.bypass}"
+
+
+def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, Callable]:
+    """The SPMD columns, built identically on every rank (the same order of compiles)."""
+    one_thread = inductor_with_threads(1)
+    fns = {}
+    for config in plans:
+        mine = copy.deepcopy(model)
+        release_other_members(mine, config)
+        for column, transport in TRANSPORTS.items():
+            if column in columns:
+                fns[f"{column}|{plan_name(config)}"] = torch.compile(mine, dynamic=False, backend=make_backend(
+                    config, mode="spmd", inner=one_thread, transport=transport))
+        fns[f"spmd-compute|{plan_name(config)}"] = torch.compile(mine, dynamic=False, backend=make_backend(
+            config, mode="spmd", inner=without_collectives(one_thread), transport="process_group"))
+    return fns
+
+
+def _send(*command: int) -> None:
+    dist.broadcast(torch.tensor(command + (0,) * (3 - len(command)), dtype=torch.long), src=0)
+
+
+_BARRIER: list[str] = []
+
+
+def _barrier() -> None:
+    """Both ranks leave within microseconds of each other (a spinning shared-memory all_reduce)."""
+    from cqil_fx import shm
+
+    if not _BARRIER:
+        _BARRIER.append(shm.open_channel(dist.group.WORLD, dist.get_rank(), 2, 1 << 16, timeout=600))
+    shm.shm_all_reduce(torch.zeros(1), _BARRIER[0])
+
+
+def _call_on_both(index: int, workload: int) -> None:
+    _send(_CALL, index, workload)
+    _barrier()
+
+
+def follow(model, plans: list[CQILConfig], args) -> None:
+    """Rank 1: make the SPMD calls rank 0 asks for, until told to stop."""
+    fns = list(spmd_fns(model, plans, args.columns).values())
+    command = torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        while True:
+            dist.broadcast(command, src=0)
+            kind, a, b = command.tolist()
+            if kind == _STOP:
+                return
+            if kind == _CALL:
+                ids = workload_ids(model, args.workloads[b])
+                _barrier()
+                fns[a](ids, use_cache=False)
+            elif kind == _ALL_REDUCE:
+                bare_all_reduce(a, model.config.hidden_size, b)
+
+
+def workload_ids(model, workload: str) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (1, WORKLOADS[workload]),
+                         generator=torch.Generator().manual_seed(0))
+
+
+def bare_all_reduce(tokens: int, hidden: int, shared_memory: bool, reps: int = 50) -> float:
+    """Median ms of one all_reduce of a group delta ([1, tokens, hidden] float32) between idle ranks."""
+    from cqil_fx import shm
+
+    x = torch.randn(1, tokens, hidden)
+    if shared_memory:
+        group = dist.group.WORLD
+        channel = shm.open_channel(group, dist.get_rank(), 2, shm.capacity_for(x.nbytes * 2), timeout=60)
+        op = lambda: shm.shm_all_reduce(x, channel)  # noqa: E731
+    else:
+        op = lambda: dist.all_reduce(x)  # noqa: E731
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        op()
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
+    """Rank 0 (or the only process): build every column, measure, summarise."""
+    columns = args.columns
+    base = {"original-1t": inductor_with_threads(1), "original-2t": inductor_with_threads(2)}
+    fns = {name: torch.compile(model, backend=base[name], dynamic=False) for name in base}
+    fns["rest-1t"] = torch.compile(model_without_blocks(model), backend=inductor_with_threads(1), dynamic=False)
+    for config in plans:
+        if "cqil-concurrent" in columns:
+            fns[f"cqil-concurrent|{plan_name(config)}"] = torch.compile(
+                model, dynamic=False, backend=make_backend(config, mode="concurrent"))
+    remote = spmd_fns(model, plans, columns) if spmd else {}
+    index = {name: i for i, name in enumerate(remote)}
+    fns.update(remote)
+    threads = {name: THREADS[name.split("|")[0]] for name in fns}
+    rows, summary, breakdown = [], [], []
+    for w, workload in enumerate(args.workloads):
+        ids = workload_ids(model, workload)
+        wake = {name: (lambda i=index[name], w=w: _call_on_both(i, w))
+                for name in remote if not name.startswith("spmd-compute")}
+        t = time.perf_counter()
+        for name in remote:  # compile every SPMD variant on both ranks (their compiles agree with each other)
+            _call_on_both(index[name], w)
+            measure({name: fns[name]}, ids, reps=0, warmup=1, threads=threads)
+        measure({n: f for n, f in fns.items() if n not in remote}, ids, reps=0, warmup=1, threads=threads)
+        print(f"{workload}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
+        times = measure(fns, ids, args.reps, threads=threads, before=wake)
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        for name, ts in times.items():
+            column, _, plan = name.partition("|")
+            q = statistics.quantiles(ts, n=10)
+            rows.append(dict(workload=workload, plan=plan, column=column, median_ms=med[name], p10_ms=q[0], p90_ms=q[-1]))
+        collective_ms = {}
+        for column in TRANSPORTS if spmd else ():
+            if column in columns:
+                _send(_ALL_REDUCE, WORKLOADS[workload], column == "cqil-spmd")
+                collective_ms[column] = bare_all_reduce(WORKLOADS[workload], model.config.hidden_size,
+                                                        column == "cqil-spmd")
+        for config in plans:
+            summary += summarise(med, workload, config, len(model.model.layers))
+            breakdown += [spmd_breakdown(med, workload, config, column, ms) for column, ms in collective_ms.items()]
+        print(json.dumps([s for s in summary if s["workload"] == workload]), flush=True)
+    if spmd:
+        _send(_STOP)
+    return dict(rows=rows, summary=summary, breakdown=breakdown)
+
+
+def summarise(med: dict, workload: str, config: CQILConfig, num_blocks: int) -> list[dict]:
+    plan = config.plan_for(num_blocks)
+    t_block = (med["original-1t"] - med["rest-1t"]) / num_blocks
+    ideal = plan.saved_blocks * t_block / med["original-1t"]
+    out = []
+    for column in COLUMNS[2:]:
+        c = med.get(f"{column}|{plan_name(config)}")
+        if c is not None:
+            reduction = 1 - c / med["original-1t"]
+            out.append(dict(workload=workload, plan=plan_name(config), column=column, reduction_vs_1t=reduction,
+                            reduction_vs_2t=1 - c / med["original-2t"], ideal=ideal,
+                            realised=reduction / ideal if ideal else float("nan")))
+    return out
+
+
+def spmd_breakdown(med: dict, workload: str, config: CQILConfig, column: str, collective_ms: float) -> dict:
+    name = plan_name(config)
+    spmd, compute = med[f"{column}|{name}"], med[f"spmd-compute|{name}"]
+    groups = (config.end - config.start) // config.parallel
+    collectives = groups * (2 if config.bypass else 1)
+    return dict(workload=workload, plan=name, column=column, spmd_ms=spmd, compute_ms=compute, comm_and_wait_ms=spmd - compute,
+                collectives=collectives, collective_ms=collective_ms,
+                waiting_ms=spmd - compute - collectives * collective_ms)
+
+
+def rank_main(rank: int, args, store: str, result_path: str) -> None:
+    torch.set_num_threads(1)
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.cache_size_limit = 64
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    model, _ = load_smollm2()
+    plans = [parse_plan(p) for p in args.plans]
+    if rank == 1:
+        follow(model, plans, args)
+    else:
+        torch.save(lead(model, args, plans, spmd=True), result_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def run(args) -> dict:
+    plans = [parse_plan(p) for p in args.plans]
+    if not set(TRANSPORTS) & set(args.columns):
+        torch._dynamo.config.recompile_limit = 64
+        model, _ = load_smollm2()
+        return lead(model, args, plans, spmd=False)
+    tmp = tempfile.mkdtemp()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=rank_main, args=(r, args, f"{tmp}/store", f"{tmp}/result.pt")) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    if any(p.exitcode for p in procs):
+        raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    return torch.load(f"{tmp}/result.pt", weights_only=False)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--start", type=int, default=12)
-    parser.add_argument("--end", type=int, default=28)
-    parser.add_argument("--bypass", type=int, default=0)
+    parser.add_argument("--plans", nargs="+", default=["12-28:0", "12-28:1", "20-28:0", "20-28:1"],
+                        help="START-END:D, P = 2")
+    parser.add_argument("--columns", nargs="+", default=["cqil-spmd", "cqil-concurrent"], choices=COLUMNS)
     parser.add_argument("--workloads", nargs="+", default=["decode", "prefill-512"], choices=list(WORKLOADS))
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
-    torch._dynamo.config.recompile_limit = 64
-
+    for c in ("original-1t", "original-2t"):
+        if c not in args.columns:
+            args.columns.insert(0, c)  # the baselines every ratio needs
+    result = run(args)
     model, _ = load_smollm2()
-    rest = model_without_blocks(model)
-    config = CQILConfig(start=args.start, end=args.end, parallel=2, bypass=args.bypass, mode="concurrent")
-    plan = config.plan_for(len(model.model.layers))
-    fns = {
-        "original-1t": torch.compile(model, backend=inductor_with_threads(1), dynamic=False),
-        "original-2t": torch.compile(model, backend=inductor_with_threads(2), dynamic=False),
-        "cqil-concurrent": torch.compile(model, backend=make_backend(config), dynamic=False),
-        "rest-1t": torch.compile(rest, backend=inductor_with_threads(1), dynamic=False),
-    }
-    threads = {"original-1t": 1, "original-2t": 2, "cqil-concurrent": 2, "rest-1t": 1}
-    rows, summary = [], []
-    for workload in args.workloads:
-        ids = torch.randint(0, model.config.vocab_size, (1, WORKLOADS[workload]))
-        t = time.perf_counter()
-        measure(fns, ids, reps=0, warmup=1, threads=threads)  # compile everything for this shape
-        print(f"{workload}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
-        times = measure(fns, ids, args.reps, threads=threads)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
-        for name, ts in times.items():
-            q = statistics.quantiles(ts, n=10)
-            rows.append(dict(workload=workload, column=name, median_ms=med[name], p10_ms=q[0], p90_ms=q[-1]))
-        t_block = (med["original-1t"] - med["rest-1t"]) / plan.num_blocks
-        ideal = plan.saved_blocks * t_block / med["original-1t"]
-        reduction = 1 - med["cqil-concurrent"] / med["original-1t"]
-        summary.append(dict(workload=workload, reduction_vs_1t=reduction,
-                            reduction_vs_2t=1 - med["cqil-concurrent"] / med["original-2t"],
-                            ideal=ideal, realised=reduction / ideal if ideal else float("nan")))
-        print(json.dumps(summary[-1]), {k: round(v, 2) for k, v in med.items()}, flush=True)
-
+    result["param_bytes"] = {"original": parameter_bytes(model)}
+    for p in args.plans:
+        result["param_bytes"][f"spmd rank 0, {plan_name(parse_plan(p))}"] = released_bytes(model, parse_plan(p))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = dict(command="python benchmarks/latency.py " + " ".join(
-        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
-        date=time.strftime("%Y-%m-%d"), machine=f"{platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}", plan=repr(plan))
-    (out / "latency.json").write_text(json.dumps(dict(meta=meta, rows=rows, summary=summary), indent=2) + "\n")
-    plot(rows, out / "latency.png")
+    result["meta"] = dict(
+        command="python benchmarks/latency.py " + " ".join(
+            f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
+        date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
+        machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result["rows"], out / "latency.png")
     print(f"wrote {out}/latency.json and latency.png")
+
+
+def released_bytes(model, config: CQILConfig) -> int:
+    """Parameter bytes an SPMD rank holds for ``config`` (rank 0)."""
+    mine = copy.deepcopy(model)
+    release_other_members(mine, config, rank=0)
+    return parameter_bytes(mine)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -138,13 +380,16 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(4.5 * len(workloads), 3.8))
-    for ax, workload in zip(axes if len(workloads) > 1 else [axes], workloads):
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
         data = [r for r in rows if r["workload"] == workload and r["column"] in COLUMNS]
-        ax.bar([r["column"] for r in data], [r["median_ms"] for r in data], color=["gray", "silver", "tab:blue"])
+        labels = [r["column"] + (f"\n{r['plan']}" if r["plan"] else "") for r in data]
+        colours = {"original-1t": "gray", "original-2t": "silver", "cqil-spmd": "tab:orange",
+                   "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue"}
+        ax.bar(labels, [r["median_ms"] for r in data], color=[colours[r["column"]] for r in data])
         ax.set_title(workload)
         ax.set_ylabel("median latency (ms)")
-        ax.tick_params(axis="x", rotation=20)
+        ax.tick_params(axis="x", rotation=70, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -11,6 +11,10 @@ Group [g0, g1] on rank 1 (before -> after)::
     d1  = a1 + m1(x + a1)          ==>      s   = all_reduce(d1, "sum")
     out = x + (d0 + d1)                     out = x + wait_tensor(s)
 
+Generation graphs: the other members' cache writes go with them, but nodes
+the graph's outputs need (the cache tensors a prefill allocates, length
+counters) stay, so every rank returns a complete cache.
+
 With bypass (D > 0) member k's MLP reads attention outputs of members other
 ranks compute.  Every rank all-gathers its member's attention output once per
 group (one collective, before the MLPs) and reads the ones it needs from the
@@ -135,7 +139,18 @@ def _exchange_attention(graph: torch.fx.Graph, members: list[Block], rank: int, 
 
 
 def _drop_other_members(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
-    doomed = [n for n in graph.nodes if n in owner and owner[n][1] != rank]
+    """Erase the other ranks' members' nodes, except what the graph's outputs still need.
+
+    After the sums are collectives nothing of another member feeds the residual
+    stream; what can still reach the output is generation state: the KV-cache
+    tensors a prefill graph allocates and returns, and length counters.  Those
+    stay (unwritten: their cache writes go), so every rank hands transformers a
+    complete cache object; the in-place length-counter adds stay too, so the
+    cache's length is right on every rank whichever layer it is read from.
+    """
+    others = {n for n in graph.nodes if n in owner and owner[n][1] != rank}
+    needed = _ancestors([n for n in others if _is_counter_update(n)] + list(graph.find_nodes(op="output")))
+    doomed = [n for n in graph.nodes if n in others and n not in needed]
     doomed_set = set(doomed)
     for node in doomed:
         outside = [u for u in node.users if u not in doomed_set]
@@ -143,6 +158,24 @@ def _drop_other_members(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
     for node in reversed(doomed):
         graph.erase_node(node)
     return len(doomed)
+
+
+def _ancestors(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
+    seen, stack = set(roots), list(roots)
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in seen:
+                seen.add(arg)
+                stack.append(arg)
+    return seen
+
+
+def _is_counter_update(node: torch.fx.Node) -> bool:
+    """An in-place add to a one-element tensor: a cache's length counter, not a K/V write."""
+    if node.op not in ("call_method", "call_function") or getattr(node.target, "__name__", node.target) != "add_":
+        return False
+    value = node.meta.get("example_value")
+    return isinstance(value, torch.Tensor) and value.numel() == 1
 
 
 def collective_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:

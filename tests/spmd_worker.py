@@ -185,3 +185,22 @@ def latency(rank: int, world_size: int) -> dict:
 
 
 LATENCY_MIN_REDUCTION = 0.15
+
+
+def generation(rank: int, world_size: int) -> dict:
+    """Greedy static-cache generate() through the SPMD backend; the oracle recomputes without a cache."""
+    from test_generate import greedy_without_cache, left_padded, small_model
+
+    model = copy.deepcopy(small_model("llama"))
+    config = CQILConfig(groups=[[1, 2]], bypass=1)
+    ids, mask = left_padded(batch=2, length=7, pads=(0, 3))
+    expected, _ = greedy_without_cache(model, config, ids, mask)
+    release_other_members(model, config)
+    model.generation_config.cache_implementation = "static"
+    backend = make_backend(config, mode="spmd", inner="aot_eager", collective_timeout=60)
+    model.forward = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        tokens_ = model.generate(ids, attention_mask=mask, max_new_tokens=expected.shape[1] - ids.shape[1],
+                                 do_sample=False, pad_token_id=0)
+    return dict(tokens=tokens_, expected=expected, reports=[repr(r) for r in backend.reports],
+                placements=[r.placement for r in backend.reports])

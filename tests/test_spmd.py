@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import sys
 from pathlib import Path
 
 import pytest
@@ -115,5 +114,9 @@ def test_spmd_without_a_process_group_is_a_clear_error():
     assert "torchrun" in str(info.value)
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+def test_static_cache_generation_on_two_ranks(tmp_path):
+    results = run_ranks("generation", tmp_path)
+    for rank, r in enumerate(results):
+        assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"])
+        assert len(r["placements"]) == 2 and all(p is not None for p in r["placements"]), r["reports"]  # prefill, decode
+        assert all(p.kept == (1 + rank,) for p in r["placements"])
