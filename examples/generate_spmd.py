@@ -56,7 +56,7 @@ def main() -> None:
     batch = tokenizer(args.prompt, return_tensors="pt").to(device)
     generate = dict(max_new_tokens=args.tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        model.generate(**batch, **dict(generate, max_new_tokens=2))  # compile prefill and decode graphs
+        model.generate(**batch, **generate)  # compiles the prefill and decode graphs for this cache size
         dist.barrier()
         started = time.perf_counter()
         out = model.generate(**batch, **generate)
