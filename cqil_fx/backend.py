@@ -13,6 +13,8 @@ A backend is a plain function ``(gm, example_inputs) -> callable``.  For each
 graph Dynamo hands it:
 
     find_blocks -> config.plan_for -> rewrite_groups -> add_bypass_edges -> inner compiler
+                                       mode="concurrent": -> split_segments -> ConcurrentProgram
+                                       mode="spmd":       -> agree -> place_members -> transport
 
 A graph with nothing to rewrite (no decoder stack, a fragment after a graph
 break, a plan with no groups) is compiled unchanged, with one log line saying
