@@ -176,7 +176,7 @@ def test_quality_study_writes_its_report(tmp_path):
     write_report(rows, similarity, tmp_path, "cqil-fx eval --test", {"calibration": 96, "evaluation": 64})
     text = (tmp_path / "quality.md").read_text()
     assert "    cqil-fx eval --test" in text and "| original | original | 0 |" in text
-    assert "Targets (training-free):" in text
+    assert "Targets:" in text
     for name in ("quality.png", "similarity.png", "quality.json"):
         assert (tmp_path / name).stat().st_size > 0
 
