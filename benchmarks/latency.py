@@ -346,6 +346,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    try:
+        [parse_plan(p) for p in args.plans]
+    except ValueError as e:  # includes CQILConfigError
+        parser.error(f"--plans takes START-END:D with P = 2, e.g. 12-28:0 ({e})")
     for c in ("original-1t", "original-2t"):
         if c not in args.columns:
             args.columns.insert(0, c)  # the baselines every ratio needs
