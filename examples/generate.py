@@ -15,28 +15,17 @@ reuses both graphs.  The CQIL tokens are checked against the eager reference
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import time
 
 import torch
 
 from cqil_fx import CQILConfig, make_backend
+from cqil_fx.generation import compiled_twin
 from cqil_fx.models import load_smollm2
 from cqil_fx.reference import cqil_semantics
 
 PROMPTS = ["The capital of France is", "A list in Python is"]
-
-
-def compiled(model, backend):
-    """A shallow copy of ``model`` (weights shared) whose forward is compiled with ``backend``."""
-    twin = copy.copy(model)
-    twin.generation_config = copy.deepcopy(model.generation_config)
-    # transformers auto-compiles the decode step on GPUs when the cache is static; the forward
-    # is compiled here already, so turn that second compile wrapper off.
-    twin.generation_config.disable_compile = True
-    twin.forward = torch.compile(twin.forward, backend=backend)
-    return twin
 
 
 def generate(model, batch, new_tokens: int) -> torch.Tensor:
@@ -79,7 +68,7 @@ def main() -> None:
     results = {}
     with torch.no_grad():
         for name, backend in (("original", args.inner), ("cqil", make_backend(config))):
-            out, first, second = timed(compiled(model, backend), batch, args.new_tokens)
+            out, first, second = timed(compiled_twin(model, backend), batch, args.new_tokens)
             results[name] = out
             print(f"\n{name}: first call (compiles) {first:.1f} s; second call {second:.2f} s, "
                   f"{n / second:.1f} tokens/s ({batch.input_ids.shape[0]} x {args.new_tokens} new tokens)")

@@ -9,7 +9,6 @@ seconds per graph on two cores, more for SmolLM2's 30 blocks), so the tiny
 models have 4 blocks and each test checks several things on one compile.
 """
 
-import copy
 import functools
 
 import pytest
@@ -18,6 +17,7 @@ import transformers
 from torch._dynamo.utils import counters
 
 from cqil_fx import CQILConfig, make_backend
+from cqil_fx.generation import compiled_twin
 from cqil_fx.reference import cqil_semantics, decoder_layers
 
 from conftest import relative_error
@@ -71,10 +71,7 @@ def compiled_copy(model, config):
     generation settings go on a copy.
     """
     backend = make_backend(config)
-    twin = copy.copy(model)
-    twin.generation_config = copy.deepcopy(model.generation_config)
-    twin.forward = torch.compile(twin.forward, backend=backend)
-    return twin, backend
+    return compiled_twin(model, backend), backend
 
 
 def generate(model, ids, mask, new_tokens=NEW_TOKENS, **kwargs):
