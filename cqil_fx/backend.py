@@ -95,7 +95,7 @@ def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> Comp
         report = rewrite_graph(gm, config, example_inputs)
         reports.append(report)
         if report.fallback is None and mode == "concurrent":
-            return compile_concurrent(gm, report, inner, example_inputs)
+            return compile_concurrent(gm, report, inner, example_inputs, cuda_graphs=config.cuda_graphs)
         return inner(gm, example_inputs)
 
     cqil.config = config  # type: ignore[attr-defined]
@@ -181,11 +181,12 @@ def compile_spmd(gm: torch.fx.GraphModule, config: CQILConfig, inner: CompilerFn
 
 
 def compile_concurrent(gm: torch.fx.GraphModule, report: CompileReport, inner: CompilerFn,
-                       example_inputs: list) -> Callable[..., Any]:
-    """Split the rewritten graph into segments, compile each, and run groups on worker threads."""
+                       example_inputs: list, cuda_graphs: bool = False) -> Callable[..., Any]:
+    """Split the rewritten graph into segments, compile each, and run groups on worker threads
+    (CPU) or streams (CUDA), the CUDA program captured into a CUDA graph if ``cuda_graphs``."""
     from passes.segments import split_segments
 
-    from .executor import ConcurrentProgram
+    from .executor import ConcurrentProgram, CudaGraphProgram, has_inplace_ops, static_inputs
 
     if any(isinstance(x, torch.SymInt) for x in example_inputs):
         # Segments are compiled on concrete inputs; a graph with symbolic sizes would need
@@ -197,7 +198,12 @@ def compile_concurrent(gm: torch.fx.GraphModule, report: CompileReport, inner: C
     program = ConcurrentProgram(split).compile(inner, example_inputs)
     counters["cqil"]["segments"] += len(split.segments)
     log.info("cqil: concurrent mode: %d segments in %d steps", len(split.segments), len(program.steps))
-    return program
+    if not cuda_graphs:
+        return program
+    if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
+        log.info("cqil: cuda_graphs=True but the graph's inputs are not on a CUDA device; running without them")
+        return program
+    return CudaGraphProgram(program, static_inputs(gm, example_inputs), has_inplace_ops(gm))
 
 
 def resolve_inner(inner: str | CompilerFn) -> CompilerFn:

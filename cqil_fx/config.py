@@ -132,7 +132,10 @@ class CQILConfig:
     ``transport`` carries the SPMD collectives: "process_group" (functional
     collectives over the process group: gloo, NCCL), "shared_memory" (CPU
     ranks on one x86-64 host, :mod:`cqil_fx.shm`), or "auto" (shared memory
-    where it applies, else the process group).
+    where it applies, else the process group).  ``cuda_graphs`` (concurrent
+    mode on CUDA): capture each graph's whole concurrent program, member
+    streams included, into one CUDA graph and replay it
+    (:class:`cqil_fx.executor.CudaGraphProgram`).
     """
 
     groups: Sequence[Sequence[int]] | None = None
@@ -146,6 +149,7 @@ class CQILConfig:
     budget: float = DEFAULT_BUDGET
     collective_timeout: float = 300.0
     transport: str = "auto"
+    cuda_graphs: bool = False
     calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -164,6 +168,12 @@ class CQILConfig:
             raise CQILConfigError("the automatic planner chooses the bypass distance; leave bypass= unset")
         if self.transport not in TRANSPORTS:
             raise CQILConfigError(f"transport={self.transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
+        if not isinstance(self.cuda_graphs, bool):
+            raise CQILConfigError(f"cuda_graphs={self.cuda_graphs!r} must be True or False")
+        if self.cuda_graphs and self.mode != "concurrent":
+            raise CQILConfigError(
+                f"cuda_graphs=True applies to mode='concurrent'; with mode={self.mode!r} give an inner compiler "
+                "that uses CUDA graphs instead (e.g. Inductor with triton.cudagraphs, docs/user-guide.md)")
         if self.mode not in MODES:
             raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):

@@ -13,9 +13,21 @@ Inductor bakes its OpenMP thread count into the C++ kernels it generates,
 so member segments are compiled under ``torch._inductor.config.cpp.threads = 1``
 and shared segments with the default (all cores).
 
-On CUDA each member runs on its own stream, ordered against the caller's
-stream with events.  An exception in a member reaches the caller after all
-members of the step have finished; the pool stays usable.
+On CUDA no worker threads are involved: kernel launches do not block, so the
+calling thread launches each member's segment on a stream of its own (one per
+member position, owned by the program) after making that stream wait for the
+caller's pending work, and then makes the caller's stream wait for every
+member stream.  The GPU overlaps the members; the Python launch work stays
+serial, as in local mode.  Because every member stream waits for the caller's
+stream before it allocates, memory freed on either side is only reused after
+the work that read it: no ``record_stream`` is needed.
+
+With ``CQILConfig(cuda_graphs=True)`` the whole program (shared segments and
+member streams) is captured into one CUDA graph by :class:`CudaGraphProgram`
+and replayed.
+
+An exception in a member reaches the caller after all members of the step
+have finished (CPU) or been launched (CUDA); the pool stays usable.
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch._dynamo.utils import counters
 
 from passes.segments import Segment, SplitGraph
 
@@ -85,6 +98,7 @@ class ConcurrentProgram:
                 calls[node.args[0]].unpack.append((node, node.args[1]))
         self.modules = {name: split.module.get_submodule(name) for name in split.segments}
         self.width = max(len(s) for s in self.steps)
+        self._cuda_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
         self._check_order()
 
     def _check_order(self) -> None:
@@ -126,18 +140,33 @@ class ConcurrentProgram:
         return torch.fx.graph.map_arg(self.output.args[0], env.__getitem__)
 
     def _run_concurrently(self, step: list[_Call], env: dict) -> None:
-        pool = worker_pool(self.width)
         inputs = [[env[a] for a in call.node.args] for call in step]
         device = next((x.device for xs in inputs for x in xs if isinstance(x, torch.Tensor)), None)
-        grad = torch.is_grad_enabled()  # thread-local: carry the caller's mode to the workers
         if device is not None and device.type == "cuda":
-            caller = torch.cuda.current_stream(device)
-            futures = [pool.submit(_on_stream, call.fn, xs, caller, grad) for call, xs in zip(step, inputs)]
-        else:
-            futures = [pool.submit(_with_grad_mode, call.fn, xs, grad) for call, xs in zip(step, inputs)]
+            self._launch_on_streams(step, inputs, device, env)
+            return
+        pool = worker_pool(self.width)
+        grad = torch.is_grad_enabled()  # thread-local: carry the caller's mode to the workers
+        futures = [pool.submit(_with_grad_mode, call.fn, xs, grad) for call, xs in zip(step, inputs)]
         concurrent.futures.wait(futures)
         for call, future in zip(step, futures):
             self._store(env, call, future.result())  # re-raises a member's exception here
+
+    def _launch_on_streams(self, step: list[_Call], inputs: list[list], device: torch.device, env: dict) -> None:
+        """Launch member k on stream k after the caller's pending work; the caller's stream waits for all."""
+        if device not in self._cuda_streams:
+            self._cuda_streams[device] = [torch.cuda.Stream(device) for _ in range(self.width)]
+        caller = torch.cuda.current_stream(device)
+        launched = []
+        try:
+            for call, xs, stream in zip(step, inputs, self._cuda_streams[device]):
+                stream.wait_stream(caller)
+                launched.append(stream)
+                with torch.cuda.stream(stream):
+                    self._store(env, call, call.fn(*xs))
+        finally:
+            for stream in launched:
+                caller.wait_stream(stream)
 
     @staticmethod
     def _store(env: dict, call: _Call, value: Any) -> None:
@@ -169,22 +198,143 @@ def _return_tuple(module: torch.fx.GraphModule) -> bool:
     return True
 
 
-_STREAMS = threading.local()
-
-
 def _with_grad_mode(fn: Callable, args: list, grad: bool):
     with torch.set_grad_enabled(grad):
         return fn(*args)
 
 
-def _on_stream(fn: Callable, args: list, caller: torch.cuda.Stream, grad: bool):
-    """Run ``fn`` on this worker's own CUDA stream, after the caller's pending work, and
-    make the caller's stream wait for it."""
-    stream = getattr(_STREAMS, "stream", None)
-    if stream is None or stream.device != caller.device:
-        stream = _STREAMS.stream = torch.cuda.Stream(caller.device)
-    stream.wait_stream(caller)
-    with torch.cuda.stream(stream):
-        out = _with_grad_mode(fn, args, grad)
-    caller.wait_stream(stream)
-    return out
+class CudaGraphProgram:
+    """A :class:`ConcurrentProgram` on CUDA, captured into one CUDA graph and replayed.
+
+    Inputs are *static* or *dynamic*.  The graph reads and writes a static
+    input where it is, so a replay needs it at the address it was captured
+    with; a dynamic input gets a buffer of its own, which each replay fills
+    from the caller's tensor (``copy_``) and, when the graph has in-place ops,
+    copies back into it afterwards, so that in-place updates still reach the
+    caller.  Static are the inputs in ``pinned`` (parameters, and what Dynamo
+    marks as a static address, e.g. through ``torch._dynamo.mark_static_address``)
+    and every other input that kept its address from the warm-up call to the
+    capture (a KV cache passed in again, say).  Outputs are cloned out of the
+    graph's memory pool, except an output that is a static input, which is
+    returned as that input.
+
+    Call 1 runs the program as it is on the capture stream (the warm-up CUDA
+    graphs need); call 2 captures and replays; later calls replay.  When a
+    static input has moved, the call runs uncaptured and the next one captures
+    again; an input that moved and is not pinned is dynamic from then on, so
+    inputs that alternate between addresses cost at most one recapture each.
+    A capture that fails is logged once and the program then runs without a
+    graph; so does a graph whose inputs are not all CUDA tensors on one device.
+    Each call compares the inputs' addresses (``data_ptr``), a few microseconds
+    per hundred inputs.
+    """
+
+    def __init__(self, program: ConcurrentProgram, pinned: Sequence[int], mutates_inputs: bool):
+        self.program = program
+        self.pinned = set(pinned)
+        self.mutates_inputs = mutates_inputs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.stream: torch.cuda.Stream | None = None
+        self.disabled: str | None = None
+        self.captures = 0
+        self._demoted: set[int] = set()
+        self._previous: list[int] | None = None
+
+    def __call__(self, *args):
+        if self.disabled is None and not _capturable(args):
+            self._disable("an input is not a CUDA tensor, or the inputs are on several devices")
+        if self.disabled is not None:
+            return self.program(*args)
+        addresses = [x.data_ptr() for x in args]
+        if self.graph is not None:
+            moved = [i for i, a in zip(self.static, self._addresses) if addresses[i] != a]
+            if not moved:
+                return self._replay(args)
+            self._demoted.update(i for i in moved if i not in self.pinned)
+            self.graph = None
+            log.debug("cqil: static inputs %s moved; capturing the CUDA graph again", moved)
+        if self._previous is None:
+            self._previous = addresses
+            return self._run_on_capture_stream(args)
+        try:
+            self._capture(args, addresses)
+        except Exception as e:  # noqa: BLE001 - any capture failure falls back to running uncaptured
+            self._disable(f"capture failed: {type(e).__name__}: {e}")
+            return self.program(*args)
+        return self._replay(args)
+
+    def _disable(self, why: str) -> None:
+        self.disabled, self.graph = why, None
+        log.warning("cqil: CUDA graphs off for this graph (%s); running the concurrent program without them", why)
+
+    def _run_on_capture_stream(self, args):
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(args[0].device)
+        caller = torch.cuda.current_stream(args[0].device)
+        self.stream.wait_stream(caller)
+        with torch.cuda.stream(self.stream):
+            out = self.program(*args)
+        caller.wait_stream(self.stream)
+        return out
+
+    def _capture(self, args, addresses: list[int]) -> None:
+        self.static = [i for i, a in enumerate(addresses)
+                       if i in self.pinned or (i not in self._demoted and a == self._previous[i])]
+        self._addresses = [addresses[i] for i in self.static]
+        self._previous = None  # a moved input makes the next call warm up again
+        static = set(self.static)
+        self._dynamic = [i for i in range(len(args)) if i not in static]
+        self.inputs = list(args)
+        for i in self._dynamic:
+            self.inputs[i] = args[i].clone()
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the clones above
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self.stream):
+            outputs = self.program(*self.inputs)
+        by_address = {args[i].data_ptr(): args[i] for i in self.static}
+        self._leaves, self._spec = torch.utils._pytree.tree_flatten(outputs)
+        self._aliases = [by_address.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None for x in self._leaves]
+        self.graph, self.captures = graph, self.captures + 1
+        counters["cqil"]["cuda_graph_captures"] += 1
+        log.debug("cqil: captured a CUDA graph (%d static, %d dynamic inputs)", len(self.static), len(self._dynamic))
+
+    def _replay(self, args):
+        for i in self._dynamic:
+            self.inputs[i].copy_(args[i])
+        self.graph.replay()
+        if self.mutates_inputs:
+            for i in self._dynamic:
+                args[i].copy_(self.inputs[i])
+        leaves = [alias if alias is not None else x.clone() if isinstance(x, torch.Tensor) else x
+                  for x, alias in zip(self._leaves, self._aliases)]
+        return torch.utils._pytree.tree_unflatten(leaves, self._spec)
+
+
+def _capturable(args: Sequence) -> bool:
+    if not all(isinstance(x, torch.Tensor) for x in args):
+        return False
+    devices = {x.device for x in args}
+    return len(devices) == 1 and next(iter(devices)).type == "cuda"
+
+
+def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> list[int]:
+    """Indices of the inputs whose memory stays put: parameters, and what Dynamo marks as a static address."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, (node, x) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(x, torch.nn.Parameter)
+            or node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+
+
+def has_inplace_ops(gm: torch.fx.GraphModule) -> bool:
+    """Whether ``gm`` calls any in-place op (``x.add_``, ``index_copy_``, an aten op that writes its input)."""
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
+            return True
+        if node.op == "call_function":
+            schema = getattr(node.target, "_schema", None)
+            name = getattr(node.target, "__name__", "")
+            if schema is not None and schema.is_mutable:
+                return True
+            if schema is None and name.endswith("_") and not name.startswith("_"):
+                return True
+    return False

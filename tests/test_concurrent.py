@@ -105,6 +105,17 @@ def test_repeated_calls_and_lengths(inner):
     assert counters["graphs"] == 2 and counters["concurrent_fallbacks"] == 1
 
 
+def test_cuda_graphs_on_cpu_runs_the_plain_program(caplog):
+    """cuda_graphs=True is for CUDA inputs; on CPU the program runs as usual, with one INFO line."""
+    model, ids = tiny_model("llama"), tokens()
+    with caplog.at_level("INFO", logger="cqil_fx.backend"):
+        actual = compiled(model, start=2, end=6, inner="eager", cuda_graphs=True)(ids, use_cache=False).logits
+    expected = cqil_reference(model, CQILConfig(start=2, end=6), ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+    assert "cuda_graphs=True but the graph's inputs are not on a CUDA device" in caplog.text
+    assert torch._dynamo.utils.counters["cqil"]["cuda_graph_captures"] == 0
+
+
 def test_process_exits_cleanly_after_concurrent_runs(tmp_path):
     script = textwrap.dedent("""
         import sys, torch
@@ -119,3 +130,21 @@ def test_process_exits_cleanly_after_concurrent_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("done")
+
+
+def test_has_inplace_ops():
+    from cqil_fx.executor import has_inplace_ops
+
+    def writes(x, cache):
+        cache.index_copy_(0, torch.tensor([0]), x)
+        return x * 2
+
+    def pure(x, cache):
+        return torch.add(x, cache)
+
+    assert has_inplace_ops(torch.fx.symbolic_trace(writes))
+    assert not has_inplace_ops(torch.fx.symbolic_trace(pure))
+    aten = torch.fx.Graph()
+    a = aten.placeholder("a")
+    aten.output(aten.call_function(torch.ops.aten.add_.Tensor, (a, a)))
+    assert has_inplace_ops(torch.fx.GraphModule(torch.nn.Module(), aten))

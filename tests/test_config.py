@@ -29,6 +29,8 @@ from cqil_fx.config import default_span
         (dict(inner="tensorrt"), "inner='tensorrt' is unknown"),
         (dict(transport="tcp"), "transport='tcp' is unknown; use one of auto, process_group, shared_memory"),
         (dict(collective_timeout=0), "collective_timeout=0 must be a positive number of seconds"),
+        (dict(cuda_graphs=1), "cuda_graphs=1 must be True or False"),
+        (dict(cuda_graphs=True), "cuda_graphs=True applies to mode='concurrent'; with mode='auto'"),
     ],
 )
 def test_bad_config_raises_naming_the_field(fields, message):

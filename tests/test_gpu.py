@@ -1,12 +1,16 @@
 """The same exactness checks on CUDA (skipped without a GPU): local and concurrent (streams),
-float32 and bfloat16.  benchmarks/gpu_check.sh runs these on a GPU machine."""
+float32 and bfloat16, and the CUDA-graph replay of concurrent mode.  benchmarks/gpu_check.sh runs these
+on a GPU machine."""
 
 import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend
+from cqil_fx.generation import compiled_twin
+from cqil_fx.reference import cqil_semantics
 
 from conftest import relative_error
 from tiny_models import tiny_model, tokens
@@ -32,3 +36,40 @@ def test_cuda_matches_reference(family, bypass, mode, dtype):
         actual = torch.compile(model, backend=make_backend(config))(ids, use_cache=False).logits
         expected = cqil_reference(model, config, ids, use_cache=False).logits
     assert relative_error(actual.float(), expected.float()) <= TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize(("family", "bypass"), [("llama", 1), ("gpt2", 0)])
+def test_cuda_graph_replays_match_reference(family, bypass):
+    """cuda_graphs=True: call 1 warms up, call 2 captures, later calls replay on new inputs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = copy.deepcopy(tiny_model(family)).to("cuda")
+    config = CQILConfig(start=2, end=6, bypass=bypass, mode="concurrent", cuda_graphs=True)
+    compiled = torch.compile(model, backend=make_backend(config), dynamic=False)
+    counters.clear()
+    outputs = []
+    with torch.no_grad():
+        for seed in range(4):
+            ids = tokens(seed=seed).cuda()
+            outputs.append((compiled(ids, use_cache=False).logits, ids))
+        for actual, ids in outputs:  # earlier outputs are not overwritten by later replays
+            expected = cqil_reference(model, config, ids, use_cache=False).logits
+            assert relative_error(actual, expected) <= TOLERANCE[torch.float32]
+    assert counters["cqil"]["cuda_graph_captures"] == 1
+
+
+def test_cuda_graph_static_cache_generate():
+    """Decode steps replay one graph that writes the static KV cache in place; tokens equal the reference's."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = copy.deepcopy(tiny_model("llama")).to("cuda")
+    config = CQILConfig(start=2, end=6, mode="concurrent", cuda_graphs=True)
+    twin = compiled_twin(model, make_backend(config), dynamic=False)
+    ids = tokens(batch=1).cuda()
+    settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                    cache_implementation="static", pad_token_id=0)
+    counters.clear()
+    with torch.no_grad():
+        actual = twin.generate(ids, **settings)
+        with cqil_semantics(model, config):
+            expected = model.generate(ids, **settings)
+    assert torch.equal(actual, expected)
+    assert counters["cqil"]["cuda_graph_captures"] >= 1
