@@ -3,6 +3,17 @@
     python benchmarks/latency.py                                   # all columns, S12-E28 and S20-E28, D 0/1
     python benchmarks/latency.py --plans 12-28:0 --workloads decode --reps 21
     python benchmarks/latency.py --columns original-1t original-2t cqil-concurrent   # one process
+    python benchmarks/latency.py --plans 12-28:0 --workloads generate-64 --reps 7   # KV-cache decode
+
+Workloads, batch 1: ``decode`` is one forward of 1 token without a cache,
+``prefill-128`` / ``prefill-512`` one forward of 128 / 512 tokens, and
+``generate-64`` is ``model.generate`` with a static KV cache: a 128-token prompt,
+then 64 new tokens, greedy (each column's ``forward`` compiled as in
+``cqil_fx.generation.compiled_twin``; one prefill and one decode graph).  For
+``generate-64`` the ratios below are taken on the per-token latency (the mean
+wall time of the 63 decode steps after the prefill, timed by
+``cqil_fx.generation.TokenClock``: forward plus generate's own per-step work),
+and the rows also give the whole call and tokens/s (64 / whole call).
 
 Columns, all compiled with Inductor and measured interleaved (one call of each
 per repetition, after warm-up; medians reported):
@@ -40,8 +51,8 @@ and ``t_rest`` the model with no decoder blocks (embedding, final norm, LM head)
 measured the same way (column ``rest-1t``).  "realised" = (1 - c/a) / ideal.
 
 Writes ``<out>/latency.json`` — schema: {"meta": {command, date, machine, torch},
-"rows": [{workload, plan, column, median_ms, p10_ms, p90_ms}] (plan "" for the
-plan-free columns), "summary": [{workload, plan, column, reduction_vs_1t,
+"rows": [{workload, plan, column, median_ms, p10_ms, p90_ms}, plus token_ms and
+tokens_per_s for generate-64] (plan "" for the plan-free columns), "summary": [{workload, plan, column, reduction_vs_1t,
 reduction_vs_2t, ideal, realised}], "breakdown": [{workload, plan, column, spmd_ms,
 compute_ms, comm_and_wait_ms, collectives, collective_ms, waiting_ms}], "param_bytes":
 {"original": ..., "spmd rank 0, <plan>": ...}} — and ``<out>/latency.png``.
@@ -66,9 +77,11 @@ import torch.distributed as dist
 
 from cqil_fx import CQILConfig, make_backend
 from cqil_fx.distributed import parameter_bytes, release_other_members
+from cqil_fx.generation import TokenClock, compiled_twin
 from cqil_fx.models import load_smollm2
 
-WORKLOADS = {"decode": 1, "prefill-128": 128, "prefill-512": 512}
+WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "generate-64": (128, 64)}
+"""workload -> (prompt tokens, new tokens); 0 new tokens is one forward without a cache."""
 COLUMNS = ("original-1t", "original-2t", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent")
 THREADS = {"original-1t": 1, "original-2t": 2, "rest-1t": 1, "cqil-spmd": 1, "cqil-spmd-gloo": 1,
            "spmd-compute": 1, "cqil-concurrent": 2}
@@ -111,6 +124,10 @@ def without_collectives(inner):
     return backend
 
 
+def twin(model, backend) -> torch.nn.Module:
+    return compiled_twin(model, backend, dynamic=False)
+
+
 def model_without_blocks(model):
     rest = copy.deepcopy(model)
     rest.model.layers = torch.nn.ModuleList()
@@ -118,29 +135,50 @@ def model_without_blocks(model):
     return rest
 
 
-def measure(fns: dict, ids: torch.Tensor, reps: int, warmup: int = 3, threads: dict | None = None,
-            sync=lambda: None, before: dict | None = None) -> dict[str, list[float]]:
-    """Milliseconds per call of each fn, interleaved: one call of each per repetition.
+def workload_call(model, workload: str, ids: torch.Tensor) -> Callable[[], float | None]:
+    """One call of ``workload`` on ``model`` (a compiled twin); generate-64 returns its per-token ms."""
+    _, new = WORKLOADS[workload]
 
+    def forward() -> None:
+        model(ids, use_cache=False)
+
+    def generate() -> float:
+        clock = TokenClock()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                       do_sample=False, cache_implementation="static", stopping_criteria=[clock], pad_token_id=0)
+        return clock.per_token_ms()
+
+    return generate if new else forward
+
+
+def measure(models: dict, workload: str, ids: torch.Tensor, reps: int, warmup: int = 3,
+            threads: dict | None = None, sync=lambda: None,
+            before: dict | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Milliseconds per call of each model, interleaved: one call of each per repetition.
+
+    Returns (whole-call times, per-token times); the second is empty but for generate workloads.
     ``before[name]()`` runs just before the clock starts for ``name`` (e.g. waking the other rank).
     """
-    times = {name: [] for name in fns}
+    calls = {name: workload_call(model, workload, ids) for name, model in models.items()}
+    times, per_token = {name: [] for name in calls}, {}
     saved = torch.get_num_threads()
     with torch.no_grad():
         for i in range(warmup + reps):
-            for name, fn in fns.items():
+            for name, call in calls.items():
                 if threads:
                     torch.set_num_threads(threads[name])
                 if before and name in before:
                     before[name]()
                 sync()
                 t = time.perf_counter()
-                fn(ids, use_cache=False)
+                token_ms = call()
                 sync()
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t) * 1e3)
+                    if token_ms is not None:
+                        per_token.setdefault(name, []).append(token_ms)
     torch.set_num_threads(saved)
-    return times
+    return times, per_token
 
 
 def parse_plan(text: str) -> CQILConfig:
@@ -154,7 +192,7 @@ def plan_name(config: CQILConfig) -> str:
     return f"S{config.start}-E{config.end} D{config.bypass}"
 
 
-def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, Callable]:
+def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, torch.nn.Module]:
     """The SPMD columns, built identically on every rank (the same order of compiles)."""
     one_thread = inductor_with_threads(1)
     fns = {}
@@ -163,9 +201,9 @@ def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, Ca
         release_other_members(mine, config)
         for column, transport in TRANSPORTS.items():
             if column in columns:
-                fns[f"{column}|{plan_name(config)}"] = torch.compile(mine, dynamic=False, backend=make_backend(
+                fns[f"{column}|{plan_name(config)}"] = twin(mine, make_backend(
                     config, mode="spmd", inner=one_thread, transport=transport))
-        fns[f"spmd-compute|{plan_name(config)}"] = torch.compile(mine, dynamic=False, backend=make_backend(
+        fns[f"spmd-compute|{plan_name(config)}"] = twin(mine, make_backend(
             config, mode="spmd", inner=without_collectives(one_thread), transport="process_group"))
     return fns
 
@@ -202,15 +240,16 @@ def follow(model, plans: list[CQILConfig], args) -> None:
             if kind == _STOP:
                 return
             if kind == _CALL:
-                ids = workload_ids(model, args.workloads[b])
+                workload = args.workloads[b]
+                call = workload_call(fns[a], workload, workload_ids(model, workload))
                 _barrier()
-                fns[a](ids, use_cache=False)
+                call()
             elif kind == _ALL_REDUCE:
                 bare_all_reduce(a, model.config.hidden_size, b)
 
 
 def workload_ids(model, workload: str) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (1, WORKLOADS[workload]),
+    return torch.randint(0, model.config.vocab_size, (1, WORKLOADS[workload][0]),
                          generator=torch.Generator().manual_seed(0))
 
 
@@ -237,12 +276,11 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
     """Rank 0 (or the only process): build every column, measure, summarise."""
     columns = args.columns
     base = {"original-1t": inductor_with_threads(1), "original-2t": inductor_with_threads(2)}
-    fns = {name: torch.compile(model, backend=base[name], dynamic=False) for name in base}
-    fns["rest-1t"] = torch.compile(model_without_blocks(model), backend=inductor_with_threads(1), dynamic=False)
+    fns = {name: twin(model, base[name]) for name in base}
+    fns["rest-1t"] = twin(model_without_blocks(model), inductor_with_threads(1))
     for config in plans:
         if "cqil-concurrent" in columns:
-            fns[f"cqil-concurrent|{plan_name(config)}"] = torch.compile(
-                model, dynamic=False, backend=make_backend(config, mode="concurrent"))
+            fns[f"cqil-concurrent|{plan_name(config)}"] = twin(model, make_backend(config, mode="concurrent"))
     remote = spmd_fns(model, plans, columns) if spmd else {}
     index = {name: i for i, name in enumerate(remote)}
     fns.update(remote)
@@ -255,21 +293,26 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
         t = time.perf_counter()
         for name in remote:  # compile every SPMD variant on both ranks (their compiles agree with each other)
             _call_on_both(index[name], w)
-            measure({name: fns[name]}, ids, reps=0, warmup=1, threads=threads)
-        measure({n: f for n, f in fns.items() if n not in remote}, ids, reps=0, warmup=1, threads=threads)
+            measure({name: fns[name]}, workload, ids, reps=0, warmup=1, threads=threads)
+        measure({n: f for n, f in fns.items() if n not in remote}, workload, ids, reps=0, warmup=1, threads=threads)
         print(f"{workload}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
-        times = measure(fns, ids, args.reps, threads=threads, before=wake)
-        med = {name: statistics.median(ts) for name, ts in times.items()}
+        times, per_token = measure(fns, workload, ids, args.reps, threads=threads, before=wake)
+        whole = {name: statistics.median(ts) for name, ts in times.items()}
+        token = {name: statistics.median(ts) for name, ts in per_token.items()}
         for name, ts in times.items():
             column, _, plan = name.partition("|")
             q = statistics.quantiles(ts, n=10)
-            rows.append(dict(workload=workload, plan=plan, column=column, median_ms=med[name], p10_ms=q[0], p90_ms=q[-1]))
+            rows.append(dict(workload=workload, plan=plan, column=column, median_ms=whole[name], p10_ms=q[0],
+                             p90_ms=q[-1]))
+            if name in token:
+                rows[-1].update(token_ms=token[name], tokens_per_s=WORKLOADS[workload][1] / whole[name] * 1e3)
+        med = token or whole  # the ratios: per-token latency for generate workloads
         collective_ms = {}
+        step_tokens = 1 if WORKLOADS[workload][1] else WORKLOADS[workload][0]
         for column in TRANSPORTS if spmd else ():
             if column in columns:
-                _send(_ALL_REDUCE, WORKLOADS[workload], column == "cqil-spmd")
-                collective_ms[column] = bare_all_reduce(WORKLOADS[workload], model.config.hidden_size,
-                                                        column == "cqil-spmd")
+                _send(_ALL_REDUCE, step_tokens, column == "cqil-spmd")
+                collective_ms[column] = bare_all_reduce(step_tokens, model.config.hidden_size, column == "cqil-spmd")
         for config in plans:
             summary += summarise(med, workload, config, len(model.model.layers))
             breakdown += [spmd_breakdown(med, workload, config, column, ms) for column, ms in collective_ms.items()]
@@ -390,9 +433,9 @@ def plot(rows: list[dict], path: Path) -> None:
         labels = [r["column"] + (f"\n{r['plan']}" if r["plan"] else "") for r in data]
         colours = {"original-1t": "gray", "original-2t": "silver", "cqil-spmd": "tab:orange",
                    "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue"}
-        ax.bar(labels, [r["median_ms"] for r in data], color=[colours[r["column"]] for r in data])
+        ax.bar(labels, [r.get("token_ms", r["median_ms"]) for r in data], color=[colours[r["column"]] for r in data])
         ax.set_title(workload)
-        ax.set_ylabel("median latency (ms)")
+        ax.set_ylabel("median ms per new token" if WORKLOADS[workload][1] else "median latency (ms)")
         ax.tick_params(axis="x", rotation=70, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
