@@ -4,23 +4,27 @@
     python examples/generate.py --start 12 --end 28 --bypass 0 --new-tokens 64
     python examples/generate.py --inner aot_eager                # no Inductor: quick to compile, slow to run
     python examples/generate.py --threads 1 --new-tokens 16      # one thread (a busy machine)
+    python examples/generate.py --start 12 --end 28 --bypass 0 --recovered DIR   # weights from `cqil-fx recover`
 
 Both models compile ``model.forward`` (Inductor by default) and generate
 greedily with ``cache_implementation="static"``: one prefill graph and one
 decode graph each.  The first generate call compiles; the second, timed, call
 reuses both graphs.  The CQIL tokens are checked against the eager reference
-(``cqil_fx.reference.cqil_semantics``, same cache, no FX).
+(``cqil_fx.reference.cqil_semantics``, same cache, no FX).  With ``--recovered``
+the CQIL model is a copy of the original with the weights distilled for the
+plan (``cqil_fx.load_recovered``); the original keeps its own.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 
 import torch
 
-from cqil_fx import CQILConfig, make_backend
+from cqil_fx import CQILConfig, load_recovered, make_backend
 from cqil_fx.generation import compiled_twin
 from cqil_fx.models import load_smollm2
 from cqil_fx.reference import cqil_semantics
@@ -54,6 +58,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt", action="append", help="a prompt (repeat for a batch; left-padded)")
     parser.add_argument("--threads", type=int, help="intra-op threads (default: torch's)")
+    parser.add_argument("--recovered", metavar="DIR", help="CQIL uses the weights `cqil-fx recover --out DIR` wrote")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)  # Inductor's C++ kernels read it when they are compiled
@@ -62,20 +67,24 @@ def main() -> None:
                         mode=args.mode, inner=args.inner)
 
     model, tokenizer = load_smollm2()
+    cqil_model = model
+    if args.recovered:
+        cqil_model = copy.deepcopy(model)
+        load_recovered(cqil_model, args.recovered, config)  # warns if DIR was recovered for another plan
     batch = tokenizer(args.prompt or PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     n = args.new_tokens * batch.input_ids.shape[0]
     print(f"plan: {config.plan_for(len(model.model.layers))}, mode {args.mode}, inner {args.inner}")
     results = {}
     with torch.no_grad():
-        for name, backend in (("original", args.inner), ("cqil", make_backend(config))):
-            out, first, second = timed(compiled_twin(model, backend), batch, args.new_tokens)
+        for name, source, backend in (("original", model, args.inner), ("cqil", cqil_model, make_backend(config))):
+            out, first, second = timed(compiled_twin(source, backend), batch, args.new_tokens)
             results[name] = out
             print(f"\n{name}: first call (compiles) {first:.1f} s; second call {second:.2f} s, "
                   f"{n / second:.1f} tokens/s ({batch.input_ids.shape[0]} x {args.new_tokens} new tokens)")
             for text in tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True):
                 print(f"  {text!r}")
-        with cqil_semantics(model, config):
-            reference = generate(model, batch, args.new_tokens)
+        with cqil_semantics(cqil_model, config):
+            reference = generate(cqil_model, batch, args.new_tokens)
     same = torch.equal(results["cqil"], reference)
     print(f"\nCQIL tokens {'equal' if same else 'DIFFER FROM'} the eager reference's")
 
