@@ -45,6 +45,16 @@ transport.  Then
 the collectives' own cost and the rest is waiting (ranks arriving at
 different times, wake-ups).
 
+Breakdown of (d), per forward (single-forward workloads): the concurrent
+column's programs are instrumented (``SegmentClock``) and each measured call
+records ``shared_ms`` (the shared segments, on the calling thread),
+``group_steps_ms`` (from handing a group's members to the workers until all are
+done), ``members_longest_ms`` (the longest member of each step, summed over
+steps: what the steps would cost with free hand-offs), ``members_sum_ms``
+(all member segments: their serial cost on one thread each), ``handoff_ms =
+group_steps - members_longest`` and ``outside_ms = d - shared - group_steps``
+(Dynamo's guards and the Python around the segments).
+
 Ideal reduction: a perfect CQIL removes (|G| - 1) block-times per group, so
 ``ideal = saved_blocks * t_block / t(a)`` with ``t_block = (t(a) - t_rest) / N``
 and ``t_rest`` the model with no decoder blocks (embedding, final norm, LM head),
@@ -54,13 +64,16 @@ Writes ``<out>/latency.json`` — schema: {"meta": {command, date, machine, torc
 "rows": [{workload, plan, column, median_ms, p10_ms, p90_ms}, plus token_ms and
 tokens_per_s for generate-64] (plan "" for the plan-free columns), "summary": [{workload, plan, column, reduction_vs_1t,
 reduction_vs_2t, ideal, realised}], "breakdown": [{workload, plan, column, spmd_ms,
-compute_ms, comm_and_wait_ms, collectives, collective_ms, waiting_ms}], "param_bytes":
+compute_ms, comm_and_wait_ms, collectives, collective_ms, waiting_ms}], "concurrent_breakdown":
+[{workload, plan, total_ms, shared_ms, group_steps_ms, members_longest_ms, members_sum_ms, handoff_ms,
+outside_ms}] (medians over the measured calls), "param_bytes":
 {"original": ..., "spmd rank 0, <plan>": ...}} — and ``<out>/latency.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import json
 import multiprocessing
@@ -77,6 +90,7 @@ import torch.distributed as dist
 
 from cqil_fx import CQILConfig, make_backend
 from cqil_fx.distributed import parameter_bytes, release_other_members
+from cqil_fx.executor import ConcurrentProgram
 from cqil_fx.generation import TokenClock, compiled_twin
 from cqil_fx.models import load_smollm2
 
@@ -124,6 +138,60 @@ def without_collectives(inner):
     return backend
 
 
+class SegmentClock:
+    """A backend wrapper that times the segments of the concurrent programs the backend returns.
+
+    ``take()`` returns the milliseconds accumulated since the last ``take()``.
+    Member segments run on worker threads; each appends its own time to the
+    running step's list, and the step adds the longest and the sum.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.totals: collections.Counter = collections.Counter()
+        self._members: list[float] = []
+
+    def __call__(self, gm, example_inputs):
+        program = self.backend(gm, example_inputs)
+        if isinstance(program, ConcurrentProgram):
+            self._instrument(program)
+        return program
+
+    def take(self) -> dict[str, float]:
+        out = {k: v * 1e3 for k, v in self.totals.items()}
+        self.totals.clear()
+        return out
+
+    def _instrument(self, program: ConcurrentProgram) -> None:
+        for step in program.steps:
+            shared = len(step) == 1 and step[0].segment.shared
+            for call in step:
+                call.fn = self._timed(call.fn, shared)
+        run_step = program._run_concurrently
+
+        def timed_step(step, env):
+            t = time.perf_counter()
+            run_step(step, env)
+            self.totals["group_steps_ms"] += time.perf_counter() - t
+            self.totals["members_longest_ms"] += max(self._members)
+            self.totals["members_sum_ms"] += sum(self._members)
+            self._members.clear()
+
+        program._run_concurrently = timed_step
+
+    def _timed(self, fn, shared: bool):
+        def run(*args):
+            t = time.perf_counter()
+            out = fn(*args)
+            if shared:
+                self.totals["shared_ms"] += time.perf_counter() - t
+            else:
+                self._members.append(time.perf_counter() - t)
+            return out
+
+        return run
+
+
 def twin(model, backend) -> torch.nn.Module:
     return compiled_twin(model, backend, dynamic=False)
 
@@ -152,12 +220,13 @@ def workload_call(model, workload: str, ids: torch.Tensor) -> Callable[[], float
 
 
 def measure(models: dict, workload: str, ids: torch.Tensor, reps: int, warmup: int = 3,
-            threads: dict | None = None, sync=lambda: None,
-            before: dict | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+            threads: dict | None = None, sync=lambda: None, before: dict | None = None,
+            after: dict | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Milliseconds per call of each model, interleaved: one call of each per repetition.
 
     Returns (whole-call times, per-token times); the second is empty but for generate workloads.
-    ``before[name]()`` runs just before the clock starts for ``name`` (e.g. waking the other rank).
+    ``before[name]()`` runs just before the clock starts for ``name`` (e.g. waking the other rank),
+    ``after[name](measured)`` just after it stops.
     """
     calls = {name: workload_call(model, workload, ids) for name, model in models.items()}
     times, per_token = {name: [] for name in calls}, {}
@@ -173,6 +242,8 @@ def measure(models: dict, workload: str, ids: torch.Tensor, reps: int, warmup: i
                 t = time.perf_counter()
                 token_ms = call()
                 sync()
+                if after and name in after:
+                    after[name](i >= warmup)
                 if i >= warmup:
                     times[name].append((time.perf_counter() - t) * 1e3)
                     if token_ms is not None:
@@ -278,14 +349,17 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
     base = {"original-1t": inductor_with_threads(1), "original-2t": inductor_with_threads(2)}
     fns = {name: twin(model, base[name]) for name in base}
     fns["rest-1t"] = twin(model_without_blocks(model), inductor_with_threads(1))
+    clocks = {}
     for config in plans:
         if "cqil-concurrent" in columns:
-            fns[f"cqil-concurrent|{plan_name(config)}"] = twin(model, make_backend(config, mode="concurrent"))
+            name = f"cqil-concurrent|{plan_name(config)}"
+            clocks[name] = SegmentClock(make_backend(config, mode="concurrent"))
+            fns[name] = twin(model, clocks[name])
     remote = spmd_fns(model, plans, columns) if spmd else {}
     index = {name: i for i, name in enumerate(remote)}
     fns.update(remote)
     threads = {name: THREADS[name.split("|")[0]] for name in fns}
-    rows, summary, breakdown = [], [], []
+    rows, summary, breakdown, concurrent = [], [], [], []
     for w, workload in enumerate(args.workloads):
         ids = workload_ids(model, workload)
         wake = {name: (lambda i=index[name], w=w: _call_on_both(i, w))
@@ -296,7 +370,12 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
             measure({name: fns[name]}, workload, ids, reps=0, warmup=1, threads=threads)
         measure({n: f for n, f in fns.items() if n not in remote}, workload, ids, reps=0, warmup=1, threads=threads)
         print(f"{workload}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
-        times, per_token = measure(fns, workload, ids, args.reps, threads=threads, before=wake)
+        samples = {name: [] for name in clocks}
+        after = {name: (lambda measured, name=name: samples[name].append(clocks[name].take()) if measured
+                        else clocks[name].take()) for name in clocks}
+        for clock in clocks.values():
+            clock.take()
+        times, per_token = measure(fns, workload, ids, args.reps, threads=threads, before=wake, after=after)
         whole = {name: statistics.median(ts) for name, ts in times.items()}
         token = {name: statistics.median(ts) for name, ts in per_token.items()}
         for name, ts in times.items():
@@ -316,10 +395,13 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
         for config in plans:
             summary += summarise(med, workload, config, len(model.model.layers))
             breakdown += [spmd_breakdown(med, workload, config, column, ms) for column, ms in collective_ms.items()]
+            name = f"cqil-concurrent|{plan_name(config)}"
+            if name in samples and not WORKLOADS[workload][1]:
+                concurrent.append(concurrent_breakdown(whole[name], samples[name], workload, config))
         print(json.dumps([s for s in summary if s["workload"] == workload]), flush=True)
     if spmd:
         _send(_STOP)
-    return dict(rows=rows, summary=summary, breakdown=breakdown)
+    return dict(rows=rows, summary=summary, breakdown=breakdown, concurrent_breakdown=concurrent)
 
 
 def summarise(med: dict, workload: str, config: CQILConfig, num_blocks: int) -> list[dict]:
@@ -345,6 +427,14 @@ def spmd_breakdown(med: dict, workload: str, config: CQILConfig, column: str, co
     return dict(workload=workload, plan=name, column=column, spmd_ms=spmd, compute_ms=compute, comm_and_wait_ms=spmd - compute,
                 collectives=collectives, collective_ms=collective_ms,
                 waiting_ms=spmd - compute - collectives * collective_ms)
+
+
+def concurrent_breakdown(total_ms: float, samples: list[dict], workload: str, config: CQILConfig) -> dict:
+    keys = ("shared_ms", "group_steps_ms", "members_longest_ms", "members_sum_ms")
+    med = {k: statistics.median(s.get(k, 0.0) for s in samples) for k in keys}
+    return dict(workload=workload, plan=plan_name(config), total_ms=total_ms, **med,
+                handoff_ms=med["group_steps_ms"] - med["members_longest_ms"],
+                outside_ms=total_ms - med["shared_ms"] - med["group_steps_ms"])
 
 
 def rank_main(rank: int, args, store: str, result_path: str) -> None:
