@@ -236,7 +236,6 @@ class CudaGraphProgram:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.stream: torch.cuda.Stream | None = None
         self.disabled: str | None = None
-        self.captures = 0
         self._demoted: set[int] = set()
         self._previous: list[int] | None = None
 
@@ -294,7 +293,7 @@ class CudaGraphProgram:
         by_address = {args[i].data_ptr(): args[i] for i in self.static}
         self._leaves, self._spec = torch.utils._pytree.tree_flatten(outputs)
         self._aliases = [by_address.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None for x in self._leaves]
-        self.graph, self.captures = graph, self.captures + 1
+        self.graph = graph
         counters["cqil"]["cuda_graph_captures"] += 1
         log.debug("cqil: captured a CUDA graph (%d static, %d dynamic inputs)", len(self.static), len(self._dynamic))
 
