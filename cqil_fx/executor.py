@@ -3,15 +3,34 @@
 The rewritten graph is cut into segments (:func:`passes.segments.split_segments`);
 every segment is compiled by the inner compiler, and :class:`ConcurrentProgram`
 runs them: shared segments on the calling thread with all cores, the members
-of a group at the same time, one per worker thread, each with one intra-op
-thread, their deltas then summed in memory by the next shared segment.
+of a group at the same time, each on one thread with one intra-op thread,
+their deltas then summed in memory by the next shared segment.
 
-Threads: the worker pool is persistent (created once per process, no thread
-per call) and each worker sets ``torch.set_num_threads(1)`` when it starts,
-which with PyTorch's OpenMP build limits only that thread's ATen ops.
+CPU threads: the members of a step run as one parallel region of the OpenMP
+runtime ATen already uses (:class:`cqil_fx.omp_team.OpenMPTeam`), the
+calling thread being thread 0: the runtime's other threads are still spinning
+from the shared segment just before, so the hand-off costs tens of
+microseconds, where a sleeping worker thread had to wait for the scheduler
+(``omp_team``'s docstring has the numbers).  Inside the region ATen runs its
+ops on the calling thread, so each member has one intra-op thread.  Where no
+OpenMP runtime is found, a persistent pool of worker threads (created once
+per process, no thread per call) runs members 1..P-1 — each worker sets
+``torch.set_num_threads(1)`` when it starts, which with PyTorch's OpenMP build
+limits only that thread's ATen ops — and the calling thread runs member 0
+with ``torch.set_num_threads(1)`` for its length.
 Inductor bakes its OpenMP thread count into the C++ kernels it generates,
 so member segments are compiled under ``torch._inductor.config.cpp.threads = 1``
 and shared segments with the default (all cores).
+
+The GIL: Inductor's default Python wrapper calls each generated C++ kernel
+through a binding that holds the GIL, so two members compiled that way take
+turns on every fused kernel and on the wrapper's Python.  On CPU every segment
+is therefore compiled with ``cpp_wrapper = True`` (:func:`segment_settings`):
+the whole segment is one C++ call that releases the GIL on entry, and the
+shared segments lose the wrapper's per-kernel Python too.  A segment that
+fails to compile or run that way is compiled again without it (one WARNING,
+counter ``cpp_wrapper_fallbacks``).  docs/performance.md has the measured
+effect.
 
 On CUDA no worker threads are involved: kernel launches do not block, so the
 calling thread launches each member's segment on a stream of its own (one per
@@ -27,13 +46,15 @@ member streams) is captured into one CUDA graph by :class:`CudaGraphProgram`
 and replayed.
 
 An exception in a member reaches the caller after all members of the step
-have finished (CPU) or been launched (CUDA); the pool stays usable.
+have finished (CPU; the first member's if several raise) or been launched
+(CUDA); the team, the pool and the program stay usable.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import operator
 import threading
@@ -46,7 +67,16 @@ from torch._dynamo.utils import counters
 
 from passes.segments import Segment, SplitGraph
 
+from .omp_team import openmp_team
+
 log = logging.getLogger(__name__)
+
+def segment_settings(shared: bool, device_type: str) -> dict[str, Any]:
+    """The Inductor settings a segment is compiled under (see the module docstring)."""
+    settings: dict[str, Any] = {} if shared else {"cpp.threads": 1}
+    if device_type == "cpu":
+        settings["cpp_wrapper"] = True
+    return settings
 
 _POOL_LOCK = threading.Lock()
 _POOL: list[concurrent.futures.ThreadPoolExecutor] = []
@@ -99,6 +129,7 @@ class ConcurrentProgram:
         self.modules = {name: split.module.get_submodule(name) for name in split.segments}
         self.width = max(len(s) for s in self.steps)
         self._cuda_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+        self.team = openmp_team()  # None: members go to the thread pool instead
         self._check_order()
 
     def _check_order(self) -> None:
@@ -115,19 +146,32 @@ class ConcurrentProgram:
     def compile(self, inner: Callable, example_inputs: Sequence) -> ConcurrentProgram:
         """Compile every segment with ``inner`` on the values it sees for ``example_inputs``."""
         env = dict(zip(self.placeholders, _scratch_inputs(example_inputs)))
+        device_type = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
         for step in self.steps:
             for call in step:
                 args = [env[a] for a in call.node.args]
-                module = self.modules[call.node.target]
-                call.single = _return_tuple(module)
-                threads = {} if call.segment.shared else {"cpp.threads": 1}
-                # A fresh tracing context: the segments are compiled as graphs of their own, on
-                # their real inputs, and must not add symbols to the enclosing Dynamo frame's guards.
-                with torch._guards.tracing(None), torch._inductor.config.patch(threads):
-                    call.fn = inner(module, list(args))
-                with torch.no_grad():
-                    self._store(env, call, call.fn(*args))
+                call.single = _return_tuple(self.modules[call.node.target])
+                settings = segment_settings(call.segment.shared, device_type)
+                try:
+                    value = self._compile_segment(call, inner, args, settings)
+                except Exception as error:
+                    if not settings.pop("cpp_wrapper", False):
+                        raise
+                    value = self._compile_segment(call, inner, args, settings)
+                    log.warning("cqil: segment %s failed with Inductor's cpp_wrapper (%s: %s); it runs with the "
+                                "Python wrapper, which holds the GIL", call.node.target, type(error).__name__, error)
+                    counters["cqil"]["cpp_wrapper_fallbacks"] += 1
+                self._store(env, call, value)
         return self
+
+    def _compile_segment(self, call: _Call, inner: Callable, args: list, settings: dict[str, Any]) -> Any:
+        """Compile one segment under ``settings`` and run it once; returns its outputs."""
+        # A fresh tracing context: the segments are compiled as graphs of their own, on
+        # their real inputs, and must not add symbols to the enclosing Dynamo frame's guards.
+        with torch._guards.tracing(None), torch._inductor.config.patch(settings):
+            call.fn = inner(self.modules[call.node.target], list(args))
+        with torch.no_grad():
+            return call.fn(*args)
 
     def __call__(self, *args):
         env = dict(zip(self.placeholders, args))
@@ -145,12 +189,10 @@ class ConcurrentProgram:
         if device is not None and device.type == "cuda":
             self._launch_on_streams(step, inputs, device, env)
             return
-        pool = worker_pool(self.width)
-        grad = torch.is_grad_enabled()  # thread-local: carry the caller's mode to the workers
-        futures = [pool.submit(_with_grad_mode, call.fn, xs, grad) for call, xs in zip(step, inputs)]
-        concurrent.futures.wait(futures)
-        for call, future in zip(step, futures):
-            self._store(env, call, future.result())  # re-raises a member's exception here
+        tasks = [functools.partial(call.fn, *xs) for call, xs in zip(step, inputs)]
+        outcomes = self.team.run(tasks) if self.team is not None else _run_on_pool(tasks)
+        for call, outcome in zip(step, outcomes):
+            self._store(env, call, outcome.result())  # re-raises a member's exception here
 
     def _launch_on_streams(self, step: list[_Call], inputs: list[list], device: torch.device, env: dict) -> None:
         """Launch member k on stream k after the caller's pending work; the caller's stream waits for all."""
@@ -198,9 +240,26 @@ def _return_tuple(module: torch.fx.GraphModule) -> bool:
     return True
 
 
-def _with_grad_mode(fn: Callable, args: list, grad: bool):
+def _run_on_pool(tasks: list[Callable[[], Any]]) -> list[concurrent.futures.Future]:
+    """Task 0 on the calling thread (one intra-op thread for its length), the others on the pool."""
+    grad = torch.is_grad_enabled()  # thread-local: carry the caller's mode to the workers
+    futures = [worker_pool(len(tasks) - 1).submit(_with_grad_mode, task, grad) for task in tasks[1:]]
+    first = concurrent.futures.Future()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        first.set_result(tasks[0]())
+    except BaseException as error:  # noqa: BLE001 - re-raised by the caller, after the workers' tasks finish
+        first.set_exception(error)
+    finally:
+        torch.set_num_threads(threads)
+    concurrent.futures.wait(futures)
+    return [first, *futures]
+
+
+def _with_grad_mode(task: Callable[[], Any], grad: bool):
     with torch.set_grad_enabled(grad):
-        return fn(*args)
+        return task()
 
 
 class CudaGraphProgram:

@@ -3,11 +3,13 @@
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend
+from cqil_fx import executor
 from cqil_fx.executor import ConcurrentProgram
 from cqil_fx.inspect import capture_graph
 from cqil_fx.rewrite import apply_plan
@@ -23,12 +25,23 @@ def compiled(model, **fields):
     return torch.compile(model, backend=make_backend(CQILConfig(mode="concurrent", **fields)))
 
 
+@pytest.fixture(params=["openmp-team", "thread-pool"])
+def runner(request, monkeypatch):
+    """Run a test with members on the OpenMP team, and again on the thread pool (no OpenMP runtime)."""
+    if request.param == "openmp-team":
+        if executor.openmp_team() is None:
+            pytest.skip("no OpenMP runtime in this process")
+    else:
+        monkeypatch.setattr(executor, "openmp_team", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize(
     ("family", "groups", "bypass"),
     [("llama", [[1, 2], [4, 5]], 0), ("llama", [[1, 2, 3], [5, 6]], 1), ("gemma2", [[2, 3, 4]], 2),
      ("gpt2", [[0, 1], [2, 3], [6, 7]], 1), ("phi", [[1, 2, 3], [4, 5]], 0), ("qwen2", [[3, 4, 5]], 0)],
 )
-def test_concurrent_equals_local_and_reference(family, groups, bypass):
+def test_concurrent_equals_local_and_reference(family, groups, bypass, runner):
     model, ids = tiny_model(family), tokens(batch=3, length=10)
     config = CQILConfig(groups=groups, bypass=bypass, inner="eager")
     actual = compiled(model, groups=groups, bypass=bypass, inner="eager")(ids, use_cache=False).logits
@@ -67,15 +80,20 @@ def test_segments_hold_one_member_each(bypass):
     assert [len(step) for step in program.steps] == ([1, 3, 3, 1] if bypass else [1, 3, 1])
 
 
-def test_member_exception_reaches_the_caller_and_the_executor_survives():
+@pytest.mark.parametrize("failing_member", [0, 1])
+def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_member, runner):
+    """Member 0 runs on the calling thread, member 1 on another: an error in either reaches the caller."""
     failing = [False]
+    ran = []
 
     def inner(gm, example_inputs):
         member = torch._inductor.config.cpp.threads == 1  # members are compiled single-threaded
+        layers = {layer_of(n).index for n in gm.graph.nodes if n.op == "call_function" and layer_of(n)}
 
         def run(*args):
-            if member and failing[0]:
-                raise ValueError("member failed")
+            ran.append(layers)
+            if member and failing[0] and layers == {2 + failing_member}:
+                raise ValueError(f"member {failing_member} failed")
             return gm.forward(*args)
 
         return run
@@ -84,10 +102,72 @@ def test_member_exception_reaches_the_caller_and_the_executor_survives():
     fast = compiled(model, groups=[[2, 3]], inner=inner)
     first = fast(ids, use_cache=False).logits
     failing[0] = True
-    with pytest.raises(ValueError, match="member failed"):
+    ran.clear()
+    with pytest.raises(ValueError, match=f"member {failing_member} failed"):
         fast(ids, use_cache=False)
+    assert {2} in ran and {3} in ran  # the other member still ran to its end
     failing[0] = False
     torch.testing.assert_close(fast(ids, use_cache=False).logits, first, rtol=0, atol=0)
+
+
+def test_members_run_at_the_same_time_on_distinct_threads(runner):
+    """Each member waits at a barrier for the other: this only returns if both run at once."""
+    barrier = threading.Barrier(2, timeout=30)
+    threads, armed = {}, [False]  # compiling runs each segment once, alone: no barrier then
+
+    def inner(gm, example_inputs):
+        if torch._inductor.config.cpp.threads != 1:
+            return gm.forward
+        layers = frozenset(layer_of(n).index for n in gm.graph.nodes if n.op == "call_function" and layer_of(n))
+
+        def run(*args):
+            if armed[0]:
+                threads[layers] = (threading.get_ident(), torch.is_grad_enabled())
+                barrier.wait()
+            return gm.forward(*args)
+
+        return run
+
+    model, ids = tiny_model("llama"), tokens()
+    fast = compiled(model, groups=[[2, 3]], inner=inner)
+    with torch.no_grad():  # grad mode is guarded: compile under the mode of the measured call
+        fast(ids, use_cache=False)
+        armed[0] = True
+        actual = fast(ids, use_cache=False).logits
+    (first, grad_first), (second, grad_second) = threads.values()
+    assert first != second and not grad_first and not grad_second  # the caller's no_grad reached both
+    expected = cqil_reference(model, CQILConfig(groups=[[2, 3]]), ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+
+
+def test_segments_are_compiled_with_the_cpp_wrapper_members_single_threaded():
+    """segment_settings on CPU: every segment one C++ call that releases the GIL; members on one OpenMP thread."""
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append((torch._inductor.config.cpp.threads, torch._inductor.config.cpp_wrapper))
+        return gm.forward
+
+    model, ids = tiny_model("qwen2"), tokens()
+    compiled(model, groups=[[1, 2, 3]], inner=inner)(ids, use_cache=False)
+    threads = torch._inductor.config.cpp.threads
+    assert seen == [(threads, True), (1, True), (1, True), (1, True), (threads, True)]
+    assert not torch._inductor.config.cpp_wrapper  # patched only while compiling
+
+
+def test_segment_that_fails_with_the_cpp_wrapper_is_compiled_without_it(caplog):
+    def inner(gm, example_inputs):
+        if torch._inductor.config.cpp_wrapper and torch._inductor.config.cpp.threads == 1:
+            raise RuntimeError("no cpp_wrapper for you")
+        return gm.forward
+
+    model, ids = tiny_model("llama"), tokens()
+    with caplog.at_level("WARNING", logger="cqil_fx.executor"):
+        actual = compiled(model, groups=[[2, 3]], inner=inner)(ids, use_cache=False).logits
+    expected = cqil_reference(model, CQILConfig(groups=[[2, 3]]), ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+    assert torch._dynamo.utils.counters["cqil"]["cpp_wrapper_fallbacks"] == 2
+    assert caplog.text.count("failed with Inductor's cpp_wrapper (RuntimeError: no cpp_wrapper for you)") == 2
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])

@@ -168,11 +168,13 @@ def test_static_cache_generate_other_families(family, bypass, batch, inner):
         assert_cache_writes_kept(report, base)
 
 
-def test_concurrent_mode_generate():
+@pytest.mark.parametrize("inner", ["aot_eager", "inductor"])
+def test_concurrent_mode_generate(inner):
     """Members of a group run on worker threads; each writes its own layer's cache (an input
-    mutation of its segment, which AOTAutograd copies back)."""
+    mutation of its segment, which AOTAutograd copies back; with Inductor, inside the segment's
+    C++ wrapper)."""
     base = small_model("llama")
-    config = CQILConfig(groups=GROUPS, bypass=1, inner="aot_eager", mode="concurrent")
+    config = CQILConfig(groups=GROUPS, bypass=1, inner=inner, mode="concurrent")
     ids, mask = left_padded(batch=2, length=7, pads=(2, 0))
     model, backend = compiled_copy(base, config)
     assert_same_generation(generate(model, ids, mask), greedy_without_cache(base, config, ids, mask))
