@@ -20,6 +20,9 @@ per repetition, after warm-up; medians reported):
 
 * ``original-1t``: the original model, one process, one thread — the paper's baseline (a);
 * ``original-2t``: the original model, one process, two threads — what these two cores give (b);
+* ``original-2t-cpp``: (b) compiled with Inductor's ``cpp_wrapper = True``, the setting the concurrent
+  column's segments use on CPU (one C++ call per graph instead of a Python wrapper): how much of (d)'s
+  lead over (b) is that setting rather than CQIL (b');
 * ``cqil-spmd``: CQIL ``mode="spmd"`` on 2 ranks x 1 thread, collectives over
   shared memory (``transport="auto"`` on one CPU host) (c);
 * ``cqil-spmd-gloo``: the same over the gloo process group (``transport="process_group"``);
@@ -63,7 +66,8 @@ measured the same way (column ``rest-1t``).  "realised" = (1 - c/a) / ideal.
 Writes ``<out>/latency.json`` — schema: {"meta": {command, date, machine, torch},
 "rows": [{workload, plan, column, median_ms, p10_ms, p90_ms}, plus token_ms and
 tokens_per_s for generate-64] (plan "" for the plan-free columns), "summary": [{workload, plan, column, reduction_vs_1t,
-reduction_vs_2t, ideal, realised}], "breakdown": [{workload, plan, column, spmd_ms,
+reduction_vs_2t, ideal, realised, and reduction_vs_2t_cpp with that column}],
+"breakdown": [{workload, plan, column, spmd_ms,
 compute_ms, comm_and_wait_ms, collectives, collective_ms, waiting_ms}], "concurrent_breakdown":
 [{workload, plan, total_ms, shared_ms, group_steps_ms, members_longest_ms, members_sum_ms, handoff_ms,
 outside_ms}] (medians over the measured calls), "param_bytes":
@@ -96,19 +100,19 @@ from cqil_fx.models import load_smollm2
 
 WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "generate-64": (128, 64)}
 """workload -> (prompt tokens, new tokens); 0 new tokens is one forward without a cache."""
-COLUMNS = ("original-1t", "original-2t", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent")
-THREADS = {"original-1t": 1, "original-2t": 2, "rest-1t": 1, "cqil-spmd": 1, "cqil-spmd-gloo": 1,
-           "spmd-compute": 1, "cqil-concurrent": 2}
+COLUMNS = ("original-1t", "original-2t", "original-2t-cpp", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent")
+THREADS = {"original-1t": 1, "original-2t": 2, "original-2t-cpp": 2, "rest-1t": 1, "cqil-spmd": 1,
+           "cqil-spmd-gloo": 1, "spmd-compute": 1, "cqil-concurrent": 2}
 TRANSPORTS = {"cqil-spmd": "auto", "cqil-spmd-gloo": "process_group"}
 _STOP, _CALL, _ALL_REDUCE = 0, 1, 2
 
 
-def inductor_with_threads(threads: int):
+def inductor_with_threads(threads: int, cpp_wrapper: bool = False):
     """An Inductor backend whose C++ kernels use ``threads`` OpenMP threads (a distinct Dynamo cache entry)."""
     from torch._inductor.compile_fx import compile_fx
 
     def backend(gm, example_inputs):
-        with torch._inductor.config.patch({"cpp.threads": threads}):
+        with torch._inductor.config.patch({"cpp.threads": threads, "cpp_wrapper": cpp_wrapper}):
             return compile_fx(gm, example_inputs)
 
     return backend
@@ -347,6 +351,8 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
     """Rank 0 (or the only process): build every column, measure, summarise."""
     columns = args.columns
     base = {"original-1t": inductor_with_threads(1), "original-2t": inductor_with_threads(2)}
+    if "original-2t-cpp" in columns:
+        base["original-2t-cpp"] = inductor_with_threads(2, cpp_wrapper=True)
     fns = {name: twin(model, base[name]) for name in base}
     fns["rest-1t"] = twin(model_without_blocks(model), inductor_with_threads(1))
     clocks = {}
@@ -409,13 +415,15 @@ def summarise(med: dict, workload: str, config: CQILConfig, num_blocks: int) -> 
     t_block = (med["original-1t"] - med["rest-1t"]) / num_blocks
     ideal = plan.saved_blocks * t_block / med["original-1t"]
     out = []
-    for column in COLUMNS[2:]:
+    for column in (c for c in COLUMNS if c.startswith("cqil")):
         c = med.get(f"{column}|{plan_name(config)}")
         if c is not None:
             reduction = 1 - c / med["original-1t"]
             out.append(dict(workload=workload, plan=plan_name(config), column=column, reduction_vs_1t=reduction,
                             reduction_vs_2t=1 - c / med["original-2t"], ideal=ideal,
                             realised=reduction / ideal if ideal else float("nan")))
+            if "original-2t-cpp" in med:
+                out[-1]["reduction_vs_2t_cpp"] = 1 - c / med["original-2t-cpp"]
     return out
 
 
@@ -521,8 +529,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, workload in zip(axes[0], workloads):
         data = [r for r in rows if r["workload"] == workload and r["column"] in COLUMNS]
         labels = [r["column"] + (f"\n{r['plan']}" if r["plan"] else "") for r in data]
-        colours = {"original-1t": "gray", "original-2t": "silver", "cqil-spmd": "tab:orange",
-                   "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue"}
+        colours = {"original-1t": "gray", "original-2t": "silver", "original-2t-cpp": "darkgray",
+                   "cqil-spmd": "tab:orange", "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue"}
         ax.bar(labels, [r.get("token_ms", r["median_ms"]) for r in data], color=[colours[r["column"]] for r in data])
         ax.set_title(workload)
         ax.set_ylabel("median ms per new token" if WORKLOADS[workload][1] else "median latency (ms)")
