@@ -71,12 +71,14 @@ from .omp_team import openmp_team
 
 log = logging.getLogger(__name__)
 
+
 def segment_settings(shared: bool, device_type: str) -> dict[str, Any]:
     """The Inductor settings a segment is compiled under (see the module docstring)."""
     settings: dict[str, Any] = {} if shared else {"cpp.threads": 1}
     if device_type == "cpu":
         settings["cpp_wrapper"] = True
     return settings
+
 
 _POOL_LOCK = threading.Lock()
 _POOL: list[concurrent.futures.ThreadPoolExecutor] = []
