@@ -67,7 +67,7 @@ from torch._dynamo.utils import counters
 
 from passes.segments import Segment, SplitGraph
 
-from .omp_team import openmp_team
+from .omp_team import autograd_modes, openmp_team, run_in_modes
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,8 @@ def _return_tuple(module: torch.fx.GraphModule) -> bool:
 
 def _run_on_pool(tasks: list[Callable[[], Any]]) -> list[concurrent.futures.Future]:
     """Task 0 on the calling thread (one intra-op thread for its length), the others on the pool."""
-    grad = torch.is_grad_enabled()  # thread-local: carry the caller's mode to the workers
-    futures = [worker_pool(len(tasks) - 1).submit(_with_grad_mode, task, grad) for task in tasks[1:]]
+    modes = autograd_modes()  # thread-local: carry the caller's modes to the workers
+    futures = [worker_pool(len(tasks) - 1).submit(run_in_modes, task, modes) for task in tasks[1:]]
     first = concurrent.futures.Future()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -257,11 +257,6 @@ def _run_on_pool(tasks: list[Callable[[], Any]]) -> list[concurrent.futures.Futu
         torch.set_num_threads(threads)
     concurrent.futures.wait(futures)
     return [first, *futures]
-
-
-def _with_grad_mode(task: Callable[[], Any], grad: bool):
-    with torch.set_grad_enabled(grad):
-        return task()
 
 
 class CudaGraphProgram:

@@ -83,8 +83,7 @@ class OpenMPTeam:
     def run(self, tasks: Sequence[Callable[[], Any]]) -> list[Outcome]:
         outcomes = [Outcome() for _ in tasks]
         key = next(self._keys)
-        modes = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        self._batches[key] = (tasks, outcomes, itertools.count(), modes)
+        self._batches[key] = (tasks, outcomes, itertools.count(), autograd_modes())
         try:
             self._parallel(self._body, key, len(tasks), 0)
         finally:
@@ -93,13 +92,24 @@ class OpenMPTeam:
 
     def _enter(self, key: int) -> None:
         # Runs on every thread of the region, the GIL held; nothing may escape into ctypes.
-        tasks, outcomes, claim, (grad, inference) = self._batches[key]
-        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
-            while (index := next(claim)) < len(tasks):
-                try:
-                    outcomes[index].value = tasks[index]()
-                except BaseException as error:  # noqa: BLE001 - handed to the caller by Outcome.result
-                    outcomes[index].error = error
+        tasks, outcomes, claim, modes = self._batches[key]
+        while (index := next(claim)) < len(tasks):
+            try:
+                outcomes[index].value = run_in_modes(tasks[index], modes)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller by Outcome.result
+                outcomes[index].error = error
+
+
+def autograd_modes() -> tuple[bool, bool]:
+    """The calling thread's grad and inference modes (thread-local in torch), for :func:`run_in_modes`."""
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
+def run_in_modes(task: Callable[[], Any], modes: tuple[bool, bool]) -> Any:
+    """``task()`` under the modes :func:`autograd_modes` took on another thread."""
+    grad, inference = modes
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        return task()
 
 
 @functools.cache

@@ -5,6 +5,7 @@ import threading
 import pytest
 import torch
 
+from cqil_fx import executor
 from cqil_fx.omp_team import openmp_team
 
 
@@ -54,8 +55,11 @@ def test_a_nested_region_of_one_thread_still_runs_every_task(team):
         assert inner == [(0, ident), (1, ident), (2, ident)]
 
 
+@pytest.mark.parametrize("runner", ["openmp-team", "thread-pool"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
-def test_the_callers_autograd_modes_reach_every_thread(team, mode):
+def test_the_callers_autograd_modes_reach_every_thread(team, mode, runner):
+    """On the team and on the executor's fallback pool alike."""
+    run = team.run if runner == "openmp-team" else executor._run_on_pool
     barrier = threading.Barrier(2, timeout=30)
 
     def modes():
@@ -66,6 +70,6 @@ def test_the_callers_autograd_modes_reach_every_thread(team, mode):
                "grad": torch.enable_grad}[mode]
     with context():
         expected = (torch.is_grad_enabled(), torch.is_inference_mode_enabled())
-        outcomes = team.run([modes, modes])
+        outcomes = run([modes, modes])
     assert [o.result() for o in outcomes] == [expected, expected]
     assert torch.is_grad_enabled()  # and the caller's own mode is back after the region
