@@ -9,8 +9,8 @@ their deltas then summed in memory by the next shared segment.
 CPU threads: the members of a step run as one parallel region of the OpenMP
 runtime ATen already uses (:class:`cqil_fx.omp_team.OpenMPTeam`), the
 calling thread being thread 0: the runtime's other threads are still spinning
-from the shared segment just before, so the hand-off costs tens of
-microseconds, where a sleeping worker thread had to wait for the scheduler
+from the shared segment just before, so the later member starts about
+0.17 ms after the hand-off, where a sleeping worker thread had to wait for the scheduler
 (``omp_team``'s docstring has the numbers).  Inside the region ATen runs its
 ops on the calling thread, so each member has one intra-op thread.  Where no
 OpenMP runtime is found, a persistent pool of worker threads (created once
