@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--member-ms", type=float, default=2.0, help="single-thread work per member (about)")
     args = parser.parse_args()
+    if args.steps < 1 or args.member_ms <= 0:
+        parser.error(f"--steps must be >= 1 and --member-ms > 0 (got {args.steps} and {args.member_ms})")
     team = openmp_team()
     if team is None:
         raise SystemExit("no OpenMP runtime found in this process: nothing to compare")

@@ -25,6 +25,11 @@ def compiled(model, **fields):
     return torch.compile(model, backend=make_backend(CQILConfig(mode="concurrent", **fields)))
 
 
+def layers_of(gm: torch.fx.GraphModule) -> frozenset[int]:
+    """The decoder layers whose ops a segment holds."""
+    return frozenset(layer_of(n).index for n in gm.graph.nodes if n.op == "call_function" and layer_of(n) is not None)
+
+
 @pytest.fixture(params=["openmp-team", "thread-pool"])
 def runner(request, monkeypatch):
     """Run a test with members on the OpenMP team, and again on the thread pool (no OpenMP runtime)."""
@@ -72,8 +77,7 @@ def test_segments_hold_one_member_each(bypass):
     assert len(members) == 3 * (2 if bypass else 1)
     assert sum(s.shared for s in split.segments.values()) == 2
     for name, segment in split.segments.items():
-        layers = {layer_of(n).index for n in split.module.get_submodule(name).graph.nodes
-                  if n.op == "call_function" and layer_of(n) is not None}
+        layers = layers_of(split.module.get_submodule(name))
         if not segment.shared:
             assert layers == {2 + segment.member}
     program = ConcurrentProgram(split)
@@ -88,7 +92,7 @@ def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_m
 
     def inner(gm, example_inputs):
         member = torch._inductor.config.cpp.threads == 1  # members are compiled single-threaded
-        layers = {layer_of(n).index for n in gm.graph.nodes if n.op == "call_function" and layer_of(n)}
+        layers = layers_of(gm)
 
         def run(*args):
             ran.append(layers)
@@ -118,7 +122,7 @@ def test_members_run_at_the_same_time_on_distinct_threads(runner):
     def inner(gm, example_inputs):
         if torch._inductor.config.cpp.threads != 1:
             return gm.forward
-        layers = frozenset(layer_of(n).index for n in gm.graph.nodes if n.op == "call_function" and layer_of(n))
+        layers = layers_of(gm)
 
         def run(*args):
             if armed[0]:
