@@ -51,7 +51,7 @@ different times, wake-ups).
 Breakdown of (d), per forward (single-forward workloads): the concurrent
 column's programs are instrumented (``SegmentClock``) and each measured call
 records ``shared_ms`` (the shared segments, on the calling thread),
-``group_steps_ms`` (from handing a group's members to the workers until all are
+``group_steps_ms`` (from handing a run of member steps to the team until all are
 done), ``members_longest_ms`` (the longest member of each step, summed over
 steps: what the steps would cost with free hand-offs), ``members_sum_ms``
 (all member segments: their serial cost on one thread each), ``handoff_ms =
@@ -146,14 +146,15 @@ class SegmentClock:
     """A backend wrapper that times the segments of the concurrent programs the backend returns.
 
     ``take()`` returns the milliseconds accumulated since the last ``take()``.
-    Member segments run on worker threads; each appends its own time to the
-    running step's list, and the step adds the longest and the sum.
+    Member segments run on the team's threads; each records its own time
+    under its step, and when the run of steps is over each step adds its
+    longest member and the sum of its members.
     """
 
     def __init__(self, backend):
         self.backend = backend
         self.totals: collections.Counter = collections.Counter()
-        self._members: list[float] = []
+        self._members: dict[int, list[float]] = collections.defaultdict(list)  # step -> member times
 
     def __call__(self, gm, example_inputs):
         program = self.backend(gm, example_inputs)
@@ -167,30 +168,31 @@ class SegmentClock:
         return out
 
     def _instrument(self, program: ConcurrentProgram) -> None:
-        for step in program.steps:
+        for index, step in enumerate(program.steps):
             shared = len(step) == 1 and step[0].segment.shared
             for call in step:
-                call.fn = self._timed(call.fn, shared)
-        run_step = program._run_concurrently
+                call.fn = self._timed(call.fn, None if shared else index)
+        run_members = program._run_members
 
-        def timed_step(step, env):
+        def timed_run(steps, env):
             t = time.perf_counter()
-            run_step(step, env)
+            run_members(steps, env)
             self.totals["group_steps_ms"] += time.perf_counter() - t
-            self.totals["members_longest_ms"] += max(self._members)
-            self.totals["members_sum_ms"] += sum(self._members)
+            for times in self._members.values():
+                self.totals["members_longest_ms"] += max(times)
+                self.totals["members_sum_ms"] += sum(times)
             self._members.clear()
 
-        program._run_concurrently = timed_step
+        program._run_members = timed_run
 
-    def _timed(self, fn, shared: bool):
+    def _timed(self, fn, step: int | None):
         def run(*args):
             t = time.perf_counter()
             out = fn(*args)
-            if shared:
+            if step is None:
                 self.totals["shared_ms"] += time.perf_counter() - t
             else:
-                self._members.append(time.perf_counter() - t)
+                self._members[step].append(time.perf_counter() - t)
             return out
 
         return run

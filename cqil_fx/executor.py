@@ -130,7 +130,18 @@ class ConcurrentProgram:
                 calls[node.args[0]].unpack.append((node, node.args[1]))
         self.modules = {name: split.module.get_submodule(name) for name in split.segments}
         self.width = max(len(s) for s in self.steps)
-        self._cuda_streams: dict[torch.device, list[torch.cuda.Stream]] = {}
+        # What __call__ runs: a shared segment, or consecutive member steps (consecutive groups, or
+        # the phases of one group) as one run, the stages of one parallel region on CPU.
+        self.runs: list[_Call | list[list[_Call]]] = []
+        for step in self.steps:
+            if len(step) == 1 and step[0].segment.shared:
+                self.runs.append(step[0])
+            elif self.runs and isinstance(self.runs[-1], list):
+                self.runs[-1].append(step)
+            else:
+                self.runs.append([step])
+        self.device: torch.device | None = None  # of the compile-time inputs (compile)
+        self._cuda_streams: list[torch.cuda.Stream] = []
         self.team = openmp_team()  # None: members go to the thread pool instead
         self._check_order()
 
@@ -148,7 +159,8 @@ class ConcurrentProgram:
     def compile(self, inner: Callable, example_inputs: Sequence) -> ConcurrentProgram:
         """Compile every segment with ``inner`` on the values it sees for ``example_inputs``."""
         env = dict(zip(self.placeholders, _scratch_inputs(example_inputs)))
-        device_type = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
+        self.device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        device_type = self.device.type
         for step in self.steps:
             for call in step:
                 args = [env[a] for a in call.node.args]
@@ -177,37 +189,48 @@ class ConcurrentProgram:
 
     def __call__(self, *args):
         env = dict(zip(self.placeholders, args))
-        for step in self.steps:
-            if len(step) == 1 and step[0].segment.shared:
-                call = step[0]
-                self._store(env, call, call.fn(*[env[a] for a in call.node.args]))
+        for run in self.runs:
+            if isinstance(run, _Call):
+                self._run_call(env, run)
             else:
-                self._run_concurrently(step, env)
+                self._run_members(run, env)
         return torch.fx.graph.map_arg(self.output.args[0], env.__getitem__)
 
-    def _run_concurrently(self, step: list[_Call], env: dict) -> None:
-        inputs = [[env[a] for a in call.node.args] for call in step]
-        device = next((x.device for xs in inputs for x in xs if isinstance(x, torch.Tensor)), None)
-        if device is not None and device.type == "cuda":
-            self._launch_on_streams(step, inputs, device, env)
-            return
-        tasks = [functools.partial(call.fn, *xs) for call, xs in zip(step, inputs)]
-        outcomes = self.team.run(tasks) if self.team is not None else _run_on_pool(tasks)
-        for call, outcome in zip(step, outcomes):
-            self._store(env, call, outcome.result())  # re-raises a member's exception here
+    def _run_call(self, env: dict, call: _Call) -> None:
+        self._store(env, call, call.fn(*[env[a] for a in call.node.args]))
 
-    def _launch_on_streams(self, step: list[_Call], inputs: list[list], device: torch.device, env: dict) -> None:
+    def _run_members(self, steps: list[list[_Call]], env: dict) -> None:
+        """Run consecutive member steps, each step's members at the same time; a member's exception
+        is raised here once its step has finished, and no later step starts."""
+        if self.device is not None and self.device.type == "cuda":
+            for step in steps:
+                self._launch_on_streams(step, env)
+            return
+        stages = [[functools.partial(self._run_call, env, call) for call in step] for step in steps]
+        if self.team is not None:
+            outcomes = self.team.run_stages(stages)
+        else:
+            outcomes = []
+            for stage in stages:
+                outcomes.append(_run_on_pool(stage))
+                if any(f.exception() is not None for f in outcomes[-1]):
+                    break
+        for stage in outcomes:
+            for outcome in stage:
+                outcome.result()  # re-raises the first member's exception
+
+    def _launch_on_streams(self, step: list[_Call], env: dict) -> None:
         """Launch member k on stream k after the caller's pending work; the caller's stream waits for all."""
-        if device not in self._cuda_streams:
-            self._cuda_streams[device] = [torch.cuda.Stream(device) for _ in range(self.width)]
-        caller = torch.cuda.current_stream(device)
+        if not self._cuda_streams:
+            self._cuda_streams = [torch.cuda.Stream(self.device) for _ in range(self.width)]
+        caller = torch.cuda.current_stream(self.device)
         launched = []
         try:
-            for call, xs, stream in zip(step, inputs, self._cuda_streams[device]):
+            for call, stream in zip(step, self._cuda_streams):
                 stream.wait_stream(caller)
                 launched.append(stream)
                 with torch.cuda.stream(stream):
-                    self._store(env, call, call.fn(*xs))
+                    self._run_call(env, call)
         finally:
             for stream in launched:
                 caller.wait_stream(stream)

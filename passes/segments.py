@@ -13,6 +13,14 @@ With bypass (D > 0) member k's MLP needs the attention outputs of earlier
 members, so each member is cut once more at its mid-block residual: phase 0
 (attention halves of all members, concurrently), then phase 1 (MLP halves).
 
+When the next group follows at once, the sum is all that lies between the two
+groups: a shared segment of one add per member.  It is folded into the next
+group instead: member 0 of the next group computes ``out = x + (d0 + d1)``
+and every other member computes its own copy, so consecutive groups become
+consecutive member steps, which the executor runs in one parallel region
+(``ConcurrentProgram``).  The copies add one elementwise sum per member; the
+values are the same, op for op.
+
 The cut itself is torch.fx's ``split_module_simple``; this pass only says
 which node goes where and describes the segments it produced.
 """
@@ -62,7 +70,9 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
     """Cut ``gm`` (already rewritten) into shared and member segments; ``phased`` for bypass.
 
     Nodes go to members as :func:`~passes.concurrent_groups.member_of_nodes`
-    says; every other node is shared.
+    says; every other node is shared, except the sum of a group that is all
+    that lies between it and the next group, which is folded into the next
+    group's members (:func:`_fold_sum`).
     """
     by_index = {b.index: b for b in blocks}
     owner = member_of_nodes(gm, rewrites)
@@ -83,6 +93,15 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
             partition_of[node] = (g, 0, int(node in mlp_half), k)
         else:
             partition_of[node] = (groups_started - 1, 1, 0, 0)  # shared: after the groups begun so far
+    folded = False
+    for g, (done, following) in enumerate(zip(rewrites, rewrites[1:])):
+        between = {n for n, key in partition_of.items() if key == (g, 1, 0, 0)}
+        if following.input is done.output and between == set(done.sums):
+            _fold_sum(gm.graph, done, g + 1, owner, partition_of)
+            folded = True
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
     keys = sorted(set(partition_of.values()))
     pid = {k: i for i, k in enumerate(keys)}
     partitions = {n: pid[k] for n, k in partition_of.items()}
@@ -92,6 +111,24 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
         module = _split.split_module(gm, None, partitions.__getitem__, keep_original_order=True)
     segments = {f"submod_{pid[k]}": _describe(f"submod_{pid[k]}", k) for k in keys}
     return SplitGraph(module, segments)
+
+
+def _fold_sum(graph: torch.fx.Graph, done: GroupRewrite, group: int, owner: dict, partition_of: dict) -> None:
+    """Move ``done``'s sum into the members of ``group`` (the group after it): the nodes to
+    member 0, a copy to each other member, whose nodes then read their copy's output."""
+    members = sorted({k for g, k in owner.values() if g == group})
+    for node in done.sums:
+        partition_of[node] = (group, 0, 0, members[0])
+    anchor = done.output
+    for k in members[1:]:
+        copies: dict[torch.fx.Node, torch.fx.Node] = {}
+        for node in done.sums:
+            with graph.inserting_after(anchor):
+                copies[node] = anchor = graph.node_copy(node, lambda n: copies.get(n, n))
+            partition_of[anchor] = (group, 0, 0, k)
+        for user in list(done.output.users):
+            if owner.get(user) == (group, k):
+                user.replace_input_with(done.output, copies[done.output])
 
 
 def _within_layer_dataflow(gm: torch.fx.GraphModule) -> nx.DiGraph:

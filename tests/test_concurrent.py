@@ -62,7 +62,8 @@ def test_concurrent_with_inductor():
     actual = compiled(model, start=2, end=6, bypass=1)(ids, use_cache=False).logits
     expected = cqil_reference(model, CQILConfig(start=2, end=6, bypass=1), ids, use_cache=False).logits
     assert relative_error(actual, expected) <= 1e-4
-    assert torch._dynamo.utils.counters["cqil"]["segments"] == 3 + 2 * 2 * 2  # shared + members x phases
+    # shared before and after (the first group's sum is folded into the second group) + members x phases
+    assert torch._dynamo.utils.counters["cqil"]["segments"] == 2 + 2 * 2 * 2
 
 
 @pytest.mark.parametrize("bypass", [0, 1])
@@ -84,32 +85,55 @@ def test_segments_hold_one_member_each(bypass):
     assert [len(step) for step in program.steps] == ([1, 3, 3, 1] if bypass else [1, 3, 1])
 
 
-@pytest.mark.parametrize("failing_member", [0, 1])
-def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_member, runner):
-    """Member 0 runs on the calling thread, member 1 on another: an error in either reaches the caller."""
+@pytest.mark.parametrize("bypass", [0, 1])
+def test_a_sum_between_two_groups_is_folded_into_the_second(bypass):
+    """[[1, 2], [3, 4]]: no shared segment between the groups; the members of both run as one run of steps."""
+    model, ids = tiny_model("llama"), tokens()
+    gm = capture_graph(model, ids, use_cache=False)
+    blocks = find_blocks(gm)
+    rewrites, _ = apply_plan(gm, blocks, CQILConfig(groups=[[1, 2], [3, 4]], bypass=bypass).plan_for(len(blocks)))
+    split = split_segments(gm, blocks, rewrites, phased=bypass > 0)
+    program = ConcurrentProgram(split)
+    phases = 2 if bypass else 1
+    assert [len(step) for step in program.steps] == [1] + [2] * 2 * phases + [1]
+    first, steps, last = program.runs
+    assert first.segment.shared and last.segment.shared and len(steps) == 2 * phases
+    deltas = {call.node for call in steps[phases - 1]}  # the first group's last phase
+    for call in steps[phases]:  # each member of the second group reads both deltas and makes the sum itself
+        sources = {a.args[0] if a.op == "call_function" else a for a in call.node.all_input_nodes}
+        assert deltas <= sources
+        assert layers_of(split.module.get_submodule(call.node.target)) == {2, 3 + call.segment.member}
+
+
+@pytest.mark.parametrize("failing_layer", [2, 3, 5])
+def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_layer, runner):
+    """Two consecutive groups run as one run of steps.  An error in a member of either step, on the
+    calling thread or another, reaches the caller once its step is over; no later step starts."""
     failing = [False]
     ran = []
 
     def inner(gm, example_inputs):
         member = torch._inductor.config.cpp.threads == 1  # members are compiled single-threaded
-        layers = layers_of(gm)
+        layer = max(layers_of(gm))  # a member of the second group also holds the first group's sum
 
         def run(*args):
-            ran.append(layers)
-            if member and failing[0] and layers == {2 + failing_member}:
-                raise ValueError(f"member {failing_member} failed")
+            ran.append(layer)
+            if member and failing[0] and layer == failing_layer:
+                raise ValueError(f"layer {failing_layer} failed")
             return gm.forward(*args)
 
         return run
 
     model, ids = tiny_model("gpt2"), tokens()
-    fast = compiled(model, groups=[[2, 3]], inner=inner)
+    fast = compiled(model, groups=[[2, 3], [4, 5]], inner=inner)
     first = fast(ids, use_cache=False).logits
     failing[0] = True
     ran.clear()
-    with pytest.raises(ValueError, match=f"member {failing_member} failed"):
+    with pytest.raises(ValueError, match=f"layer {failing_layer} failed"):
         fast(ids, use_cache=False)
-    assert {2} in ran and {3} in ran  # the other member still ran to its end
+    step = {2, 3} if failing_layer < 4 else {4, 5}
+    assert step <= set(ran)  # the other member of the step still ran to its end
+    assert not {4, 5} & set(ran) or failing_layer > 3  # an error in the first step: the second never started
     failing[0] = False
     torch.testing.assert_close(fast(ids, use_cache=False).logits, first, rtol=0, atol=0)
 
