@@ -15,6 +15,12 @@ alternate step by step; medians are printed, in milliseconds:
 * ``start``: from the hand-off until the later of the two members starts;
 * ``tail``: from the later member's end until the caller has both results;
 * ``step``: the whole step, against ``member`` (one member's own time).
+
+A second comparison runs ``--run`` such steps back to back after one shared
+op, as consecutive groups do: ``regions`` opens a parallel region per step
+(``OpenMPTeam.run``), ``stages`` runs them as the stages of one region
+(``OpenMPTeam.run_stages``, a barrier between steps).  ``step`` is then the
+run's time divided by its steps, against ``member``.
 """
 
 from __future__ import annotations
@@ -34,9 +40,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--member-ms", type=float, default=2.0, help="single-thread work per member (about)")
+    parser.add_argument("--run", type=int, default=8, help="steps per run in the second comparison")
     args = parser.parse_args()
-    if args.steps < 1 or args.member_ms <= 0:
-        parser.error(f"--steps must be >= 1 and --member-ms > 0 (got {args.steps} and {args.member_ms})")
+    if args.steps < 1 or args.member_ms <= 0 or args.run < 1:
+        parser.error(f"--steps and --run must be >= 1 and --member-ms > 0 "
+                     f"(got {args.steps}, {args.run} and {args.member_ms})")
     team = openmp_team()
     if team is None:
         raise SystemExit("no OpenMP runtime found in this process: nothing to compare")
@@ -63,7 +71,13 @@ def main() -> None:
         def on_team():
             return [outcome.result() for outcome in team.run([member, member])]
 
-        samples = {"openmp-team": [], "thread-pool": []}
+        def regions():
+            return [stamp for _ in range(args.run) for stamp in on_team()]
+
+        def stages():
+            return [outcome.result() for stage in team.run_stages([[member, member]] * args.run) for outcome in stage]
+
+        samples = {"openmp-team": [], "thread-pool": [], "regions": [], "stages": []}
         for i in range(args.steps + 10):
             for name, run in (("openmp-team", on_team), ("thread-pool", on_pool)):
                 work()  # the shared segment, on two threads
@@ -74,9 +88,18 @@ def main() -> None:
                     starts, ends = [s for s, _ in stamps], [e for _, e in stamps]
                     samples[name].append(dict(start=max(starts) - t, tail=done - max(ends), step=done - t,
                                               member=statistics.mean(e - s for s, e in stamps)))
+            if i % args.run == 0:  # as many steps of the second comparison as of the first
+                for name, run in (("regions", regions), ("stages", stages)):
+                    work()
+                    t = time.perf_counter()
+                    stamps = run()
+                    done = time.perf_counter()
+                    if i >= 10:
+                        samples[name].append(dict(step=(done - t) / args.run,
+                                                  member=statistics.mean(e - s for s, e in stamps)))
     result = {name: {k: round(statistics.median(s[k] for s in rows) * 1e3, 3) for k in rows[0]}
               for name, rows in samples.items()}
-    print(json.dumps(dict(runtime=team.path, steps=args.steps, **result), indent=1))
+    print(json.dumps(dict(runtime=team.path, steps=args.steps, run=args.run, **result), indent=1))
 
 
 def calibrate(op, target_ms: float) -> int:
