@@ -4,17 +4,20 @@ The rewritten graph is cut into segments (:func:`passes.segments.split_segments`
 every segment is compiled by the inner compiler, and :class:`ConcurrentProgram`
 runs them: shared segments on the calling thread with all cores, the members
 of a group at the same time, each on one thread with one intra-op thread,
-their deltas then summed in memory by the next shared segment.
+their deltas then summed in memory by the next shared segment (or, for
+consecutive groups, by each member of the next group).
 
-CPU threads: the members of a step run as one parallel region of the OpenMP
-runtime ATen already uses (:class:`cqil_fx.omp_team.OpenMPTeam`), the
-calling thread being thread 0: the runtime's other threads are still spinning
-from the shared segment just before, so the later member starts about
-0.17 ms after the hand-off, where a sleeping worker thread had to wait for the scheduler
-(``omp_team``'s docstring has the numbers).  Inside the region ATen runs its
-ops on the calling thread, so each member has one intra-op thread.  Where no
-OpenMP runtime is found, a persistent pool of worker threads (created once
-per process, no thread per call) runs members 1..P-1 — each worker sets
+CPU threads: a run of consecutive member steps (consecutive groups, the
+phases of a bypassed group) is one parallel region of the OpenMP runtime ATen
+already uses (:meth:`cqil_fx.omp_team.OpenMPTeam.run_stages`), the calling
+thread being thread 0, each step a stage that ends at the runtime's barrier:
+the runtime's other threads are still spinning from the shared segment just
+before, so the later member starts about 0.17 ms after the hand-off, where a
+sleeping worker thread had to wait for the scheduler (``omp_team``'s
+docstring has the numbers).  Inside the region ATen runs its ops on the
+calling thread, so each member has one intra-op thread.  Where no OpenMP
+runtime is found, each step runs on its own: a persistent pool of worker
+threads (created once per process, no thread per call) runs members 1..P-1 — each worker sets
 ``torch.set_num_threads(1)`` when it starts, which with PyTorch's OpenMP build
 limits only that thread's ATen ops — and the calling thread runs member 0
 with ``torch.set_num_threads(1)`` for its length.
@@ -46,8 +49,9 @@ member streams) is captured into one CUDA graph by :class:`CudaGraphProgram`
 and replayed.
 
 An exception in a member reaches the caller after all members of the step
-have finished (CPU; the first member's if several raise) or been launched
-(CUDA); the team, the pool and the program stay usable.
+have finished (CPU; the first member's if several raise, and no later step
+starts) or been launched (CUDA); the team, the pool and the program stay
+usable.
 """
 
 from __future__ import annotations

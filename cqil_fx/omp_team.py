@@ -24,8 +24,8 @@ own ops on the calling thread: each member gets one intra-op thread.
 Consecutive steps (consecutive groups, or the two phases of a bypassed group)
 run as *stages* of one region (:meth:`OpenMPTeam.run_stages`): the threads
 meet at the runtime's own barrier (``GOMP_barrier``, spinning first) between
-stages instead of leaving the region and entering the next one, which saved
-about 0.13 ms a step (docs/performance.md).  A thread that leaves the region
+stages instead of leaving the region and entering the next one: 0.16 ms less
+a step in ``benchmarks/handoff.py`` (docs/performance.md).  A thread that leaves the region
 before the others would leave them waiting at a barrier for good, so each
 thread's part is written so that whatever is raised on it, even an interrupt
 (``KeyboardInterrupt`` arrives on the main thread, which is thread 0, when a
