@@ -163,7 +163,9 @@ class ConcurrentProgram:
     def compile(self, inner: Callable, example_inputs: Sequence) -> ConcurrentProgram:
         """Compile every segment with ``inner`` on the values it sees for ``example_inputs``."""
         env = dict(zip(self.placeholders, _scratch_inputs(example_inputs)))
-        self.device = next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        # The accelerator the graph runs on, if any (a CPU scalar among CUDA inputs does not make it CPU).
+        tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+        self.device = next((x.device for x in tensors if x.device.type != "cpu"), torch.device("cpu"))
         device_type = self.device.type
         for step in self.steps:
             for call in step:
