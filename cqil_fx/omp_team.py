@@ -129,10 +129,13 @@ class OpenMPTeam:
                 if any(o.error is not None for o in ran[-1]):
                     break
             return ran
+        threads = max(map(len, stages), default=0)
+        if threads == 0:  # GOMP_parallel would read 0 threads as "the default number"
+            return [[] for _ in stages]
         key = next(self._keys)
         region = self._regions[key] = _Region(stages)
         try:
-            self._parallel(self._body, key, max(map(len, stages)), 0)
+            self._parallel(self._body, key, threads, 0)
         finally:
             del self._regions[key]
         if region.interrupt is not None:

@@ -97,6 +97,10 @@ def test_stages_run_one_after_the_other_each_at_the_same_time(team):
     assert all(len({ident for *_, ident in stage}) == 2 for stage in values)
 
 
+def test_no_tasks_no_region(team):
+    assert team.run([]) == [] and team.run_stages([]) == [] and team.run_stages([[], []]) == [[], []]
+
+
 def test_a_stage_with_an_error_is_the_last_to_run(team):
     ran = []
 
