@@ -169,9 +169,8 @@ class SegmentClock:
 
     def _instrument(self, program: ConcurrentProgram) -> None:
         for index, step in enumerate(program.steps):
-            shared = len(step) == 1 and step[0].segment.shared
             for call in step:
-                call.fn = self._timed(call.fn, None if shared else index)
+                call.fn = self._timed(call.fn, None if call.segment.shared else index)
         run_members = program._run_members
 
         def timed_run(steps, env):

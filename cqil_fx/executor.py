@@ -138,7 +138,7 @@ class ConcurrentProgram:
         # the phases of one group) as one run, the stages of one parallel region on CPU.
         self.runs: list[_Call | list[list[_Call]]] = []
         for step in self.steps:
-            if len(step) == 1 and step[0].segment.shared:
+            if step[0].segment.shared:  # a shared segment is a step of its own
                 self.runs.append(step[0])
             elif self.runs and isinstance(self.runs[-1], list):
                 self.runs[-1].append(step)

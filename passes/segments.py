@@ -27,6 +27,7 @@ which node goes where and describes the segments it produced.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Sequence
 
@@ -93,11 +94,14 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
             partition_of[node] = (g, 0, int(node in mlp_half), k)
         else:
             partition_of[node] = (groups_started - 1, 1, 0, 0)  # shared: after the groups begun so far
+    shared_after: dict[int, set] = collections.defaultdict(set)  # group -> the shared nodes that follow it
+    for node, (g, kind, _, _) in partition_of.items():
+        if kind == 1:
+            shared_after[g].add(node)
     folded = False
     for g, (done, following) in enumerate(zip(rewrites, rewrites[1:])):
-        between = {n for n, key in partition_of.items() if key == (g, 1, 0, 0)}
-        if following.input is done.output and between == set(done.sums):
-            _fold_sum(gm.graph, done, g + 1, owner, partition_of)
+        if following.input is done.output and shared_after[g] == set(done.sums):
+            _fold_sum(gm.graph, done, g + 1, len(following.members), owner, partition_of)
             folded = True
     if folded:
         gm.graph.lint()
@@ -113,14 +117,14 @@ def split_segments(gm: torch.fx.GraphModule, blocks: Sequence[Block], rewrites: 
     return SplitGraph(module, segments)
 
 
-def _fold_sum(graph: torch.fx.Graph, done: GroupRewrite, group: int, owner: dict, partition_of: dict) -> None:
-    """Move ``done``'s sum into the members of ``group`` (the group after it): the nodes to
-    member 0, a copy to each other member, whose nodes then read their copy's output."""
-    members = sorted({k for g, k in owner.values() if g == group})
+def _fold_sum(graph: torch.fx.Graph, done: GroupRewrite, group: int, width: int, owner: dict,
+              partition_of: dict) -> None:
+    """Move ``done``'s sum into the ``width`` members of ``group`` (the group after it): the
+    nodes to member 0, a copy to each other member, whose nodes then read their copy's output."""
     for node in done.sums:
-        partition_of[node] = (group, 0, 0, members[0])
+        partition_of[node] = (group, 0, 0, 0)
     anchor = done.output
-    for k in members[1:]:
+    for k in range(1, width):
         copies: dict[torch.fx.Node, torch.fx.Node] = {}
         for node in done.sums:
             with graph.inserting_after(anchor):
