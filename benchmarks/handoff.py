@@ -7,7 +7,7 @@ One step is what a group step of ``mode="concurrent"`` does after a shared
 segment: a two-thread ATen op (the "shared segment", which leaves the OpenMP
 runtime's idle thread spinning), then two "members" of the same single-thread
 work started together and waited for.  ``openmp-team`` starts them with
-``cqil_fx.omp_team.OpenMPTeam.run`` (a parallel region of the runtime's own
+``cqil_fx.graph.omp_team.OpenMPTeam.run`` (a parallel region of the runtime's own
 threads); ``thread-pool`` runs member 0 on the calling thread and member 1 on
 a ``ThreadPoolExecutor`` worker (the executor's fallback).  The two variants
 alternate step by step; medians are printed, in milliseconds:
@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from cqil_fx.omp_team import openmp_team
+from cqil_fx.graph.omp_team import openmp_team
 
 
 def main() -> None:

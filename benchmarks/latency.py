@@ -9,10 +9,10 @@ Workloads, batch 1: ``decode`` is one forward of 1 token without a cache,
 ``prefill-128`` / ``prefill-512`` one forward of 128 / 512 tokens, and
 ``generate-64`` is ``model.generate`` with a static KV cache: a 128-token prompt,
 then 64 new tokens, greedy (each column's ``forward`` compiled as in
-``cqil_fx.generation.compiled_twin``; one prefill and one decode graph).  For
+``cqil_fx.tools.generation.compiled_twin``; one prefill and one decode graph).  For
 ``generate-64`` the ratios below are taken on the per-token latency (the mean
 wall time of the 63 decode steps after the prefill, timed by
-``cqil_fx.generation.TokenClock``: forward plus generate's own per-step work),
+``cqil_fx.tools.generation.TokenClock``: forward plus generate's own per-step work),
 and the rows also give the whole call and tokens/s (64 / whole call).
 
 Columns, all compiled with Inductor and measured interleaved (one call of each
@@ -93,10 +93,10 @@ import torch
 import torch.distributed as dist
 
 from cqil_fx import CQILConfig, make_backend
-from cqil_fx.distributed import parameter_bytes, release_other_members
-from cqil_fx.executor import ConcurrentProgram
-from cqil_fx.generation import TokenClock, compiled_twin
-from cqil_fx.models import load_smollm2
+from cqil_fx.graph.distributed import parameter_bytes, release_other_members
+from cqil_fx.graph.executor import ConcurrentProgram
+from cqil_fx.tools.generation import TokenClock, compiled_twin
+from cqil_fx.tools.models import load_smollm2
 
 WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "generate-64": (128, 64)}
 """workload -> (prompt tokens, new tokens); 0 new tokens is one forward without a cache."""
@@ -293,7 +293,7 @@ _BARRIER: list[str] = []
 
 def _barrier() -> None:
     """Both ranks leave within microseconds of each other (a spinning shared-memory all_reduce)."""
-    from cqil_fx import shm
+    from cqil_fx.graph import shm
 
     if not _BARRIER:
         _BARRIER.append(shm.open_channel(dist.group.WORLD, dist.get_rank(), 2, 1 << 16, timeout=600))
@@ -331,7 +331,7 @@ def workload_ids(model, workload: str) -> torch.Tensor:
 
 def bare_all_reduce(tokens: int, hidden: int, shared_memory: bool, reps: int = 50) -> float:
     """Median ms of one all_reduce of a group delta ([1, tokens, hidden] float32) between idle ranks."""
-    from cqil_fx import shm
+    from cqil_fx.graph import shm
 
     x = torch.randn(1, tokens, hidden)
     if shared_memory:

@@ -120,7 +120,7 @@ class CQILConfig:
     ask for an automatic one: ``plan="auto"`` with ``calibration=`` batches of
     token ids searches, at compile time, the groups of ``parallel`` blocks that
     save the most block-time while the calibration perplexity stays within
-    ``(1 + budget)`` times the original's (:mod:`cqil_fx.planner`).  Giving
+    ``(1 + budget)`` times the original's (:mod:`cqil_fx.planning`).  Giving
     ``calibration`` with no other plan field also plans automatically.
 
     ``bypass`` is the paper's D: member k's MLP also reads the attention outputs
@@ -131,11 +131,11 @@ class CQILConfig:
     others at a collective before it raises :class:`CQILDistributedError`.
     ``transport`` carries the SPMD collectives: "process_group" (functional
     collectives over the process group: gloo, NCCL), "shared_memory" (CPU
-    ranks on one x86-64 host, :mod:`cqil_fx.shm`), or "auto" (shared memory
+    ranks on one x86-64 host, :mod:`cqil_fx.graph.shm`), or "auto" (shared memory
     where it applies, else the process group).  ``cuda_graphs`` (concurrent
     mode on CUDA): capture each graph's whole concurrent program, member
     streams included, into one CUDA graph and replay it
-    (:class:`cqil_fx.executor.CudaGraphProgram`).
+    (:class:`cqil_fx.graph.executor.CudaGraphProgram`).
     """
 
     groups: Sequence[Sequence[int]] | None = None
@@ -232,7 +232,7 @@ class CQILConfig:
     def plan_for(self, num_blocks: int) -> Plan:
         """The plan for a model with ``num_blocks`` decoder blocks (not for ``plan="auto"``)."""
         if self.wants_auto_plan:
-            raise CQILConfigError("an automatic plan is searched at compile time; see cqil_fx.planner")
+            raise CQILConfigError("an automatic plan is searched at compile time; see cqil_fx.planning")
         if isinstance(self.plan, Plan):
             if self.plan.num_blocks != num_blocks:
                 raise CQILPlanError(

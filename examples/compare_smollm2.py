@@ -19,7 +19,7 @@ import time
 import torch
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend
-from cqil_fx.models import load_smollm2, token_batches
+from cqil_fx.tools.models import load_smollm2, token_batches
 
 PROMPT = "The capital of France is"
 

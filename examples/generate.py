@@ -11,7 +11,7 @@ greedily with ``cache_implementation="static"``: one prefill graph and one
 decode graph each.  The first generate call compiles; the next ``--repeat``
 calls (3 by default) reuse both graphs and are timed, and the median is
 printed (one call on a shared 2-vCPU VM varies by 10 % from run to run).  The CQIL tokens are checked against the eager reference
-(``cqil_fx.reference.cqil_semantics``, same cache, no FX).  With ``--recovered``
+(``cqil_fx.eager.reference.cqil_semantics``, same cache, no FX).  With ``--recovered``
 the CQIL model is a copy of the original with the weights distilled for the
 plan (``cqil_fx.load_recovered``); the original keeps its own.
 """
@@ -27,9 +27,9 @@ import time
 import torch
 
 from cqil_fx import CQILConfig, load_recovered, make_backend
-from cqil_fx.generation import compiled_twin
-from cqil_fx.models import load_smollm2
-from cqil_fx.reference import cqil_semantics
+from cqil_fx.tools.generation import compiled_twin
+from cqil_fx.tools.models import load_smollm2
+from cqil_fx.eager.reference import cqil_semantics
 
 PROMPTS = ["The capital of France is", "A list in Python is"]
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed as dist
 
 from cqil_fx import CQILConfig, make_backend
-from cqil_fx.distributed import parameter_bytes, release_other_members
-from cqil_fx.generation import compiled_twin
-from cqil_fx.models import load_smollm2
+from cqil_fx.graph.distributed import parameter_bytes, release_other_members
+from cqil_fx.tools.generation import compiled_twin
+from cqil_fx.tools.models import load_smollm2
 
 PROMPT = "In Python, a list comprehension is"
 

@@ -1,34 +1,44 @@
 """FX passes of cqil_fx, one per file; each is a function over a GraphModule.
 
-Analysis:  :func:`find_blocks` (decoder blocks and their residual paths).
-Rewrite:   :func:`rewrite_groups` (members read the group input, deltas summed),
-           :func:`add_bypass_edges` (earlier members' attention outputs into later MLPs).
-Placement: :func:`split_segments` (shared and per-member segments, for mode="concurrent"),
-           :func:`place_members` (one member per rank, collectives, for mode="spmd").
+Installed as :mod:`cqil_fx.passes` (the folder stays ``passes/`` at the top of
+the repository). In pipeline order::
 
-The passes import nothing from :mod:`cqil_fx`; they take and return plain values.
+    find_blocks(gm) -> [Block]                                   analysis
+    rewrite_groups(gm, blocks, groups) -> RewrittenGraph         rewrite
+    add_bypass_edges(rewritten, D) -> RewrittenGraph             rewrite (D > 0)
+    split_segments(rewritten) -> SplitGraph                      placement, mode="concurrent"
+    place_members(rewritten, rank, W, group) -> RewrittenGraph   placement, mode="spmd"
+
+:class:`RewrittenGraph` is the one value between the rewrite and the
+placements: the module, the blocks as they now are, what each group became,
+the bypass distance and the SPMD placement. The passes import nothing from
+:mod:`cqil_fx` but its shared value types (errors, the decoder-stack rule).
 """
 
 from .bypass import add_bypass_edges
-from .concurrent_groups import GroupRewrite, member_of_nodes, rewrite_groups
-from .find_blocks import Block, UnrecognisedBlockError, find_blocks
+from .concurrent_groups import GroupRewrite, RewrittenGraph, rewrite_groups
+from .find_blocks import Block, find_blocks
 from .module_stack import LayerRef, layer_of
-from .segments import Segment, SplitGraph, split_segments
-from .spmd import Placement, SpmdPlacementError, place_members
+from .mutation import has_inplace_ops, mutates_in_place
+from .segments import Partition, PartitionAssignment, Segment, SplitGraph, assign_partitions, split_segments
+from .spmd import Placement, place_members
 
 __all__ = [
     "Block",
     "GroupRewrite",
     "LayerRef",
+    "Partition",
+    "PartitionAssignment",
     "Placement",
+    "RewrittenGraph",
     "Segment",
     "SplitGraph",
-    "SpmdPlacementError",
-    "UnrecognisedBlockError",
     "add_bypass_edges",
+    "assign_partitions",
     "find_blocks",
+    "has_inplace_ops",
     "layer_of",
-    "member_of_nodes",
+    "mutates_in_place",
     "place_members",
     "rewrite_groups",
     "split_segments",

@@ -10,46 +10,47 @@ counted twice.  Group [g0, g1], D = 1 (before -> after)::
     m1   = mlp(h)                       h    = norm(u1)
                                         m1   = mlp(h)
 
-Run after :func:`~passes.concurrent_groups.rewrite_groups`.
+Run on the :class:`~cqil_fx.passes.concurrent_groups.RewrittenGraph` of
+:func:`~cqil_fx.passes.concurrent_groups.rewrite_groups`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import operator
-from collections.abc import Sequence
 
 import torch.fx
 
+from cqil_fx.errors import CQILPlanError
+
+from .concurrent_groups import RewrittenGraph
 from .find_blocks import SEQUENTIAL, Block
 
 
-def add_bypass_edges(
-    gm: torch.fx.GraphModule, blocks: Sequence[Block], groups: Sequence[Sequence[int]], distance: int
-) -> int:
-    """Add the bypass edges of every group; returns how many attention outputs were routed."""
+def add_bypass_edges(rewritten: RewrittenGraph, distance: int) -> RewrittenGraph:
+    """Add the bypass edges of every group at ``distance``; the result counts the routed outputs."""
     if distance < 0:
-        raise ValueError(f"bypass distance must be >= 0, got {distance}")
-    by_index = {b.index: b for b in blocks}
+        raise CQILPlanError(f"bypass distance must be >= 0, got {distance}")
     edges = 0
-    for group in groups:
-        members = [by_index[i] for i in group]
+    for rewrite in rewritten.rewrites:
+        members = [rewritten.block(i) for i in rewrite.members]
         for k, member in enumerate(members):
             sources = [m.attention for m in members[max(0, k - distance):k]]
             if sources:
-                _route_into_mlp(gm.graph, member, sources)
+                _route_into_mlp(rewritten.gm.graph, member, sources)
                 edges += len(sources)
-    gm.graph.lint()
-    gm.recompile()
-    return edges
+    rewritten.gm.graph.lint()
+    rewritten.gm.recompile()
+    return dataclasses.replace(rewritten, bypass=distance, bypass_edges=edges)
 
 
 def _route_into_mlp(graph: torch.fx.Graph, member: Block, sources: list[torch.fx.Node]) -> None:
     if member.kind != SEQUENTIAL or any(a is None for a in sources):
-        raise ValueError(
+        raise CQILPlanError(
             f"block {member.index}'s group has parallel-residual blocks: their MLP reads the "
             "block input, so there is no MLP input to bypass into (or no attention output to send)"
         )
-    mid = member.residual[0]
+    mid = member.mid
     with graph.inserting_before(mid.next):
         u = mid
         for a in sources:

@@ -9,9 +9,10 @@ For a group [g0, g1] with input x (before -> after)::
     ... uses of out1 ...                out  = x + (d0 + d1)     # replaces out1
 
 A parallel-residual block already has its delta as one node (attn + mlp).
-The old block outputs are erased; every other node is kept, so the
-:class:`Block` records of the members stay valid for later passes (bypass),
-except for their ``input`` (now x) and ``output`` (gone).
+The old block outputs are erased.  The pass returns a :class:`RewrittenGraph`,
+the one value every later pass takes and returns: the module, the blocks as
+they now are (members read x and carry their delta), what each group became,
+and later the bypass distance and the SPMD placement.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch.fx
 
 from .find_blocks import Block
 from .module_stack import layer_of
 
+if TYPE_CHECKING:
+    from .spmd import Placement
 
 _INPUTS_OUTPUT = ("placeholder", "get_attr", "output")
 
@@ -46,10 +50,48 @@ class GroupRewrite:
         )
 
 
-def rewrite_groups(
-    gm: torch.fx.GraphModule, blocks: Sequence[Block], groups: Sequence[Sequence[int]]
-) -> list[GroupRewrite]:
-    """Rewrite every group of two or more blocks in place; returns what was made."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class RewrittenGraph:
+    """A graph after the group rewrite, as every later pass takes and returns it.
+
+    ``blocks`` are up to date: a member's ``input`` is its group's input and
+    its ``delta`` is set; a block after a group reads the group's output.
+    ``bypass``/``bypass_edges`` are set by
+    :func:`~cqil_fx.passes.bypass.add_bypass_edges`, ``placement`` by
+    :func:`~cqil_fx.passes.spmd.place_members` (whose graph then holds only the
+    blocks in ``blocks``: the other ranks' members are gone).
+    """
+
+    gm: torch.fx.GraphModule
+    blocks: tuple[Block, ...]
+    rewrites: tuple[GroupRewrite, ...]
+    bypass: int = 0
+    bypass_edges: int = 0
+    placement: Placement | None = None
+
+    def block(self, index: int) -> Block:
+        return next(b for b in self.blocks if b.index == index)
+
+    def member_of_nodes(self) -> dict[torch.fx.Node, tuple[int, int]]:
+        """(group, member) of every node that belongs to one member of a rewritten group.
+
+        A node belongs to member k of group g when it was traced in (or, for nodes
+        the rewrite passes made, carries the module stack of) that member's layer;
+        the group's sum nodes and the graph's inputs (weights) belong to no member.
+        """
+        member = {i: (g, k) for g, r in enumerate(self.rewrites) for k, i in enumerate(r.members)}
+        sums = {n for r in self.rewrites for n in r.sums}
+        owned = {}
+        for node in self.gm.graph.nodes:
+            ref = layer_of(node)
+            if ref is not None and ref.index in member and node not in sums and node.op not in _INPUTS_OUTPUT:
+                owned[node] = member[ref.index]
+        return owned
+
+
+def rewrite_groups(gm: torch.fx.GraphModule, blocks: Sequence[Block],
+                   groups: Sequence[Sequence[int]]) -> RewrittenGraph:
+    """Rewrite every group of two or more blocks of ``gm`` in place."""
     by_index = {b.index: b for b in blocks}
     rewrites: list[GroupRewrite] = []
     renamed: dict[torch.fx.Node, torch.fx.Node] = {}  # erased block output -> its replacement
@@ -61,7 +103,7 @@ def rewrite_groups(
             rewrites.append(rewrite)
     gm.graph.lint()
     gm.recompile()
-    return rewrites
+    return RewrittenGraph(gm, tuple(_updated(b, rewrites, renamed) for b in blocks), tuple(rewrites))
 
 
 def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node) -> GroupRewrite:
@@ -82,6 +124,15 @@ def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node
         if not m.output.users:
             graph.erase_node(m.output)
     return GroupRewrite(tuple(m.index for m in members), x, deltas, out, tuple(sums))
+
+
+def _updated(block: Block, rewrites: Sequence[GroupRewrite], renamed: dict) -> Block:
+    """``block``'s record after the rewrite: a member reads x and has a delta; others may read a group output."""
+    for r in rewrites:
+        if block.index in r.members:
+            k = r.members.index(block.index)
+            return dataclasses.replace(block, input=r.input, residual=block.residual[:-1], delta=r.deltas[k])
+    return dataclasses.replace(block, input=renamed.get(block.input, block.input))
 
 
 def _read_from(member: Block, x: torch.fx.Node) -> None:
@@ -106,20 +157,3 @@ def _add_like(graph: torch.fx.Graph, lhs, rhs, like: torch.fx.Node) -> torch.fx.
     node = graph.call_function(operator.add, (lhs, rhs))
     node.meta = dict(like.meta)
     return node
-
-
-def member_of_nodes(gm: torch.fx.GraphModule, rewrites: Sequence[GroupRewrite]) -> dict[torch.fx.Node, tuple[int, int]]:
-    """(group, member) of every node that belongs to one member of a rewritten group.
-
-    A node belongs to member k of group g when it was traced in (or, for nodes
-    the rewrite passes made, carries the module stack of) that member's layer;
-    the group's sum nodes and the graph's inputs (weights) belong to no member.
-    """
-    member = {i: (g, k) for g, r in enumerate(rewrites) for k, i in enumerate(r.members)}
-    sums = {n for r in rewrites for n in r.sums}
-    owned = {}
-    for node in gm.graph.nodes:
-        ref = layer_of(node)
-        if ref is not None and ref.index in member and node not in sums and node.op not in _INPUTS_OUTPUT:
-            owned[node] = member[ref.index]
-    return owned

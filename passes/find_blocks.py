@@ -34,16 +34,17 @@ import networkx as nx
 import torch
 import torch.fx
 
+from cqil_fx.errors import UnrecognisedBlockError
+from cqil_fx.stack import pick_decoder_stack
+
 from .module_stack import layer_of
+from .mutation import mutates_in_place
 
 SEQUENTIAL = "sequential"
 PARALLEL = "parallel"
 
 _ADD_TARGETS = {operator.add, operator.iadd, torch.add, torch.Tensor.add}
-
-
-class UnrecognisedBlockError(ValueError):
-    """The graph has decoder layers, but not in a shape these passes can rewrite."""
+_INPUTS = ("placeholder", "get_attr")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -58,6 +59,11 @@ class Block:
     are the nodes of the MLP branch that read ``mid`` (empty when parallel).
     ``cache_writes`` are the block's in-place writes (KV-cache updates), in
     graph order; only this block reads the tensors they write.
+
+    Once its group is rewritten (:func:`~cqil_fx.passes.concurrent_groups.rewrite_groups`)
+    a member's record says so: ``input`` is the group input, ``delta`` the node
+    holding its contribution, and ``residual`` keeps only the mid-block add
+    (the block output is gone, so ``output`` is None).
     """
 
     index: int
@@ -71,10 +77,17 @@ class Block:
     mlp: torch.fx.Node
     mlp_inputs: tuple[torch.fx.Node, ...]
     cache_writes: tuple[torch.fx.Node, ...] = ()
+    delta: torch.fx.Node | None = None  # set when the block's group is rewritten
 
     @property
-    def output(self) -> torch.fx.Node:
-        return self.residual[-1]
+    def output(self) -> torch.fx.Node | None:
+        """The block's last residual add; None once its group is rewritten."""
+        return None if self.delta is not None else self.residual[-1]
+
+    @property
+    def mid(self) -> torch.fx.Node | None:
+        """The mid-block residual ``x + a`` of a sequential block (the MLP branch reads it)."""
+        return self.residual[0] if self.kind == SEQUENTIAL else None
 
     @property
     def delta_terms(self) -> tuple[torch.fx.Node, ...]:
@@ -86,9 +99,10 @@ class Block:
         return sum(_numel(p) for p in self.params)
 
     def __repr__(self) -> str:
+        end = f"output={self.output.name}" if self.delta is None else f"delta={self.delta.name}"
         return (
             f"Block({self.index}, {self.path!r}, {self.kind}, {len(self.nodes)} nodes, "
-            f"{self.param_count} params, input={self.input.name}, output={self.output.name})"
+            f"{self.param_count} params, input={self.input.name}, {end})"
         )
 
 
@@ -103,8 +117,11 @@ def find_blocks(gm: torch.fx.GraphModule) -> list[Block]:
     lists = _nodes_by_layer(gm.graph)
     if not lists:
         return []
-    # The decoder stack is the module list with the most traced nodes.
-    list_path, layers = max(lists.items(), key=lambda kv: sum(map(len, kv[1].values())))
+    # The decoder stack: the module list holding the most parameters (the rule cqil_fx.stack
+    # states once for the graph and the eager side); here, the parameters traced inside it.
+    list_path = pick_decoder_stack({path: sum(_numel(n) for nodes in layers.values() for n in nodes
+                                              if n.op in _INPUTS) for path, layers in lists.items()})
+    layers = lists[list_path]
     indices = sorted(layers)
     if indices != list(range(len(indices))):
         raise UnrecognisedBlockError(
@@ -145,8 +162,8 @@ def _dataflow(graph: torch.fx.Graph) -> nx.DiGraph:
 
 
 def _analyse(index: int, path: str, nodes: list[torch.fx.Node], dag: nx.DiGraph) -> Block:
-    params = tuple(n for n in nodes if n.op in ("placeholder", "get_attr"))
-    body = tuple(n for n in nodes if n.op not in ("placeholder", "get_attr"))
+    params = tuple(n for n in nodes if n.op in _INPUTS)
+    body = tuple(n for n in nodes if n.op not in _INPUTS)
     inside = set(body)
     # Tensor adds only: a static sliding-window cache also adds to a Python int counter
     # (``cumulative_length_int += 1``) that leaves the graph as an output.
@@ -188,21 +205,6 @@ def _residual_chain(output: torch.fx.Node, inside: set, dag: nx.DiGraph, path: s
         chain.append(node)
         node = residual
     return tuple(reversed(chain)), node
-
-
-def mutates_in_place(node: torch.fx.Node) -> bool:
-    """Whether ``node`` writes its first argument in place (``index_copy_``, ``add_``, ``t[i] = v``)."""
-    if node.op == "call_method":
-        name = node.target
-    elif node.op == "call_function":
-        if node.target is operator.setitem:
-            return True
-        if isinstance(node.target, torch._ops.OpOverload):
-            return node.target._schema.is_mutable
-        name = getattr(node.target, "__name__", "")
-    else:
-        return False
-    return name.endswith("_") and not name.startswith("_")
 
 
 def _check_cache_writes(blocks: list[Block]) -> None:

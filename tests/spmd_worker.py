@@ -22,8 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_model, tokens  # noqa: E402
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend  # noqa: E402
-from cqil_fx.distributed import parameter_bytes, release_other_members  # noqa: E402
-from passes import layer_of  # noqa: E402
+from cqil_fx.graph.distributed import parameter_bytes, release_other_members  # noqa: E402
+from cqil_fx.passes import layer_of  # noqa: E402
 
 # (family, bypass D, inner compiler, transport)
 EXACTNESS_CASES = [("llama", 1, "inductor", "auto"), ("gemma2", 1, "aot_eager", "process_group"),
@@ -82,7 +82,7 @@ def exactness(rank: int, world_size: int) -> dict:
 
 def _reads_collective(node) -> bool:
     """The group's output ``x + all_reduce(d)``: shared, though it carries the last member's stack."""
-    import cqil_fx.shm  # noqa: F401 - registers torch.ops.cqil
+    import cqil_fx.graph.shm  # noqa: F401 - registers torch.ops.cqil
 
     reduced = (torch.ops._c10d_functional.wait_tensor.default, torch.ops.cqil.shm_all_reduce.default)
     return any(getattr(a, "target", None) in reduced for a in node.args)
@@ -165,7 +165,7 @@ def inductor_one_thread(gm, example_inputs):
 
 def latency(rank: int, world_size: int) -> dict:
     """Rank 0 times the original (one thread) against SPMD CQIL (all 8 blocks in 4 groups), interleaved."""
-    from cqil_fx.testing import compare_latency
+    from cqil_fx.tools.testing import compare_latency
 
     model = medium_llama()
     ids = torch.randint(0, 512, (1, 128), generator=torch.Generator().manual_seed(0))

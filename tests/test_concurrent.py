@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend
-from cqil_fx import executor
-from cqil_fx.executor import ConcurrentProgram
-from cqil_fx.inspect import capture_graph
-from cqil_fx.rewrite import apply_plan
-from passes import find_blocks
-from passes.module_stack import layer_of
-from passes.segments import split_segments
+from cqil_fx.graph import executor
+from cqil_fx.graph.executor import ConcurrentProgram
+from cqil_fx.tools.inspect import capture_graph
+from cqil_fx.graph.rewrite import apply_plan
+from cqil_fx.passes import find_blocks
+from cqil_fx.passes.module_stack import layer_of
+from cqil_fx.passes.segments import split_segments
 
-from conftest import relative_error
+from conftest import relative_error, setitem_graph
 from tiny_models import tiny_model, tokens
 
 
@@ -72,8 +72,7 @@ def test_segments_hold_one_member_each(bypass):
     gm = capture_graph(model, ids, use_cache=False)
     blocks = find_blocks(gm)
     plan = CQILConfig(groups=[[2, 3, 4]], bypass=bypass).plan_for(len(blocks))
-    rewrites, _ = apply_plan(gm, blocks, plan)
-    split = split_segments(gm, blocks, rewrites, phased=bypass > 0)
+    split = split_segments(apply_plan(gm, blocks, plan))
     members = [s for s in split.segments.values() if not s.shared]
     assert len(members) == 3 * (2 if bypass else 1)
     assert sum(s.shared for s in split.segments.values()) == 2
@@ -91,8 +90,7 @@ def test_a_sum_between_two_groups_is_folded_into_the_second(bypass):
     model, ids = tiny_model("llama"), tokens()
     gm = capture_graph(model, ids, use_cache=False)
     blocks = find_blocks(gm)
-    rewrites, _ = apply_plan(gm, blocks, CQILConfig(groups=[[1, 2], [3, 4]], bypass=bypass).plan_for(len(blocks)))
-    split = split_segments(gm, blocks, rewrites, phased=bypass > 0)
+    split = split_segments(apply_plan(gm, blocks, CQILConfig(groups=[[1, 2], [3, 4]], bypass=bypass).plan_for(len(blocks))))
     program = ConcurrentProgram(split)
     phases = 2 if bypass else 1
     assert [len(step) for step in program.steps] == [1] + [2] * 2 * phases + [1]
@@ -190,7 +188,7 @@ def test_segment_that_fails_with_the_cpp_wrapper_is_compiled_without_it(caplog):
         return gm.forward
 
     model, ids = tiny_model("llama"), tokens()
-    with caplog.at_level("WARNING", logger="cqil_fx.executor"):
+    with caplog.at_level("WARNING", logger="cqil_fx.graph.executor"):
         actual = compiled(model, groups=[[2, 3]], inner=inner)(ids, use_cache=False).logits
     expected = cqil_reference(model, CQILConfig(groups=[[2, 3]]), ids, use_cache=False).logits
     assert relative_error(actual, expected) <= 1e-4
@@ -216,7 +214,7 @@ def test_repeated_calls_and_lengths(inner):
 def test_cuda_graphs_on_cpu_runs_the_plain_program(caplog):
     """cuda_graphs=True is for CUDA inputs; on CPU the program runs as usual, with one INFO line."""
     model, ids = tiny_model("llama"), tokens()
-    with caplog.at_level("INFO", logger="cqil_fx.backend"):
+    with caplog.at_level("INFO", logger="cqil_fx.graph.backend"):
         actual = compiled(model, start=2, end=6, inner="eager", cuda_graphs=True)(ids, use_cache=False).logits
     expected = cqil_reference(model, CQILConfig(start=2, end=6), ids, use_cache=False).logits
     assert relative_error(actual, expected) <= 1e-4
@@ -241,7 +239,7 @@ def test_process_exits_cleanly_after_concurrent_runs(tmp_path):
 
 
 def test_has_inplace_ops():
-    from cqil_fx.executor import has_inplace_ops
+    from cqil_fx.passes import has_inplace_ops
 
     def writes(x, cache):
         cache.index_copy_(0, torch.tensor([0]), x)
@@ -256,3 +254,14 @@ def test_has_inplace_ops():
     a = aten.placeholder("a")
     aten.output(aten.call_function(torch.ops.aten.add_.Tensor, (a, a)))
     assert has_inplace_ops(torch.fx.GraphModule(torch.nn.Module(), aten))
+
+
+def test_setitem_counts_as_in_place_so_a_cuda_graph_copies_the_input_back():
+    """``t[i] = v`` writes ``t``: the one in-place rule (cqil_fx.passes.mutation) says so, and the
+    backend hands that answer to CudaGraphProgram, which copies dynamic inputs back after a replay."""
+    from cqil_fx.passes import has_inplace_ops, mutates_in_place
+
+    gm = setitem_graph()
+    (setitem,) = [n for n in gm.graph.nodes if n.op == "call_function" and "setitem" in str(n.target)]
+    assert mutates_in_place(setitem) and has_inplace_ops(gm)
+    assert not any(mutates_in_place(n) for n in gm.graph.nodes if n is not setitem)

@@ -1,4 +1,4 @@
-"""Quality recovery by distillation (cqil_fx.distill) on tiny random models.
+"""Quality recovery by distillation (cqil_fx.eager.distill) on tiny random models.
 
 The student trains under the hook-based reference semantics; these tests check
 that training moves the loss and only the trained weights, that the gradients
@@ -15,12 +15,13 @@ import torch
 
 from cqil_fx import (CQILConfig, CQILConfigError, Plan, PlanMismatchWarning, RecoveredWeightsError, cqil_reference,
                      distill_plan, load_recovered, make_backend, recover, save_recovered)
-from cqil_fx.cli import main as cli_main
-from cqil_fx.distill import distillation_kl
-from cqil_fx.quality import perplexity
-from cqil_fx.reference import cqil_semantics, decoder_layers
-from cqil_fx.similarity import SimilarityReport
-from cqil_fx.study import Row, plan_label, write_report
+from cqil_fx.tools.cli import main as cli_main
+from cqil_fx.eager.distill import distillation_kl
+from cqil_fx.eager.quality import perplexity
+from cqil_fx.eager.reference import cqil_semantics
+from cqil_fx.stack import decoder_layers
+from cqil_fx.planning import SimilarityReport
+from cqil_fx.eager.study import Row, plan_label, write_report
 
 from conftest import relative_error
 from tiny_models import VOCAB, tiny_model, tokens
@@ -218,8 +219,8 @@ def test_quality_report_shows_recovered_rows(tmp_path):
 
 
 def test_run_recovery_writes_weights_and_summary_that_eval_can_load(tmp_path):
-    from cqil_fx.cli import _recovered_models
-    from cqil_fx.distill import run_recovery
+    from cqil_fx.tools.cli import _recovered_models
+    from cqil_fx.eager.distill import run_recovery
 
     summary = run_recovery(fresh(), CONFIG, TRAIN, HELD_OUT, HELD_OUT, tmp_path, command="test", steps=2,
                            lr=3e-3, eval_every=1, progress=False)

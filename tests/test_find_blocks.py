@@ -3,10 +3,11 @@
 import pytest
 import torch
 
-from passes import UnrecognisedBlockError, find_blocks
-from passes.module_stack import LayerRef, layer_of, normalise_path
-from cqil_fx.inspect import capture_graph
-from cqil_fx.reference import decoder_layers
+from cqil_fx.errors import UnrecognisedBlockError
+from cqil_fx.passes import find_blocks
+from cqil_fx.passes.module_stack import LayerRef, layer_of, normalise_path
+from cqil_fx.tools.inspect import capture_graph
+from cqil_fx.stack import decoder_layers
 
 from tiny_models import FAMILIES, LAYERS, tiny_model, tokens
 

@@ -2,7 +2,7 @@
 
 The oracle is independent of any cache: greedy decoding that recomputes the
 whole sequence at every step, with no cache, under the eager CQIL hooks
-(:func:`cqil_fx.reference.cqil_semantics`).  A member's K/V written to the
+(:func:`cqil_fx.eager.reference.cqil_semantics`).  A member's K/V written to the
 cache are computed from its group input x, so decoding with a cache gives the
 same logits.  Dynamo tracing of the HF forward dominates the time here (a few
 seconds per graph on two cores, more for SmolLM2's 30 blocks), so the tiny
@@ -17,8 +17,9 @@ import transformers
 from torch._dynamo.utils import counters
 
 from cqil_fx import CQILConfig, make_backend
-from cqil_fx.generation import compiled_twin
-from cqil_fx.reference import cqil_semantics, decoder_layers
+from cqil_fx.tools.generation import compiled_twin
+from cqil_fx.eager.reference import cqil_semantics
+from cqil_fx.stack import decoder_layers
 
 from conftest import relative_error
 from tiny_models import _COMMON, FAMILIES, tokens

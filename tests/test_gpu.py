@@ -9,10 +9,10 @@ import torch
 from torch._dynamo.utils import counters
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend
-from cqil_fx.generation import compiled_twin
-from cqil_fx.reference import cqil_semantics
+from cqil_fx.tools.generation import compiled_twin
+from cqil_fx.eager.reference import cqil_semantics
 
-from conftest import relative_error
+from conftest import relative_error, setitem_graph
 from tiny_models import tiny_model, tokens
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -73,3 +73,20 @@ def test_cuda_graph_static_cache_generate():
             expected = model.generate(ids, **settings)
     assert torch.equal(actual, expected)
     assert counters["cqil"]["cuda_graph_captures"] >= 1
+
+
+def test_cuda_graph_copies_a_setitem_write_back_into_the_callers_tensor():
+    """A graph that writes an input with ``t[i] = v`` (operator.setitem) must copy it back after a replay."""
+    from cqil_fx.graph.executor import CudaGraphProgram
+    from cqil_fx.passes import has_inplace_ops
+
+    gm = setitem_graph()
+    program = CudaGraphProgram(gm, pinned=[], mutates_inputs=has_inplace_ops(gm))
+    assert program.mutates_inputs
+    for step in range(4):  # warm-up, capture, replays; every call gets fresh tensors at new addresses
+        x = torch.full((3,), float(step), device="cuda")
+        cache = torch.zeros(2, 3, device="cuda")
+        out = program(x, cache)
+        torch.cuda.synchronize()
+        assert torch.equal(out, x * 2)
+        assert torch.equal(cache[0], x), step  # the caller sees the write, replayed or not

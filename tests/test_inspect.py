@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from cqil_fx import CQILConfig
-from cqil_fx.cli import main
-from cqil_fx.inspect import format_blocks, inspect_model
+from cqil_fx.tools.cli import main
+from cqil_fx.tools.inspect import format_blocks, inspect_model
 
 from tiny_models import tiny_model, tokens
 
@@ -34,7 +34,7 @@ def test_inspect_model_reports_blocks_and_plan():
 
 
 def test_inspection_measures_the_quality_cost_on_calibration_batches():
-    from cqil_fx.quality import perplexity
+    from cqil_fx.eager.quality import perplexity
 
     model, config = tiny_model("llama"), CQILConfig(groups=[[1, 2], [5, 6]])
     calibration = [tokens(batch=2, length=12, seed=s) for s in range(2)]
@@ -70,7 +70,7 @@ def test_cli_rejects_bad_input_with_a_message(capsys):
 @pytest.mark.real_model
 def test_cli_inspect_smollm2(smollm2):
     out = subprocess.run(
-        [sys.executable, "-m", "cqil_fx.cli", "inspect", "--start", "12", "--end", "28", "--bypass", "1",
+        [sys.executable, "-m", "cqil_fx.tools.cli", "inspect", "--start", "12", "--end", "28", "--bypass", "1",
          "--windows", "1"],
         capture_output=True, text=True, check=True,
     ).stdout

@@ -3,7 +3,7 @@
 Margins are set for a noisy 2-core machine: the test model groups all 8
 blocks (ideal saving about half the block time) while the asserted reductions
 are 10-15 %, and a comparison that falls short is measured once more before
-the test fails (:func:`cqil_fx.testing.assert_latency_reduction`).
+the test fails (:func:`cqil_fx.tools.testing.assert_latency_reduction`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 import spmd_worker
 from cqil_fx import make_backend
-from cqil_fx.testing import LatencyComparison, assert_latency_reduction, compare_latency
+from cqil_fx.tools.testing import LatencyComparison, assert_latency_reduction, compare_latency
 from test_spmd import run_ranks
 
 pytestmark = pytest.mark.latency

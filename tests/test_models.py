@@ -13,8 +13,8 @@ import pytest
 import torch
 from pydoc_data.topics import topics
 
-from cqil_fx import models
-from cqil_fx.models import (
+from cqil_fx.tools import models
+from cqil_fx.tools.models import (
     SPLITS,
     ModelNotAvailableError,
     TextSplitError,

@@ -1,4 +1,4 @@
-"""cqil_fx.omp_team: tasks as one parallel region of the process's OpenMP runtime."""
+"""cqil_fx.graph.omp_team: tasks as one parallel region of the process's OpenMP runtime."""
 
 import subprocess
 import sys
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cqil_fx import executor
-from cqil_fx.omp_team import openmp_team
+from cqil_fx.graph import executor
+from cqil_fx.graph.omp_team import openmp_team
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_an_interrupt_at_a_barrier_leaves_no_thread_waiting():
     or as the error of the task it surfaced in), and the team stays usable."""
     script = textwrap.dedent("""
         import os, signal, threading, time
-        from cqil_fx.omp_team import openmp_team
+        from cqil_fx.graph.omp_team import openmp_team
 
         signal.signal(signal.SIGINT, signal.default_int_handler)  # ignored where the tests run in the background
         team = openmp_team()

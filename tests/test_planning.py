@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from cqil_fx import CQILConfig, CQILConfigError, CQILPlanError, Plan, cqil_reference, make_backend
-from cqil_fx.calibration import GraphCalibration
-from cqil_fx.inspect import capture_graph
-from cqil_fx.planner import plan_auto
-from cqil_fx.quality import perplexity, removed_blocks
-from cqil_fx.similarity import measure_similarity, save_heatmap
-from passes import find_blocks
+from cqil_fx.graph.calibration import GraphCalibration
+from cqil_fx.tools.inspect import capture_graph
+from cqil_fx.eager.planner import plan_auto
+from cqil_fx.eager.quality import perplexity, removed_blocks
+from cqil_fx.eager.similarity import measure_similarity, save_heatmap
+from cqil_fx.passes import find_blocks
 
 from conftest import relative_error
 from tiny_models import LAYERS, tiny_model, tokens
@@ -165,7 +165,7 @@ def test_bad_plan_fields(fields, message):
 
 
 def test_quality_study_writes_its_report(tmp_path):
-    from cqil_fx.study import run_study, write_report
+    from cqil_fx.eager.study import run_study, write_report
 
     model = tiny_model("llama")
     rows, similarity = run_study(model, CALIBRATION, CALIBRATION[:2], budgets=(0.5,), screen=4)

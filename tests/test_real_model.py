@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend
-from cqil_fx.models import token_batches
+from cqil_fx.tools.models import token_batches
 
 from conftest import relative_error
 

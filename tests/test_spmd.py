@@ -90,7 +90,7 @@ def test_parallel_different_from_world_size_is_an_error_on_every_rank(compile_er
 def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors):
     for results in compile_errors:
         kind, message = results["plans_disagree"]["error"]
-        assert kind == "CQILDistributedError", result
+        assert kind == "CQILDistributedError", results
         assert "disagree" in message and "[2-3]" in message and "[4-5]" in message
 
 
@@ -98,7 +98,7 @@ def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors
 def test_a_lost_rank_raises_on_the_others_within_the_timeout(tmp_path, scenario):
     result = run_ranks(scenario, tmp_path)[0]
     kind, message = result["error"]
-    assert kind == "CQILDistributedError", result
+    assert kind == "CQILDistributedError", results
     assert "rank 0" in message and "collective_timeout" in message
     assert result["seconds"] < 4 + 6  # collective_timeout=4 plus slack for a loaded machine
 

@@ -1,10 +1,11 @@
 """Shared-memory collectives for SPMD ranks on one CPU host (``transport="shared_memory"``).
 
-A gloo ``all_reduce`` between two processes on one machine costs 0.5-2.5 ms
-even when both ranks are ready: the bytes travel over TCP loopback and each
-message wakes a sleeping thread.  A one-token forward of a 30-block model has
-2-3 ms per block, so a collective per group eats what CQIL saves.  Here the
-ranks instead share one memory segment and spin: a rank copies its tensor into
+A gloo ``all_reduce`` between two processes on one machine costs about as
+much as a decoder block of a small model at one token, even when both ranks
+are ready: the bytes travel over TCP loopback and each message wakes a
+sleeping thread (docs/performance.md has the measurements), so a collective
+per group eats what CQIL saves.  Here the ranks instead share one memory
+segment and spin: a rank copies its tensor into
 its slot, publishes a sequence number, waits (spinning, so no wake-up
 latency) until every rank has published the same number, and sums the slots
 in rank order, so every rank gets bit-identical results.
@@ -38,7 +39,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from .errors import CQILDistributedError
+from ..errors import CQILDistributedError
 
 _FLAG_STRIDE = 8  # int64 per flag, padded to one 64-byte cache line each
 _SPIN_POLLS = 2000  # polls without pausing (each a few hundred ns of Python),
@@ -155,7 +156,7 @@ def shm_all_reduce(x: torch.Tensor, channel: str, after: torch.Tensor | None = N
     """Sum of ``x`` over the ranks of ``channel``, added in rank order (identical on every rank).
 
     ``after`` is unused; passing the previous collective's output orders the two
-    (see :func:`passes.spmd.replace_collectives`).
+    (see :func:`cqil_fx.passes.spmd.replace_collectives`).
     """
     slots = _CHANNELS[channel].exchange(x)
     out = slots[0].clone()

@@ -5,11 +5,11 @@ evaluation batches it measures the evaluation perplexity of
 
 * the original model;
 * uniform CQIL plans (P = 2 and 4, D = 0 and 1) over the default span;
-* automatic plans (:func:`cqil_fx.planner.plan_auto`) at several budgets;
+* automatic plans (:func:`cqil_fx.eager.planner.plan_auto`) at several budgets;
 * ShortGPT-style layer removal (drop the blocks of lowest influence,
   1 - cos(input, output), on the calibration split) at the same numbers of
   saved block-times;
-* optionally, models recovered by distillation (:mod:`cqil_fx.distill`) under
+* optionally, models recovered by distillation (:mod:`cqil_fx.eager.distill`) under
   their plans (:func:`recovered_rows`, ``cqil-fx eval --recovered DIR``),
 
 and writes a JSON file, a Markdown table and a PNG of perplexity vs saved
@@ -28,11 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CQILConfig, Plan, default_span
+from ..config import CQILConfig, Plan, default_span
+from ..planning import SimilarityReport
+from ..progress import progress as _progress
+from ..stack import decoder_layers
 from .planner import plan_auto
 from .quality import perplexity
-from .reference import decoder_layers
-from .similarity import SimilarityReport, _progress, save_heatmap
+from .similarity import save_heatmap
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,23 +12,21 @@ symbols); the backend says so and uses the default plan.
 
 from __future__ import annotations
 
-import math
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-from passes import find_blocks
-from passes.find_blocks import Block
-
-from .config import Plan
+from ..config import CQILConfig, Plan
+from ..errors import UncalibratableGraphError
+from ..passes import Block, find_blocks
+from ..planning import PlanSearch, SimilarityAccumulator, SimilarityReport, search_plan
+from ..tokens import NextTokenLoss, token_windows
 from .rewrite import apply_plan
-from .similarity import SimilarityAccumulator, SimilarityReport
 
-
-class UncalibratableGraphError(ValueError):
-    """The graph cannot be run on calibration data (no token-id input, symbolic shapes, ...)."""
+log = logging.getLogger(__name__)
 
 
 class GraphCalibration:
@@ -53,15 +51,11 @@ class GraphCalibration:
     def perplexity(self, plan: Plan | None = None) -> float:
         """Perplexity of the graph, rewritten for ``plan``, on the calibration windows."""
         gm = self.gm if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
-        nll, count = 0.0, 0
+        loss = NextTokenLoss()
         with torch.no_grad():
             for window in self.windows:
-                logits = gm(*self.inputs(window))[self.logits_index][:, :-1]
-                targets = window[:, 1:]
-                nll += nn.functional.cross_entropy(
-                    logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-                count += targets.numel()
-        return math.exp(nll / count)
+                loss.add(gm(*self.inputs(window))[self.logits_index], window)
+        return loss.perplexity
 
     def similarity(self, blocks: Sequence[Block]) -> SimilarityReport:
         """Mean cosine similarity of block inputs (and the stack output) over the windows."""
@@ -125,9 +119,26 @@ def _logits_output_index(gm: torch.fx.GraphModule) -> int:
 def _windows_like(calibration: Sequence[torch.Tensor], example: torch.Tensor) -> list[torch.Tensor]:
     """Calibration tokens cut into windows of the traced token input's shape."""
     flat = torch.cat([torch.as_tensor(t).flatten() for t in calibration]).to(example.dtype)
-    size = example.numel()
-    if flat.numel() < size:
+    if flat.numel() < example.numel():
         raise UncalibratableGraphError(
             f"calibration holds {flat.numel()} tokens, fewer than one traced input ({tuple(example.shape)})")
-    count = flat.numel() // size
-    return [flat[i * size:(i + 1) * size].view_as(example) for i in range(count)]
+    return token_windows(flat, example.shape)
+
+
+def search_graph_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence[Block],
+                      config: CQILConfig) -> PlanSearch | None:
+    """The automatic plan for a captured graph (inside the backend), per ``config``'s ``parallel``,
+    ``budget`` and ``calibration``; None, with a WARNING, when the graph cannot be calibrated."""
+    try:
+        runner = GraphCalibration(gm, example_inputs, config.calibration)
+    except UncalibratableGraphError as e:
+        log.warning("cqil: cannot calibrate this graph (%s); using the default uniform plan", e)
+        return None
+    sequential = all(b.kind == "sequential" for b in blocks)
+    distances = tuple(range(config.parallel)) if sequential else (0,)
+
+    def evaluate(groups: tuple[tuple[int, ...], ...], d: int) -> float:
+        return runner.perplexity(Plan(len(blocks), groups, d))
+
+    return search_plan(len(blocks), config.parallel, config.budget, distances, runner.similarity(blocks),
+                       runner.perplexity(), evaluate, progress=False)

@@ -6,40 +6,37 @@
 
 Perplexity is exp of the mean next-token cross-entropy over every predicted
 token of every batch, computed eagerly with the reference semantics
-(:func:`cqil_fx.reference.cqil_semantics`): the backend computes the same
+(:func:`cqil_fx.eager.reference.cqil_semantics`): the backend computes the same
 logits (tests check it), so the numbers hold for compiled models too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
-from .config import CQILConfig, Plan
-from .reference import cqil_semantics, decoder_layers, layer_input
-from .similarity import _progress
+from ..config import CQILConfig, Plan
+from ..errors import CQILConfigError
+from ..progress import progress as _progress
+from ..stack import decoder_layers
+from ..tokens import NextTokenLoss
+from .reference import cqil_semantics, layer_input
 
 
 def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], plan: Plan | CQILConfig | None = None,
                removed: Sequence[int] = (), progress: bool = False) -> float:
     """Perplexity of ``model`` on ``batches`` of token ids, under ``plan`` or with ``removed`` blocks."""
     if plan is not None and removed:
-        raise ValueError("give plan= or removed=, not both")
+        raise CQILConfigError("give plan= or removed=, not both")
     semantics = cqil_semantics(model, plan) if plan is not None else removed_blocks(model, removed)
-    nll, count = 0.0, 0
+    loss = NextTokenLoss()
     with semantics, torch.no_grad():
         for ids in _progress(batches, progress, "perplexity"):
-            logits = model(ids, use_cache=False).logits[:, :-1]
-            targets = ids[:, 1:]
-            nll += nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum").item()
-            count += targets.numel()
-    if not count:
-        raise ValueError("perplexity needs at least one batch with two or more tokens")
-    return math.exp(nll / count)
+            loss.add(model(ids, use_cache=False).logits, ids)
+    return loss.perplexity
 
 
 @contextlib.contextmanager
@@ -48,7 +45,7 @@ def removed_blocks(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
     layers = decoder_layers(model)
     bad = [i for i in indices if not 0 <= i < len(layers)]
     if bad:
-        raise ValueError(f"cannot remove blocks {bad}: the model has {len(layers)} blocks")
+        raise CQILConfigError(f"cannot remove blocks {bad}: the model has {len(layers)} blocks")
     handles = [layers[i].register_forward_hook(_pass_through, with_kwargs=True) for i in indices]
     try:
         yield

@@ -1,11 +1,10 @@
-"""Automatic planning: the groups that save the most block-time within a quality budget.
+"""Planning under a quality budget, whatever measures the plans: the search and its signals.
 
-    search = plan_auto(model, token_batches(tokenizer, "calibration", 256, 8), parallel=2, budget=0.10)
-    print(search.plan)            # Plan(30 blocks: ..., bypass 1, saves 5 block-times)
-    search.plan.save("plan.json")
-    fast = torch.compile(model, backend=make_backend(search.plan))
-
-The search, on the calibration split only:
+The search takes an ``evaluate(groups, bypass) -> perplexity`` and a
+:class:`SimilarityReport`; who runs the model does not matter here. The eager
+side supplies them with module hooks (:func:`cqil_fx.eager.planner.plan_auto`),
+the graph side with copies of the captured graph
+(:func:`cqil_fx.graph.calibration.search_graph_plan`).
 
 1. *Rank* every window of ``parallel`` adjacent blocks by the similarity of
    its members' inputs (the paper's signal, cheap: one pass).
@@ -29,13 +28,54 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .config import DEFAULT_BUDGET, CQILConfig, Plan
+from .config import Plan
 from .errors import CQILConfigError
-from .quality import perplexity
-from .reference import branches_of, decoder_layers
-from .similarity import SimilarityReport, _progress, measure_similarity
+from .progress import progress as _progress
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarityReport:
+    """``matrix`` is (N+1, N+1): index i < N is block i's input, index N the stack's output."""
+
+    matrix: torch.Tensor
+    tokens: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.matrix.shape[0] - 1
+
+    @property
+    def influence(self) -> torch.Tensor:
+        """Per block, 1 - mean cos(input, output): how much the block changes the stream."""
+        return 1 - self.matrix.diagonal(offset=1)
+
+    def group_similarity(self, group: Sequence[int]) -> float:
+        """Mean similarity of each later member's input to the group's input (1.0 = identical)."""
+        first = group[0]
+        return float(self.matrix[first, list(group[1:])].mean()) if len(group) > 1 else 1.0
+
+
+class SimilarityAccumulator:
+    """Sums token-wise cosine similarities of a stack of hidden states over batches."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, states: Sequence[torch.Tensor]) -> None:
+        """``states``: one (batch, tokens, hidden) tensor per block input (and the stack output)."""
+        unit = nn.functional.normalize(torch.stack(list(states)).flatten(1, -2).double(), dim=-1)
+        step = torch.einsum("itd,jtd->ij", unit, unit)
+        self.total = step if self.total is None else self.total + step
+        self.tokens += unit.shape[1]
+
+    def report(self) -> SimilarityReport:
+        if not self.tokens:
+            raise CQILConfigError("similarity needs at least one batch of token ids")
+        return SimilarityReport((self.total / self.tokens).float(), self.tokens)
+
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
@@ -66,46 +106,12 @@ class PlanSearch:
         )
 
 
-def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: int = 2,
-              budget: float = DEFAULT_BUDGET, bypass: Sequence[int] | None = None,
-              screen: int | None = None, progress: bool = True) -> PlanSearch:
-    """Search a plan for ``model`` on ``calibration`` batches of token ids (see module docs).
-
-    ``bypass``: the distances to consider (default: every legal one for the
-    model's block kind and ``parallel``).  ``screen``: how many of the
-    best-ranked windows to measure (default: all).
-    """
+def check_search_args(parallel: int, budget: float) -> None:
+    """Refuse a search that cannot make a plan."""
     if parallel < 2:
         raise CQILConfigError(f"parallel={parallel}: automatic planning needs groups of at least 2 blocks")
     if budget < 0:
         raise CQILConfigError(f"budget={budget} must be >= 0 (a relative perplexity increase, e.g. 0.1)")
-    layers = decoder_layers(model)
-    sequential = all(branches_of(layer).kind == "sequential" for layer in layers)
-    distances = tuple(bypass) if bypass is not None else (tuple(range(parallel)) if sequential else (0,))
-    similarity = measure_similarity(model, calibration, progress=progress)
-
-    def evaluate(groups: tuple[tuple[int, ...], ...], d: int) -> float:
-        return perplexity(model, calibration, plan=Plan(len(layers), groups, d))
-
-    return search_plan(len(layers), parallel, budget, distances, similarity,
-                       perplexity(model, calibration), evaluate, screen, progress)
-
-
-def search_graph_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence,
-                      config: CQILConfig) -> PlanSearch:
-    """:func:`plan_auto` on a captured graph (inside the backend), per ``config``'s
-    ``parallel``, ``budget`` and ``calibration``."""
-    from .calibration import GraphCalibration
-
-    runner = GraphCalibration(gm, example_inputs, config.calibration)
-    sequential = all(b.kind == "sequential" for b in blocks)
-    distances = tuple(range(config.parallel)) if sequential else (0,)
-
-    def evaluate(groups: tuple[tuple[int, ...], ...], d: int) -> float:
-        return runner.perplexity(Plan(len(blocks), groups, d))
-
-    return search_plan(len(blocks), config.parallel, config.budget, distances, runner.similarity(blocks),
-                       runner.perplexity(), evaluate, progress=False)
 
 
 def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequence[int],
@@ -113,6 +119,7 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
                 evaluate: Callable[[tuple[tuple[int, ...], ...], int], float],
                 screen: int | None = None, progress: bool = True) -> PlanSearch:
     """The rank / screen / grow search over any ``evaluate(groups, bypass) -> perplexity``."""
+    check_search_args(parallel, budget)
     windows = [tuple(range(i, i + parallel)) for i in range(num_blocks - parallel + 1)]
     windows.sort(key=similarity.group_similarity, reverse=True)
     windows = windows[:screen] if screen else windows

@@ -10,7 +10,7 @@
     save_recovered(result.model, result.plan, "recovered/")                     # safetensors + plan
     plan = load_recovered(fresh_model, "recovered/")                            # in place
 
-The student is a copy of ``model`` run under :func:`cqil_fx.reference.cqil_semantics`
+The student is a copy of ``model`` run under :func:`cqil_fx.eager.reference.cqil_semantics`
 (the exact numbers the backend computes for the plan, bypass included); the
 teacher is ``model`` itself, left untouched. The loss is the KL divergence from
 the teacher's next-token distribution to the student's, optionally mixed with
@@ -45,10 +45,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import CQILConfig, Plan
-from .errors import CQILConfigError
+from ..config import CQILConfig, Plan
+from ..errors import CQILConfigError, RecoveredWeightsError
+from ..stack import decoder_layers
+from ..tokens import token_windows
 from .quality import perplexity
-from .reference import cqil_semantics, decoder_layers, resolve_plan
+from .reference import cqil_semantics, resolve_plan
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,6 @@ __all__ = [
     "distill_plan",
     "load_recovered",
     "recover",
-    "recovery_windows",
     "run_recovery",
     "save_recovered",
 ]
@@ -71,10 +72,6 @@ DEFAULT_LR = {"full": 2e-4, "lora": 1e-3}
 WEIGHTS_FILE = "recovered.safetensors"
 PLAN_FILE = "plan.json"
 FORMAT = "cqil_fx.recovered/1"
-
-
-class RecoveredWeightsError(ValueError):
-    """A recovered-weights directory is missing, malformed, or does not fit the model."""
 
 
 class PlanMismatchWarning(UserWarning):
@@ -250,10 +247,9 @@ def _windows(texts: list[str], tokenizer, seq_len: int) -> list[torch.Tensor]:
         raise CQILConfigError(f"seq_len={seq_len} must be at least 2 tokens")
     ids = torch.tensor([t for text in texts
                         for t in tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]])
-    count = ids.numel() // seq_len
-    if not count:
+    if ids.numel() < seq_len:
         raise CQILConfigError(f"the texts hold {ids.numel()} tokens, fewer than one window of seq_len={seq_len}")
-    return list(ids[: count * seq_len].view(count, 1, seq_len).unbind(0))
+    return token_windows(ids, seq_len)
 
 
 def _order(count: int, steps: int, generator: torch.Generator) -> Iterator[int]:
@@ -548,25 +544,6 @@ def _check_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
 
 
 # --------------------------------------------------------------------------- the recipe behind `cqil-fx recover`
-
-
-def recovery_windows(tokenizer, seq_len: int = 128, batch: int = 1, validation: int = 8
-                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """(training, validation, evaluation) token batches of the Python reference text.
-
-    Training and validation come from the ``calibration`` split (its last ``validation``
-    windows are held out of training, for early stopping); evaluation is the whole disjoint
-    ``evaluation`` split in 256-token windows, as the quality study measures it.
-    """
-    from .models import token_batches
-
-    windows = token_batches(tokenizer, "calibration", seq_len)
-    if validation < 1 or len(windows) <= validation + batch:
-        raise CQILConfigError(f"validation={validation} must be >= 1 and leave training windows of the "
-                              f"{len(windows)} calibration windows of {seq_len} tokens")
-    train, held = windows[:-validation], windows[-validation:]
-    train = [torch.cat(train[i:i + batch]) for i in range(0, len(train) - batch + 1, batch)]
-    return train, held, token_batches(tokenizer, "evaluation", 256)
 
 
 def run_recovery(model: nn.Module, plan: Plan | CQILConfig, train, validation, evaluation, out_dir: str | Path,

@@ -2,14 +2,12 @@
 
 Why: on CPU, ATen and Inductor's C++ kernels run their parallel regions on
 the OpenMP runtime's thread pool, and after each region the runtime's idle
-threads spin for a while (libgomp: ``GOMP_SPINCOUNT``, 300,000 pauses by
-default) before they sleep.  A member handed to an ordinary worker thread
-right after a shared segment therefore has to wait until the scheduler takes
-the other core from a spinning OpenMP thread: on this 2-core VM the later of
-two ~2 ms members started 1.73 ms after the hand-off (median,
-``benchmarks/handoff.py``).  Running the members *as* a parallel region of
-that same runtime reuses the spinning threads: 0.17 ms, and a whole step took
-2.06 ms instead of 3.50 ms (docs/performance.md).
+threads spin for a while (libgomp: ``GOMP_SPINCOUNT``) before they sleep.  A
+member handed to an ordinary worker thread right after a shared segment
+therefore has to wait until the scheduler takes the other core from a
+spinning OpenMP thread.  Running the members *as* a parallel region of that
+same runtime reuses the spinning threads (measured in docs/performance.md
+with ``benchmarks/handoff.py``).
 
 How: the runtime's ``GOMP_parallel(fn, data, num_threads, flags)`` — the
 entry point GCC emits for ``#pragma omp parallel``, exported under the same
@@ -24,8 +22,8 @@ own ops on the calling thread: each member gets one intra-op thread.
 Consecutive steps (consecutive groups, or the two phases of a bypassed group)
 run as *stages* of one region (:meth:`OpenMPTeam.run_stages`): the threads
 meet at the runtime's own barrier (``GOMP_barrier``, spinning first) between
-stages instead of leaving the region and entering the next one: 0.16 ms less
-a step in ``benchmarks/handoff.py`` (docs/performance.md).  A thread that leaves the region
+stages instead of leaving the region and entering the next one (cheaper per
+step: ``benchmarks/handoff.py``, docs/performance.md).  A thread that leaves the region
 before the others would leave them waiting at a barrier for good, so each
 thread's part is written so that whatever is raised on it, even an interrupt
 (``KeyboardInterrupt`` arrives on the main thread, which is thread 0, when a

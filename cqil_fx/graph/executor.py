@@ -1,6 +1,6 @@
 """Concurrent execution inside one process (``mode="concurrent"``).
 
-The rewritten graph is cut into segments (:func:`passes.segments.split_segments`);
+The rewritten graph is cut into segments (:func:`cqil_fx.passes.split_segments`);
 every segment is compiled by the inner compiler, and :class:`ConcurrentProgram`
 runs them: shared segments on the calling thread with all cores, the members
 of a group at the same time, each on one thread with one intra-op thread,
@@ -9,12 +9,12 @@ consecutive groups, by each member of the next group).
 
 CPU threads: a run of consecutive member steps (consecutive groups, the
 phases of a bypassed group) is one parallel region of the OpenMP runtime ATen
-already uses (:meth:`cqil_fx.omp_team.OpenMPTeam.run_stages`), the calling
+already uses (:meth:`cqil_fx.graph.omp_team.OpenMPTeam.run_stages`), the calling
 thread being thread 0, each step a stage that ends at the runtime's barrier:
 the runtime's other threads are still spinning from the shared segment just
-before, so the later member starts about 0.17 ms after the hand-off, where a
-sleeping worker thread had to wait for the scheduler (``omp_team``'s
-docstring has the numbers).  Inside the region ATen runs its ops on the
+before, so the later member starts sooner than a sleeping worker thread,
+which has to wait for the scheduler (docs/performance.md has the measured
+hand-off, ``benchmarks/handoff.py``).  Inside the region ATen runs its ops on the
 calling thread, so each member has one intra-op thread.  Where no OpenMP
 runtime is found, each step runs on its own: a persistent pool of worker
 threads (created once per process, no thread per call) runs members 1..P-1 — each worker sets
@@ -69,7 +69,7 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 
-from passes.segments import Segment, SplitGraph
+from ..passes import Segment, SplitGraph
 
 from .omp_team import autograd_modes, openmp_team, run_in_modes
 
@@ -407,18 +407,3 @@ def static_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> list[in
     return [i for i, (node, x) in enumerate(zip(placeholders, example_inputs))
             if isinstance(x, torch.nn.Parameter)
             or node.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
-
-
-def has_inplace_ops(gm: torch.fx.GraphModule) -> bool:
-    """Whether ``gm`` calls any in-place op (``x.add_``, ``index_copy_``, an aten op that writes its input)."""
-    for node in gm.graph.nodes:
-        if node.op == "call_method" and node.target.endswith("_") and not node.target.startswith("_"):
-            return True
-        if node.op == "call_function":
-            schema = getattr(node.target, "_schema", None)
-            name = getattr(node.target, "__name__", "")
-            if schema is not None and schema.is_mutable:
-                return True
-            if schema is None and name.endswith("_") and not name.startswith("_"):
-                return True
-    return False

@@ -1,8 +1,8 @@
 """The real model and real text the tests, examples and benchmarks run on.
 
-    from cqil_fx.models import load_smollm2, token_batches
+    from cqil_fx.tools.models import load_smollm2, token_batches
 
-    model, tokenizer = load_smollm2()             # ~25-35 s the first time, <1 s after
+    model, tokenizer = load_smollm2()             # converts the GGUF the first time, then loads the cache
     calib = token_batches(tokenizer, "calibration", seq_len=256, num_batches=8)
     logits = model(calib[0]).logits
 
@@ -35,6 +35,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import CQILConfigError, ModelNotAvailableError, TextSplitError
+from ..tokens import token_windows
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -47,6 +50,7 @@ __all__ = [
     "TextSplitError",
     "load_smollm2",
     "python_reference_text",
+    "recovery_windows",
     "python_reference_topics",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
@@ -63,14 +67,6 @@ MANIFEST_NAME = "cqil_fx_manifest.json"
 SPLITS = ("calibration", "evaluation")
 # Every EVALUATION_STRIDE-th topic (in sorted key order) is held out for evaluation.
 EVALUATION_STRIDE = 5
-
-
-class ModelNotAvailableError(RuntimeError):
-    """The GGUF weights of SmolLM2 cannot be found on this machine."""
-
-
-class TextSplitError(ValueError):
-    """A text split was asked for that does not exist or is too short."""
 
 
 # --------------------------------------------------------------------------- model
@@ -177,7 +173,7 @@ def _convert_gguf_to_cache(gguf_path: Path, target: Path) -> None:
 def _write_converted(gguf_path: Path, out_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to float32 (once; ~30 s)", gguf_path)
+    log.info("converting %s to float32 (once: later loads read the cache)", gguf_path)
     start = time.perf_counter()
     load_args = dict(pretrained_model_name_or_path=gguf_path.parent, gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(**load_args, dtype=torch.float32)
@@ -298,8 +294,7 @@ def token_batches(
             f"the {split!r} split has {ids.numel()} tokens: {available} windows of "
             f"{seq_len}, fewer than the {wanted} asked for; lower seq_len or num_batches"
         )
-    windows = ids[: wanted * seq_len].view(wanted, 1, seq_len)
-    return list(windows.unbind(0))
+    return token_windows(ids, seq_len, wanted)
 
 
 def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTensor:
@@ -307,3 +302,20 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTenso
     # purpose; the windows cut below are what the model sees.
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def recovery_windows(tokenizer, seq_len: int = 128, batch: int = 1, validation: int = 8
+                     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """(training, validation, evaluation) token batches of the Python reference text.
+
+    Training and validation come from the ``calibration`` split (its last ``validation``
+    windows are held out of training, for early stopping); evaluation is the whole disjoint
+    ``evaluation`` split in 256-token windows, as the quality study measures it.
+    """
+    windows = token_batches(tokenizer, "calibration", seq_len)
+    if validation < 1 or len(windows) <= validation + batch:
+        raise CQILConfigError(f"validation={validation} must be >= 1 and leave training windows of the "
+                              f"{len(windows)} calibration windows of {seq_len} tokens")
+    train, held = windows[:-validation], windows[-validation:]
+    train = [torch.cat(train[i:i + batch]) for i in range(0, len(train) - batch + 1, batch)]
+    return train, held, token_batches(tokenizer, "evaluation", 256)

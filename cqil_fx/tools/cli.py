@@ -13,10 +13,8 @@ import argparse
 import logging
 import sys
 
-from .config import CQILConfig
-from .distill import RecoveredWeightsError
-from .errors import CQILConfigError, CQILPlanError
-from .models import TextSplitError
+from ..config import CQILConfig
+from ..errors import CQILError, ModelNotAvailableError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         return args.run(args, _config(args))
-    except (CQILConfigError, CQILPlanError, TextSplitError, RecoveredWeightsError) as e:
+    except CQILError as e:
         parser.exit(2, f"cqil-fx: error: {e}\n")
 
 
@@ -115,9 +113,18 @@ def _load(name: str):
         from .models import load_smollm2
 
         return load_smollm2()
+    import os
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+    if not os.path.isdir(name):
+        raise ModelNotAvailableError(f"--model {name!r}: no such directory; give 'smollm2' or the directory of a "
+                                     "Hugging Face model (config.json and weights), e.g. one save_pretrained wrote")
+    try:
+        return AutoModelForCausalLM.from_pretrained(name).eval(), AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ModelNotAvailableError(f"--model {name!r}: transformers cannot load a causal LM and its tokenizer "
+                                     f"from it ({type(e).__name__}: {e})") from e
 
 
 def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
@@ -142,7 +149,7 @@ def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
 
 def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
     from .models import token_batches
-    from .planner import plan_auto
+    from ..eager.planner import plan_auto
 
     model, tokenizer = _load(args.model)
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
@@ -156,7 +163,7 @@ def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
 
 def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
     from .models import token_batches
-    from .study import run_study, write_report
+    from ..eager.study import run_study, write_report
 
     model, tokenizer = _load(args.model)
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
@@ -174,7 +181,7 @@ def _recovered_models(model, directories: list[str]) -> list:
     """(copy of model with recovered weights, their plan) per directory."""
     import copy
 
-    from .distill import load_recovered
+    from ..eager.distill import load_recovered
 
     pairs = []
     for directory in directories:
@@ -184,7 +191,8 @@ def _recovered_models(model, directories: list[str]) -> list:
 
 
 def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
-    from .distill import recovery_windows, run_recovery
+    from ..eager.distill import run_recovery
+    from .models import recovery_windows
 
     model, tokenizer = _load(args.model)
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)

@@ -27,8 +27,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .config import CQILConfig, Plan
-from .errors import CQILUnsupportedError
+from ..config import CQILConfig, Plan
+from ..errors import CQILUnsupportedError
+from ..stack import decoder_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,16 +68,8 @@ def branches_of(layer: nn.Module) -> Branches:
             return branches
     raise CQILUnsupportedError(
         f"the eager reference does not know the branches of {type(layer).__name__}; "
-        "add an entry to cqil_fx.reference.BRANCHES"
+        "add an entry to cqil_fx.eager.reference.BRANCHES"
     )
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's decoder-layer list: the ModuleList holding the most parameters."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m)]
-    if not lists:
-        raise CQILUnsupportedError(f"{type(model).__name__} has no ModuleList of decoder layers")
-    return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
 
 def resolve_plan(model: nn.Module, plan: Plan | CQILConfig) -> Plan:

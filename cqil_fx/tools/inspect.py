@@ -1,6 +1,6 @@
 """Look at what the backend sees and does: the captured graph, its blocks, the plan, the rewrite.
 
-    from cqil_fx.inspect import inspect_model
+    from cqil_fx.tools.inspect import inspect_model
     report = inspect_model(model, input_ids, CQILConfig(start=12, end=28))
     print(report)                    # block table, plan, ideal saving, before/after summary
     report.write_dot("cqil.dot")     # the rewritten graph, one cluster per block, groups outlined
@@ -15,13 +15,12 @@ from collections.abc import Sequence
 
 import torch
 
-from passes import find_blocks
-from passes.find_blocks import Block
-from passes.module_stack import layer_of
-
-from .backend import CompileReport, plan_for_blocks, rewrite_graph
-from .config import CQILConfig, Plan
-from .quality import perplexity
+from ..config import CQILConfig, Plan
+from ..eager.quality import perplexity
+from ..errors import CQILUnsupportedError
+from ..graph.backend import CompileReport, rewrite_graph
+from ..graph.rewrite import plan_for_blocks
+from ..passes import Block, find_blocks, layer_of
 
 
 @dataclasses.dataclass(eq=False)
@@ -77,7 +76,7 @@ def capture_graph(model: torch.nn.Module, *args, **kwargs) -> torch.fx.GraphModu
     try:
         torch.compile(model, backend=record, fullgraph=True)(*args, **kwargs)
     except torch._dynamo.exc.Unsupported as e:
-        raise RuntimeError(
+        raise CQILUnsupportedError(
             f"Dynamo cannot capture {type(model).__name__} as one graph; cqil_fx rewrites "
             "whole decoder stacks only (call the model with use_cache=False)"
         ) from e

@@ -7,7 +7,7 @@
     release_other_members(model, CQILConfig(start=12, end=28, parallel=2))   # optional: free weights
     fast = torch.compile(model, backend=make_backend(start=12, end=28, parallel=2, mode="spmd"))
 
-The graph rewrite is :func:`passes.spmd.place_members`; this module is what it
+The graph rewrite is :func:`cqil_fx.passes.place_members`; this module is what it
 needs around it at compile time and run time:
 
 * :func:`spmd_world`: rank, world size and a process group of cqil's own,
@@ -20,6 +20,8 @@ needs around it at compile time and run time:
   deadlocking in mismatched collectives;
 * :func:`guard_collectives`: a collective that fails at run time (a rank died,
   or timed out) is re-raised as :class:`CQILDistributedError` naming the rank;
+  failures are told apart by type (``torch.distributed.DistError`` and its
+  subclasses, which the process-group backends raise), never by message;
 * :func:`release_other_members` / :func:`parameter_bytes`: each rank keeps
   real weights only for the blocks it computes.
 """
@@ -39,9 +41,9 @@ import torch.distributed as dist
 import torch.fx
 from torch import nn
 
-from .config import CQILConfig, Plan
-from .errors import CQILDistributedError, CQILUnsupportedError
-from .reference import decoder_layers, resolve_plan
+from ..config import CQILConfig, Plan
+from ..errors import CQILDistributedError, CQILUnsupportedError
+from ..stack import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -104,17 +106,18 @@ def agree(world: SpmdWorld, what: str) -> None:
 
 
 def guard_collectives(fn: Callable[..., Any], world: SpmdWorld) -> Callable[..., Any]:
-    """``fn`` with a failed or timed-out collective re-raised as :class:`CQILDistributedError`."""
+    """``fn`` with a failure of torch.distributed (``DistError``) re-raised as :class:`CQILDistributedError`.
+
+    The graph's own collectives raise :class:`CQILDistributedError` themselves
+    (``cqil::pg_*`` and ``cqil::shm_*`` ops); any other exception is the
+    caller's and passes through as it is.
+    """
 
     @functools.wraps(fn)
     def run(*args):
         try:
             return fn(*args)
-        except Exception as e:
-            if not _is_collective_failure(e):
-                raise
-            if isinstance(e, CQILDistributedError):
-                raise
+        except dist.DistError as e:
             raise CQILDistributedError(
                 f"rank {world.rank}: a collective of the CQIL forward failed or waited longer than "
                 f"{world.timeout:.0f} s (collective_timeout); another rank has probably died or "
@@ -132,34 +135,76 @@ def choose_transport(gm: torch.fx.GraphModule, world: SpmdWorld, transport: str)
     known size and all ranks share an x86-64 host; every rank sees the same
     graph and host list, so all ranks choose alike.
     """
-    from passes.spmd import collective_inputs, replace_collectives
+    from ..passes.spmd import collective_inputs, replace_collectives
 
     from . import shm
 
     inputs = [n.meta.get("example_value") for n in collective_inputs(gm)]
-    if transport == "process_group" or not inputs:
+    if not inputs:
         return "process_group"
-    usable = all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in inputs)
-    if not usable:
-        if transport == "shared_memory":
+    channel = None
+    if transport != "process_group":
+        usable = all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in inputs)
+        if not usable and transport == "shared_memory":
             raise CQILDistributedError("transport='shared_memory' needs CPU tensors of known size; "
                                        "use transport='process_group'")
-        return "process_group"
-    capacity = shm.capacity_for(max(v.numel() * v.element_size() * world.world_size for v in inputs))
-    channel = shm.open_channel(world.group, world.rank, world.world_size, capacity, world.timeout,
-                               required=transport == "shared_memory")
-    if channel is None:
-        return "process_group"
-    replace_collectives(gm, torch.ops.cqil.shm_all_reduce.default, torch.ops.cqil.shm_all_gather.default, channel)
-    return "shared_memory"
+        if usable:
+            capacity = shm.capacity_for(max(v.numel() * v.element_size() * world.world_size for v in inputs))
+            channel = shm.open_channel(world.group, world.rank, world.world_size, capacity, world.timeout,
+                                       required=transport == "shared_memory")
+    if channel is not None:
+        replace_collectives(gm, torch.ops.cqil.shm_all_reduce.default, torch.ops.cqil.shm_all_gather.default,
+                            channel)
+        return "shared_memory"
+    _PROCESS_GROUPS[world.group_name] = world
+    replace_collectives(gm, torch.ops.cqil.pg_all_reduce.default, torch.ops.cqil.pg_all_gather.default,
+                        world.group_name)
+    return "process_group"
 
 
-def _is_collective_failure(e: BaseException) -> bool:
-    if isinstance(e, dist.DistError):
-        return True
-    text = str(e)
-    return isinstance(e, RuntimeError) and any(
-        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Timed out", "timed out", "c10d"))
+# The process-group transport: the functional collectives, called from ops of our own so that a
+# failure inside a collective (a rank died, a timeout: gloo raises a plain RuntimeError) is known
+# to be one by where it was raised, and reaches the caller as CQILDistributedError.
+_PROCESS_GROUPS: dict[str, SpmdWorld] = {}
+
+
+def _collective(group_name: str, what: str, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+    world = _PROCESS_GROUPS[group_name]
+    try:
+        return run()
+    except Exception as e:  # noqa: BLE001 - raised inside the collective: it is the collective's failure
+        raise CQILDistributedError(
+            f"rank {world.rank}: a collective ({what}) of the CQIL forward failed or waited longer than "
+            f"{world.timeout:.0f} s (collective_timeout); another rank has probably died or stopped "
+            f"calling the model ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+        ) from e
+
+
+@torch.library.custom_op("cqil::pg_all_reduce", mutates_args=())
+def pg_all_reduce(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum of ``x`` over the process group ``group_name`` (``after``: only orders the collectives)."""
+    f = torch.ops._c10d_functional
+    return _collective(group_name, "all_reduce",
+                       lambda: f.wait_tensor(f.all_reduce(x.contiguous(), "sum", group_name)))
+
+
+@pg_all_reduce.register_fake
+def _(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("cqil::pg_all_gather", mutates_args=())
+def pg_all_gather(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> torch.Tensor:
+    """The ranks' ``x`` concatenated along dim 0, in rank order."""
+    f = torch.ops._c10d_functional
+    world = _PROCESS_GROUPS[group_name].world_size
+    return _collective(group_name, "all_gather",
+                       lambda: f.wait_tensor(f.all_gather_into_tensor(x.contiguous(), world, group_name)))
+
+
+@pg_all_gather.register_fake
+def _(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((x.shape[0] * _PROCESS_GROUPS[group_name].world_size, *x.shape[1:]))
 
 
 def release_other_members(model: nn.Module, plan: Plan | CQILConfig, rank: int | None = None) -> int:
@@ -172,8 +217,8 @@ def release_other_members(model: nn.Module, plan: Plan | CQILConfig, rank: int |
     """
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    plan = resolve_plan(model, plan)
     layers = decoder_layers(model)
+    plan = plan.plan_for(len(layers)) if isinstance(plan, CQILConfig) else plan
     before = parameter_bytes(model)
     for group in plan.groups:
         if rank >= len(group):

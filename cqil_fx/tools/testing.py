@@ -1,6 +1,6 @@
 """Latency regression assertions for your own test suite.
 
-    from cqil_fx.testing import assert_latency_reduction
+    from cqil_fx.tools.testing import assert_latency_reduction
 
     def test_cqil_is_faster(model, ids):
         original = torch.compile(model)

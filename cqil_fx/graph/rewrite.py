@@ -1,0 +1,88 @@
+"""The front of the pipeline on one captured graph: find the blocks, choose the plan, rewrite.
+
+    outcome = plan_graph(gm, config, example_inputs)   # (blocks, plan), or Unchanged(why)
+    rewritten = apply_plan(gm, blocks, plan)           # RewrittenGraph: groups, then bypass edges
+
+The backend, the graph calibration and inspection all rewrite through
+:func:`apply_plan`, so the passes always run in this one order. Planning is
+here; what the plan is measured with is in :mod:`cqil_fx.graph.calibration`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import torch.fx
+from torch._dynamo.utils import counters
+
+from ..config import CQILConfig, Plan
+from ..errors import UnrecognisedBlockError
+from ..passes import Block, RewrittenGraph, add_bypass_edges, find_blocks, rewrite_groups
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Unchanged:
+    """Why a graph is compiled as it is (with what was found, if anything)."""
+
+    why: str
+    blocks: tuple[Block, ...] = ()
+    plan: Plan | None = None
+    level: int = logging.INFO
+
+
+def plan_graph(gm: torch.fx.GraphModule, config: CQILConfig,
+               example_inputs: Sequence = ()) -> tuple[list[Block], Plan] | Unchanged:
+    """The blocks of ``gm`` and the plan ``config`` gives for them, or why the graph stays as it is.
+
+    ``example_inputs`` (real tensors, as Dynamo passes them) are needed only
+    for automatic planning, which runs copies of the graph on calibration data.
+    """
+    try:
+        blocks = find_blocks(gm)
+    except UnrecognisedBlockError as e:
+        return Unchanged(f"decoder blocks not understood ({e})", level=logging.WARNING)
+    if not blocks:
+        return Unchanged("no decoder blocks found")
+    counters["cqil"]["blocks_found"] += len(blocks)
+    plan = choose_plan(gm, example_inputs, blocks, config)
+    if not plan.groups:
+        return Unchanged(f"{plan} has no groups of two or more blocks", tuple(blocks), plan)
+    return blocks, plan
+
+
+def apply_plan(gm: torch.fx.GraphModule, blocks: Sequence[Block], plan: Plan) -> RewrittenGraph:
+    """Rewrite ``gm`` in place: concurrent groups, then bypass edges."""
+    rewritten = rewrite_groups(gm, blocks, plan.groups)
+    if plan.bypass:
+        rewritten = add_bypass_edges(rewritten, plan.bypass)
+    counters["cqil"]["groups_rewritten"] += len(rewritten.rewrites)
+    counters["cqil"]["bypass_edges"] += rewritten.bypass_edges
+    return rewritten
+
+
+def choose_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence[Block],
+                config: CQILConfig) -> Plan:
+    """The config's plan; searched on calibration data when it asks for an automatic one."""
+    if config.wants_auto_plan:
+        from .calibration import search_graph_plan
+
+        search = search_graph_plan(gm, example_inputs, blocks, config)
+        if search is None:
+            return plan_for_blocks(blocks, dataclasses.replace(config, plan=None, calibration=None))
+        log.info("cqil: automatic plan %s", search)
+        return search.plan
+    if config.plan is None and config.groups is None and config.start is None:
+        log.info("cqil: no calibration data, so the default uniform plan over the middle of the stack "
+                 "(give calibration= for an automatic, quality-budgeted plan)")
+    return plan_for_blocks(blocks, config)
+
+
+def plan_for_blocks(blocks: Sequence[Block], config: CQILConfig) -> Plan:
+    """The plan ``config`` gives for these blocks, checked against their kinds."""
+    plan = config.plan_for(len(blocks))
+    plan.check_block_kinds({b.index: b.kind for b in blocks})
+    return plan
