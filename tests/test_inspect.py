@@ -67,6 +67,27 @@ def test_cli_rejects_bad_input_with_a_message(capsys):
     assert "write groups as FIRST-LAST" in capsys.readouterr().err
 
 
+def test_cli_reports_every_cqil_error_as_a_message_not_a_traceback(capsys, tmp_path):
+    """A model directory that is not there, or holds no model: exit 2 and a message naming it."""
+    for model in ("/no/such/dir", str(tmp_path)):
+        with pytest.raises(SystemExit) as info:
+            main(["inspect", "--model", model])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("cqil-fx: error: ") and repr(model) in err and "Traceback" not in err
+
+
+def test_every_exception_raised_to_users_is_a_cqil_error():
+    import cqil_fx
+    from cqil_fx import errors
+
+    raised = [getattr(errors, name) for name in dir(errors) if name.endswith("Error") and name != "CQILError"]
+    assert len(raised) >= 10
+    for error in raised:
+        assert issubclass(error, cqil_fx.CQILError)
+        assert issubclass(error, (ValueError, RuntimeError, NotImplementedError)), error  # still the builtin
+
+
 @pytest.mark.real_model
 def test_cli_inspect_smollm2(smollm2):
     out = subprocess.run(
