@@ -13,40 +13,96 @@ index).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .errors import CQILConfigError, CQILPlanError
+from .errors import CQILConfigError, CQILError, CQILPlanError
 
 MODES = ("auto", "local", "concurrent", "spmd")
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 TRANSPORTS = ("auto", "process_group", "shared_memory")
 
-# The default plan when the user names no blocks: the paper's uniform plan over
-# the middle of the stack.  The first ~40 % of blocks change the residual stream
-# fast (their inputs are not similar) and the last two blocks shape the logits;
-# grouping either costs far more quality than grouping the middle.
+# The paper-style uniform plan over the middle of the stack (default_span).  The
+# first ~40 % of blocks change the residual stream fast (their inputs are not
+# similar) and the last two blocks shape the logits.
 DEFAULT_START_FRACTION = 0.4
 DEFAULT_TAIL_BLOCKS = 2
-# The automatic planner's default quality budget: relative perplexity increase
-# on the calibration data.
+# The default quality budget: the relative perplexity increase a plan may cost
+# (the default plan searches at a fraction of it: cqil_fx.eager.planner.SAFETY).
 DEFAULT_BUDGET = 0.10
 AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
+class GroupCorrection:
+    """A group's closed-form output correction: ``out = x + Σ_k scale[k] ⊙ Δ_k(x) + bias``.
+
+    ``scale`` holds one per-channel vector per member, ``bias`` one vector; the
+    values are fitted by least squares on calibration activations
+    (:func:`cqil_fx.eager.correction.fit_correction`) so the group's output
+    comes closer to what the blocks compute one after the other. Every mode and
+    the eager reference apply it the same way (docs/semantics.md).
+    """
+
+    scale: tuple[tuple[float, ...], ...]
+    bias: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        widths = {len(s) for s in self.scale} | {len(self.bias)}
+        if len(widths) != 1 or not self.scale:
+            raise CQILConfigError(f"a group correction needs one scale per member and a bias of the same width, "
+                                  f"got widths {sorted(widths)}")
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.bias)
+
+    def tensors(self, like) -> tuple[list, object]:
+        """(per-member scales, bias) as tensors of ``like``'s dtype and device."""
+        import torch
+
+        make = functools.partial(torch.tensor, dtype=like.dtype, device=like.device)
+        return [make(s) for s in self.scale], make(self.bias)
+
+    def to_dict(self) -> dict:
+        return {"scale": [list(s) for s in self.scale], "bias": list(self.bias)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> GroupCorrection:
+        return cls(tuple(tuple(float(v) for v in s) for s in data["scale"]), tuple(float(v) for v in data["bias"]))
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
-    """Groups of consecutive blocks that run concurrently, and the bypass distance.
+    """Groups of consecutive blocks that run concurrently, the bypass distance, optional corrections.
 
     ``groups`` holds only groups of two or more blocks, in order; every other
-    block runs alone, as in the original model.
+    block runs alone, as in the original model. ``corrections`` is empty, or
+    holds one :class:`GroupCorrection` (or None) per group.
     """
 
     num_blocks: int
     groups: tuple[tuple[int, ...], ...]
     bypass: int = 0
+    corrections: tuple[GroupCorrection | None, ...] = dataclasses.field(default=(), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.corrections and len(self.corrections) != len(self.groups):
+            raise CQILPlanError(f"a plan with {len(self.groups)} groups needs as many corrections (or None), "
+                                f"got {len(self.corrections)}")
+        for g, c in zip(self.groups, self.corrections):
+            if c is not None and len(c.scale) != len(g):
+                raise CQILPlanError(f"the correction of group {list(g)} has {len(c.scale)} member scales")
+
+    def correction(self, group: int) -> GroupCorrection | None:
+        """The correction of the ``group``-th group, or None."""
+        return self.corrections[group] if self.corrections else None
+
+    def without_corrections(self) -> Plan:
+        return dataclasses.replace(self, corrections=())
 
     @property
     def saved_blocks(self) -> int:
@@ -76,18 +132,37 @@ class Plan:
                     f"input, so there is no MLP input to bypass into); use bypass=0 for this model"
                 )
 
+    def to_dict(self) -> dict:
+        data = {"num_blocks": self.num_blocks, "groups": [list(g) for g in self.groups], "bypass": self.bypass}
+        if self.corrections:
+            data["corrections"] = [c.to_dict() if c is not None else None for c in self.corrections]
+        return data
+
     def to_json(self) -> str:
-        return json.dumps({"num_blocks": self.num_blocks, "groups": [list(g) for g in self.groups],
-                           "bypass": self.bypass})
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> Plan:
+        try:
+            config = CQILConfig(groups=data["groups"], bypass=data["bypass"])
+            plan = config.plan_for(int(data["num_blocks"]))
+            corrections = tuple(GroupCorrection.from_dict(c) if c is not None else None
+                                for c in data.get("corrections") or ())
+            return dataclasses.replace(plan, corrections=corrections)
+        except CQILError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CQILConfigError(f"not a cqil_fx plan: {type(e).__name__}: {e}") from e
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
         try:
             data = json.loads(text)
-            config = CQILConfig(groups=data["groups"], bypass=data["bypass"])
-            return config.plan_for(int(data["num_blocks"]))
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except json.JSONDecodeError as e:
             raise CQILConfigError(f"not a cqil_fx plan: {e}") from e
+        if not isinstance(data, dict):
+            raise CQILConfigError(f"not a cqil_fx plan: a JSON {type(data).__name__}, not an object")
+        return cls.from_dict(data)
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:
@@ -100,8 +175,10 @@ class Plan:
 
     def __repr__(self) -> str:
         spans = " ".join(f"[{g[0]}-{g[-1]}]" for g in self.groups) or "no groups"
+        corrected = sum(c is not None for c in self.corrections)
+        fixes = f", {corrected} corrected" if corrected else ""
         return (
-            f"Plan({self.num_blocks} blocks: {spans}, bypass {self.bypass}, "
+            f"Plan({self.num_blocks} blocks: {spans}, bypass {self.bypass}{fixes}, "
             f"saves {self.saved_blocks} block-times)"
         )
 
@@ -112,9 +189,12 @@ class CQILConfig:
 
     Name the groups either explicitly (``groups=[[3, 4, 5], [8, 9]]``) or as the
     paper's uniform plan (``start``, ``end``, ``parallel``: groups of
-    ``parallel`` blocks over ``[start, end)``).  With neither, the default plan
-    is uniform ``parallel`` over ``[round(0.4 N), N - 2)`` for a model of N
-    blocks, ``start`` moved up until the span divides evenly.
+    ``parallel`` blocks over ``[start, end)``).  With no plan field at all the
+    plan is measured, never guessed: the backend reuses a cached plan for the
+    model, or lets the model write its own calibration text and searches the
+    plan that saves the most block-time within ``budget``, with corrections,
+    and caches it (:mod:`cqil_fx.graph.default_plan`); when nothing fits, the
+    graph is compiled unchanged.
 
     Or hand over a finished :class:`Plan` (``plan=Plan.load("plan.json")``), or
     ask for an automatic one: ``plan="auto"`` with ``calibration=`` batches of
@@ -151,6 +231,11 @@ class CQILConfig:
     transport: str = "auto"
     cuda_graphs: bool = False
     calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    @property
+    def wants_default_plan(self) -> bool:
+        """No plan, groups, span or calibration: the backend's measured default plan."""
+        return self.plan is None and self.groups is None and self.start is None and self.calibration is None
 
     @property
     def wants_auto_plan(self) -> bool:
@@ -233,6 +318,11 @@ class CQILConfig:
         """The plan for a model with ``num_blocks`` decoder blocks (not for ``plan="auto"``)."""
         if self.wants_auto_plan:
             raise CQILConfigError("an automatic plan is searched at compile time; see cqil_fx.planning")
+        if self.wants_default_plan:
+            raise CQILConfigError(
+                "the default plan is measured at compile time, for the model (backend.reports[-1].plan after "
+                "the first call, or cqil_fx.eager.planner.plan_default(model)); give groups= or start=/end= "
+                "for a fixed plan")
         if isinstance(self.plan, Plan):
             if self.plan.num_blocks != num_blocks:
                 raise CQILPlanError(
@@ -243,10 +333,7 @@ class CQILConfig:
         if self.groups is not None:
             groups = self.groups
         else:
-            start, end = self.start, self.end
-            if start is None:
-                start, end = default_span(num_blocks, self.parallel)
-            groups = tuple(tuple(range(s, s + self.parallel)) for s in range(start, end, self.parallel))
+            groups = tuple(tuple(range(s, s + self.parallel)) for s in range(self.start, self.end, self.parallel))
         out_of_range = [i for g in groups for i in g if i >= num_blocks]
         if out_of_range:
             raise CQILPlanError(
@@ -257,7 +344,11 @@ class CQILConfig:
 
 
 def default_span(num_blocks: int, parallel: int) -> tuple[int, int]:
-    """The ``[start, end)`` the default plan groups for a model of ``num_blocks`` blocks."""
+    """The paper-style uniform span over the middle of a stack of ``num_blocks`` blocks.
+
+    ``[round(0.4 N), N - 2)``, ``start`` moved up until it divides by
+    ``parallel``; the quality study measures it (it is no longer a default).
+    """
     end = max(num_blocks - DEFAULT_TAIL_BLOCKS, 0)
     start = min(round(DEFAULT_START_FRACTION * num_blocks), end)
     start += (end - start) % parallel

@@ -89,7 +89,15 @@ class Trial:
 
 @dataclasses.dataclass(frozen=True)
 class PlanSearch:
-    """The chosen plan and how it was found."""
+    """The chosen plan and how it was found.
+
+    ``perplexity`` and ``base_perplexity`` are what the search measured for the
+    plan and the original: perplexities for ``measure="perplexity"``; for
+    ``measure="kl"``, ``exp(mean KL)`` to the original's next-token
+    distribution against 1.0 (the perplexity ratio the plan costs on text the
+    original itself writes). ``cost`` is the relative increase either way: the
+    plan's promise, within ``budget``.
+    """
 
     plan: Plan
     base_perplexity: float
@@ -97,13 +105,19 @@ class PlanSearch:
     budget: float
     similarity: SimilarityReport
     trials: tuple[Trial, ...]
+    measure: str = "perplexity"
+
+    @property
+    def cost(self) -> float:
+        return self.perplexity / self.base_perplexity - 1
 
     def __str__(self) -> str:
-        return (
-            f"{self.plan}: calibration perplexity {self.base_perplexity:.3f} -> {self.perplexity:.3f} "
-            f"({self.perplexity / self.base_perplexity - 1:+.1%}, budget +{self.budget:.0%}; "
-            f"{len(self.trials)} plans measured)"
-        )
+        if self.measure == "kl":
+            measured = f"calibration cost {self.cost:+.1%} (exp KL to the original)"
+        else:
+            measured = (f"calibration perplexity {self.base_perplexity:.3f} -> {self.perplexity:.3f} "
+                        f"({self.cost:+.1%})")
+        return f"{self.plan}: {measured}, budget +{self.budget:.0%}; {len(self.trials)} plans measured"
 
 
 def check_search_args(parallel: int, budget: float) -> None:
@@ -114,11 +128,20 @@ def check_search_args(parallel: int, budget: float) -> None:
         raise CQILConfigError(f"budget={budget} must be >= 0 (a relative perplexity increase, e.g. 0.1)")
 
 
+Groups = tuple[tuple[int, ...], ...]
+
+
 def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequence[int],
-                similarity: SimilarityReport, base: float,
-                evaluate: Callable[[tuple[tuple[int, ...], ...], int], float],
-                screen: int | None = None, progress: bool = True) -> PlanSearch:
-    """The rank / screen / grow search over any ``evaluate(groups, bypass) -> perplexity``."""
+                similarity: SimilarityReport, base: float, evaluate: Callable[[Groups, int], float],
+                screen: int | None = None, progress: bool = True, *,
+                build: Callable[[Groups, int], Plan] | None = None, measure: str = "perplexity") -> PlanSearch:
+    """The rank / screen / grow search over any ``evaluate(groups, bypass) -> perplexity``.
+
+    ``base`` is the original's value of the same measure. ``build(groups,
+    bypass)`` makes the chosen plan (default: a plain :class:`Plan`); give it
+    when ``evaluate`` measures something more than the groups, such as fitted
+    corrections, so the result is the plan that was measured.
+    """
     check_search_args(parallel, budget)
     windows = [tuple(range(i, i + parallel)) for i in range(num_blocks - parallel + 1)]
     windows.sort(key=similarity.group_similarity, reverse=True)
@@ -143,5 +166,5 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
         if ppl <= limit:
             chosen, chosen_ppl, chosen_d = groups, ppl, d
             log.info("planner: kept %s (perplexity %.3f, bypass %d)", list(w), ppl, d)
-    plan = Plan(num_blocks, chosen, chosen_d)
-    return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials))
+    plan = build(chosen, chosen_d) if build is not None and chosen else Plan(num_blocks, chosen, chosen_d)
+    return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials), measure)

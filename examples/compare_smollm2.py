@@ -1,79 +1,145 @@
-"""Original vs CQIL on SmolLM2-135M-Instruct: logits on real text, and greedy text.
+"""`make demo`: plain torch.compile against backend="cqil" with no arguments, on SmolLM2-135M-Instruct.
 
-    python examples/compare_smollm2.py                      # S12-E28, P=2, D=1
-    python examples/compare_smollm2.py --start 20 --end 28 --bypass 0
+    python examples/compare_smollm2.py                 # the default backend: a measured plan, mode "auto"
+    python examples/compare_smollm2.py --recovered DIR # plus a row for weights `cqil-fx recover` wrote
 
-Both models are compiled with Inductor for one input shape, (1, --tokens):
-greedy decoding writes into a fixed buffer of that length, which is exact for
-a causal model (positions after the current one cannot affect its logits), so
-each model compiles once.  The CQIL logits are checked against the eager
-reference.
+Side by side, in one process:
+
+* **latency** of a 256-token prefill, both compiled models called in turn
+  (interleaved), medians with p10/p90, and their ratio;
+* **generation**: greedy, static KV cache, the same prompts for both; the
+  answers and tokens per second;
+* **the plan** the default backend chose (searched at the first compile, on
+  text the model wrote itself, then cached: a second run reuses it) and its
+  quality cost on held-out text of another kind than anything it was
+  calibrated on: perplexity of English licence texts (``token_batches(...,
+  "licenses")``), original against the plan.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
+import statistics
 import time
 
 import torch
 
-from cqil_fx import CQILConfig, cqil_reference, make_backend
+from cqil_fx import cqil_backend, cqil_reference, load_recovered, make_backend
+from cqil_fx.eager.quality import perplexity
+from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2, token_batches
 
-PROMPT = "The capital of France is"
+PROMPTS = ("The capital of France is", "Water freezes at a temperature of", "The largest planet in the solar system is")
 
 
-def greedy(model, tokenizer, prompt: str, new_tokens: int, length: int) -> str:
-    """Greedy completion in a fixed (1, length) buffer, recomputing it each step (no KV cache)."""
-    prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids[0]
-    n = len(prompt_ids)
-    if n + new_tokens > length:
-        raise ValueError(f"prompt ({n} tokens) + {new_tokens} new tokens do not fit in {length}")
-    buffer = torch.full((1, length), tokenizer.pad_token_id or 0, dtype=torch.long)
-    buffer[0, :n] = prompt_ids
-    for position in range(n, n + new_tokens):
-        buffer[0, position] = model(buffer, use_cache=False).logits[0, position - 1].argmax()
-    return tokenizer.decode(buffer[0, : n + new_tokens])
+def timed(fn, *args, reps: int, **kwargs) -> list[float]:
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn(*args, **kwargs)
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
 
 
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
+def interleaved(columns: dict, ids: torch.Tensor, reps: int) -> dict[str, list[float]]:
+    """Each column called once per repetition, in turn (order alternating), after one warm-up call."""
+    times: dict[str, list[float]] = {name: [] for name in columns}
+    names = list(columns)
+    with torch.no_grad():
+        for fn in columns.values():
+            fn(ids, use_cache=False)
+        for rep in range(reps):
+            for name in names if rep % 2 == 0 else reversed(names):
+                times[name] += timed(columns[name], ids, reps=1, use_cache=False)
+    return times
+
+
+def percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=10)[int(q * 10) - 1] if len(values) > 1 else values[0]
+
+
+def generate(twin, tokenizer, prompts, new_tokens: int) -> tuple[list[str], float]:
+    """Greedy answers to ``prompts`` (left-padded into one batch) and decode tokens per second."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(list(prompts), return_tensors="pt", padding="max_length", max_length=16)
+    clock = TokenClock()
+    with torch.no_grad():
+        out = twin.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            cache_implementation="static", pad_token_id=tokenizer.pad_token_id,
+                            stopping_criteria=[clock])
+    answers = tokenizer.batch_decode(out[:, batch.input_ids.shape[1]:], skip_special_tokens=True)
+    return answers, len(prompts) * 1e3 / clock.per_token_ms()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--start", type=int, default=12)
-    parser.add_argument("--end", type=int, default=28)
-    parser.add_argument("--parallel", type=int, default=2)
-    parser.add_argument("--bypass", type=int, default=1)
-    parser.add_argument("--tokens", type=int, default=256, help="length of the real-text window")
+    parser.add_argument("--tokens", type=int, default=256, help="prefill length for the latency comparison")
+    parser.add_argument("--reps", type=int, default=9, help="interleaved timed calls of each model")
     parser.add_argument("--new-tokens", type=int, default=12)
+    parser.add_argument("--held-out", type=int, default=8, help="256-token windows of licence text for perplexity")
+    parser.add_argument("--recovered", help="a directory written by `cqil-fx recover` (or save_recovered)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    config = CQILConfig(start=args.start, end=args.end, parallel=args.parallel, bypass=args.bypass)
+    if args.tokens < 2 or args.reps < 2 or args.new_tokens < 2 or args.held_out < 1:
+        parser.error("--tokens, --reps and --new-tokens must be >= 2, --held-out >= 1")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("cqil_fx").setLevel(logging.INFO)
 
     model, tokenizer = load_smollm2()
+    print(f"SmolLM2-135M-Instruct, {torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    plain = compiled_twin(model, "inductor", dynamic=False)
+    cqil = compiled_twin(model, cqil_backend, dynamic=False)
     ids = token_batches(tokenizer, "evaluation", seq_len=args.tokens, num_batches=1)[0]
-    original = torch.compile(model, backend="inductor")
-    cqil = torch.compile(model, backend=make_backend(config))
 
+    started = time.perf_counter()
     with torch.no_grad():
-        logits = {}
-        for name, compiled in (("original", original), ("cqil", cqil)):
+        for name, twin in (("plain torch.compile", plain), ('backend="cqil"', cqil)):
             t = time.perf_counter()
-            logits[name] = compiled(ids, use_cache=False).logits
-            print(f"compiled and ran {name} in {time.perf_counter() - t:.0f} s")
-        base, ours = logits["original"], logits["cqil"]
-        reference = cqil_reference(model, config, ids, use_cache=False).logits
-        print(f"\nplan: {config.plan_for(len(model.model.layers))}")
-        print(f"CQIL compiled vs eager reference: relative error {relative_error(ours, reference):.1e}")
-        print(f"CQIL vs original logits:          relative difference {relative_error(ours, base):.3f}")
-        agree = (ours.argmax(-1) == base.argmax(-1)).float().mean().item()
-        print(f"next-token argmax agreement on {args.tokens} tokens of real text: {agree:.1%}\n")
-        for name, compiled in (("original", original), ("cqil", cqil)):
-            text = greedy(compiled, tokenizer, PROMPT, args.new_tokens, args.tokens)
-            print(f"{name:>8}: {text!r}")
+            twin(ids, use_cache=False)
+            print(f"first call (compile) of {name}: {time.perf_counter() - t:.0f} s")
+    report = cqil_backend.reports[-1]
+    print(f"\nplan: {report.plan if report.fallback is None else 'none: ' + report.fallback}")
+    if report.fallback is None:
+        print(f"      ({report.source}; promised cost {report.cost:+.1%} on its calibration text; mode {report.mode})")
+
+    times = interleaved({"plain": plain, "cqil": cqil}, ids, args.reps)
+    print(f"\nprefill-{args.tokens} latency, {args.reps} interleaved calls each (median, p10-p90):")
+    for name, values in times.items():
+        print(f"  {name:<6} {statistics.median(values):8.1f} ms   ({percentile(values, 0.1):.1f}-"
+              f"{percentile(values, 0.9):.1f})")
+    ratio = statistics.median(times["cqil"]) / statistics.median(times["plain"])
+    print(f"  cqil / plain = {ratio:.3f} ({1 - ratio:+.1%} time saved)")
+
+    print(f"\ngreedy generation, static cache, {args.new_tokens} new tokens, {len(PROMPTS)} prompts in a batch:")
+    rows = [("plain", plain), ("cqil", cqil)]
+    recovered_model = recovered_plan = None
+    if args.recovered:
+        recovered_model = copy.deepcopy(model)
+        recovered_plan = load_recovered(recovered_model, args.recovered)
+        rows.append(("recovered", compiled_twin(recovered_model, make_backend(recovered_plan), dynamic=False)))
+    for name, twin in rows:
+        answers, rate = generate(twin, tokenizer, PROMPTS, args.new_tokens)
+        print(f"  {name}: {rate:.1f} tokens/s")
+        for prompt, answer in zip(PROMPTS, answers):
+            print(f"    {prompt!r} -> {answer.strip()!r}")
+
+    held_out = token_batches(tokenizer, "licenses", seq_len=256, num_batches=args.held_out)
+    base = perplexity(model, held_out)
+    print(f"\nquality on held-out licence text ({args.held_out * 256} tokens, never used for planning):")
+    print(f"  original  perplexity {base:.2f}")
+    if report.fallback is None:
+        planned = perplexity(model, held_out, plan=report.plan)
+        print(f"  cqil      perplexity {planned:.2f} ({planned / base - 1:+.1%}; budget "
+              f"+{cqil_backend.config.budget:.0%})")
+        with torch.no_grad():
+            check = cqil_reference(model, report.plan, ids, use_cache=False).logits
+            err = ((cqil(ids, use_cache=False).logits - check).norm() / check.norm()).item()
+        print(f"  compiled cqil vs the eager reference of its plan: relative error {err:.1e}")
+    if recovered_plan is not None:
+        rec = perplexity(recovered_model, held_out, plan=recovered_plan)
+        print(f"  recovered perplexity {rec:.2f} ({rec / base - 1:+.1%})")
+    print(f"\ndemo took {time.perf_counter() - started:.0f} s after loading")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,11 @@ For a group [g0, g1] with input x (before -> after)::
     ... uses of out1 ...                out  = x + (d0 + d1)     # replaces out1
 
 A parallel-residual block already has its delta as one node (attn + mlp).
-The old block outputs are erased.  The pass returns a :class:`RewrittenGraph`,
+With a group correction (scales ``s_k`` per member, bias ``b``; see
+:class:`cqil_fx.config.GroupCorrection`) the sum is ``out = x + ((d0 * s0 +
+d1 * s1) + b)``; ``s_k`` and ``b`` become new graph inputs, appended after the
+existing placeholders, whose values the result carries in ``constants`` (the
+backend passes them on every call). The old block outputs are erased.  The pass returns a :class:`RewrittenGraph`,
 the one value every later pass takes and returns: the module, the blocks as
 they now are (members read x and carry their delta), what each group became,
 and later the bypass distance and the SPMD placement.
@@ -41,7 +45,9 @@ class GroupRewrite:
     input: torch.fx.Node
     deltas: tuple[torch.fx.Node, ...]
     output: torch.fx.Node
-    sums: tuple[torch.fx.Node, ...]  # the adds that make ``output`` from the deltas (output last)
+    sums: tuple[torch.fx.Node, ...]  # the nodes that make ``output`` from the deltas (output last)
+    terms: tuple[torch.fx.Node, ...] = ()  # what each member adds: its delta, or delta * scale
+    bias: torch.fx.Node | None = None  # the correction's bias input, if any
 
     def __repr__(self) -> str:
         return (
@@ -65,6 +71,7 @@ class RewrittenGraph:
     gm: torch.fx.GraphModule
     blocks: tuple[Block, ...]
     rewrites: tuple[GroupRewrite, ...]
+    constants: tuple[torch.Tensor, ...] = ()  # values of the inputs the rewrite appended (corrections)
     bypass: int = 0
     bypass_edges: int = 0
     placement: Placement | None = None
@@ -89,41 +96,77 @@ class RewrittenGraph:
         return owned
 
 
-def rewrite_groups(gm: torch.fx.GraphModule, blocks: Sequence[Block],
-                   groups: Sequence[Sequence[int]]) -> RewrittenGraph:
-    """Rewrite every group of two or more blocks of ``gm`` in place."""
+def rewrite_groups(gm: torch.fx.GraphModule, blocks: Sequence[Block], groups: Sequence[Sequence[int]],
+                   corrections: Sequence | None = None) -> RewrittenGraph:
+    """Rewrite every group of two or more blocks of ``gm`` in place.
+
+    ``corrections``: None, or one :class:`~cqil_fx.config.GroupCorrection` (or
+    None) per group of two or more blocks, in order.
+    """
     by_index = {b.index: b for b in blocks}
     rewrites: list[GroupRewrite] = []
+    constants = _Constants(gm.graph)
     renamed: dict[torch.fx.Node, torch.fx.Node] = {}  # erased block output -> its replacement
-    for g in groups:
-        if len(g) > 1:
-            members = [by_index[i] for i in g]
-            rewrite = _rewrite_group(gm.graph, members, renamed.get(members[0].input, members[0].input))
-            renamed[members[-1].output] = rewrite.output
-            rewrites.append(rewrite)
+    for g in [g for g in groups if len(g) > 1]:
+        members = [by_index[i] for i in g]
+        correction = corrections[len(rewrites)] if corrections else None
+        rewrite = _rewrite_group(gm.graph, members, renamed.get(members[0].input, members[0].input),
+                                 correction, constants, len(rewrites))
+        renamed[members[-1].output] = rewrite.output
+        rewrites.append(rewrite)
     gm.graph.lint()
     gm.recompile()
-    return RewrittenGraph(gm, tuple(_updated(b, rewrites, renamed) for b in blocks), tuple(rewrites))
+    blocks = tuple(_updated(b, rewrites, renamed) for b in blocks)
+    return RewrittenGraph(gm, blocks, tuple(rewrites), tuple(constants.values))
 
 
-def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node) -> GroupRewrite:
+class _Constants:
+    """New graph inputs, appended after the existing placeholders, and their values."""
+
+    def __init__(self, graph: torch.fx.Graph):
+        self.graph = graph
+        self.values: list[torch.Tensor] = []
+
+    def add(self, name: str, value: torch.Tensor) -> torch.fx.Node:
+        last = list(self.graph.find_nodes(op="placeholder"))[-1]
+        with self.graph.inserting_after(last):
+            node = self.graph.placeholder(name)
+        node.meta["example_value"] = value
+        self.values.append(value)
+        return node
+
+
+def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node, correction,
+                   constants: _Constants, index: int) -> GroupRewrite:
     for member in members[1:]:
         _read_from(member, x)
     deltas = tuple(_delta(graph, m) for m in members)
     last = members[-1].output
+    scales, bias = [], None
+    if correction is not None:
+        like = deltas[0].meta.get("example_value", deltas[0].meta.get("val"))
+        like = like if isinstance(like, torch.Tensor) else torch.empty(0)
+        scale_values, bias_value = correction.tensors(like)
+        scales = [constants.add(f"cqil_scale_{index}_{k}", v) for k, v in enumerate(scale_values)]
+        bias = constants.add(f"cqil_bias_{index}", bias_value)
     sums = []
     with graph.inserting_before(deltas[-1].next):
-        total = deltas[0]
-        for d in deltas[1:]:
-            total = _add_like(graph, total, d, last)
+        terms = [_op_like(graph, operator.mul, d, s, last) for d, s in zip(deltas, scales)] or list(deltas)
+        sums += terms if scales else []
+        total = terms[0]
+        for t in terms[1:]:
+            total = _op_like(graph, operator.add, total, t, last)
             sums.append(total)
-        out = _add_like(graph, x, total, last)
+        if bias is not None:
+            total = _op_like(graph, operator.add, total, bias, last)
+            sums.append(total)
+        out = _op_like(graph, operator.add, x, total, last)
         sums.append(out)
     last.replace_all_uses_with(out)
     for m in members:
         if not m.output.users:
             graph.erase_node(m.output)
-    return GroupRewrite(tuple(m.index for m in members), x, deltas, out, tuple(sums))
+    return GroupRewrite(tuple(m.index for m in members), x, deltas, out, tuple(sums), tuple(terms), bias)
 
 
 def _updated(block: Block, rewrites: Sequence[GroupRewrite], renamed: dict) -> Block:
@@ -149,11 +192,11 @@ def _delta(graph: torch.fx.Graph, member: Block) -> torch.fx.Node:
     if len(terms) == 1:
         return terms[0]
     with graph.inserting_before(member.output.next):
-        return _add_like(graph, terms[0], terms[1], member.output)
+        return _op_like(graph, operator.add, terms[0], terms[1], member.output)
 
 
-def _add_like(graph: torch.fx.Graph, lhs, rhs, like: torch.fx.Node) -> torch.fx.Node:
-    """``lhs + rhs`` carrying ``like``'s metadata (module stack, shape, stack trace)."""
-    node = graph.call_function(operator.add, (lhs, rhs))
+def _op_like(graph: torch.fx.Graph, op, lhs, rhs, like: torch.fx.Node) -> torch.fx.Node:
+    """``op(lhs, rhs)`` carrying ``like``'s metadata (module stack, shape, stack trace)."""
+    node = graph.call_function(op, (lhs, rhs))
     node.meta = dict(like.meta)
     return node

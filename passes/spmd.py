@@ -107,14 +107,20 @@ def check_placeable(rewrites: Sequence[GroupRewrite], world_size: int) -> None:
 
 
 def _all_reduce_deltas(graph: torch.fx.Graph, rewrite: GroupRewrite, rank: int, group_name: str) -> None:
-    delta = rewrite.deltas[rank]
-    with graph.inserting_before(delta.next):
-        reduced = graph.call_function(_functional.all_reduce.default, (delta, "sum", group_name))
+    """``out = x + all_reduce(term_r)`` (``+ bias`` with a correction; term_r is ``d_r`` or ``d_r * s_r``)."""
+    term = rewrite.terms[rank] if rewrite.terms else rewrite.deltas[rank]
+    with graph.inserting_before(term.next):
+        reduced = graph.call_function(_functional.all_reduce.default, (term, "sum", group_name))
         total = graph.call_function(_functional.wait_tensor.default, (reduced,))
+        if rewrite.bias is not None:
+            total = graph.call_function(operator.add, (total, rewrite.bias))
+            # shared, like the group output: no member's module stack
+            total.meta = {k: v for k, v in rewrite.output.meta.items() if k != "nn_module_stack"}
     out = rewrite.output
     out.args = (rewrite.input, total)
-    for node in reversed(rewrite.sums[:-1]):  # the local chain d0 + d1 + ... is no longer read
-        graph.erase_node(node)
+    for node in reversed(rewrite.sums[:-1]):  # the local chain of sums (and other terms) is no longer read
+        if node is not term:
+            graph.erase_node(node)
 
 
 def _exchange_attention(graph: torch.fx.Graph, members: list[Block], rank: int, world_size: int,

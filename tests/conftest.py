@@ -45,3 +45,18 @@ def setitem_graph() -> torch.fx.GraphModule:
     graph.call_function(operator.setitem, (cache, 0, x))
     graph.output(graph.call_function(operator.mul, (x, 2)))
     return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+@pytest.fixture(autouse=True)
+def private_plan_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty plan cache of its own: the user's ~/.cache is never read or written."""
+    monkeypatch.setenv("CQIL_FX_PLAN_CACHE", str(tmp_path_factory.mktemp("plan-cache")))
+
+
+@pytest.fixture
+def small_self_text(monkeypatch):
+    """The default plan's self-written text, at a size a test can afford."""
+    from cqil_fx.eager import planner
+
+    monkeypatch.setattr(planner, "SELF_TOKENS", 256)
+    monkeypatch.setattr(planner, "SELF_WINDOW", 32)

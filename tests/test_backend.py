@@ -76,13 +76,20 @@ def test_plan_errors_stay_visible_through_torch_compile(family, config, error, m
         cqil_reference(tiny_model(family), config, tokens(), use_cache=False)
 
 
-def test_registered_name_runs_the_default_plan():
+def test_registered_name_runs_the_measured_default_plan(small_self_text):
     assert torch._dynamo.lookup_backend("cqil") is cqil_backend
     model, ids = tiny_model("llama"), tokens()
     actual = torch.compile(model, backend="cqil")(ids, use_cache=False).logits
-    expected = cqil_reference(model, CQILConfig(), ids, use_cache=False).logits
+    report = cqil_backend.reports[-1]
+    assert report.source == "searched" and report.mode == "concurrent"  # two threads on CPU
+    expected = cqil_reference(model, report.plan, ids, use_cache=False).logits
     assert relative_error(actual, expected) <= 1e-4
-    assert relative_error(expected, model(ids, use_cache=False).logits) > 0.05
+    assert relative_error(expected, model(ids, use_cache=False).logits) > 1e-3
+
+
+def test_a_default_config_has_no_fixed_plan():
+    with pytest.raises(cqil_fx.CQILConfigError, match="measured at compile time"):
+        CQILConfig().plan_for(8)
 
 
 def test_mode_auto_and_local_run_the_local_rewrite():

@@ -68,7 +68,7 @@ def test_explicit_groups_drop_singletons_and_sort():
 )
 def test_default_span_is_the_middle_of_the_stack(blocks, parallel, span):
     assert default_span(blocks, parallel) == span
-    plan = CQILConfig(parallel=parallel).plan_for(blocks)
+    plan = CQILConfig(start=span[0], end=span[1], parallel=parallel).plan_for(blocks)
     assert all(span[0] <= i < span[1] for g in plan.groups for i in g)
     assert all(len(g) == parallel for g in plan.groups)
 

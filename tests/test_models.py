@@ -15,7 +15,7 @@ from pydoc_data.topics import topics
 
 from cqil_fx.tools import models
 from cqil_fx.tools.models import (
-    SPLITS,
+    PYTHON_SPLITS,
     ModelNotAvailableError,
     TextSplitError,
     load_smollm2,
@@ -44,10 +44,19 @@ def test_split_texts_are_disjoint_and_nonempty():
         assert topics[key].strip() not in calibration_text, key
 
 
-@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("split", PYTHON_SPLITS)
 def test_split_text_is_deterministic(split):
     assert python_reference_topics(split) == python_reference_topics(split)
     assert python_reference_text(split) == python_reference_text(split)
+
+
+def test_licenses_are_text_of_another_kind_that_no_python_split_holds():
+    text = models.split_text("licenses")
+    assert "GNU GENERAL PUBLIC LICENSE" in text and "Apache License" in text and len(text) > 50_000
+    python = python_reference_text("calibration") + python_reference_text("evaluation")
+    assert "GNU GENERAL PUBLIC LICENSE" not in python
+    windows = token_batches(_CharTokenizer(), "licenses", seq_len=64, num_batches=3)
+    assert [w.shape for w in windows] == [torch.Size([1, 64])] * 3
 
 
 def test_evaluation_holds_every_fifth_sorted_topic():

@@ -5,29 +5,66 @@
     search.plan.save("plan.json")
     fast = torch.compile(model, backend=make_backend(search.plan))
 
+    search = plan_default(model)  # what backend="cqil" runs with no arguments: no data needed
+
 The search itself (rank by similarity, screen windows, grow greedily) is
 :func:`cqil_fx.planning.search_plan`; this module measures its candidates with
-module hooks (:func:`cqil_fx.eager.quality.perplexity`) on the calibration split only.
+module hooks on calibration batches only. Two measures:
+
+* ``measure="perplexity"``: the perplexity of the calibration text under the
+  plan against the original's;
+* ``measure="kl"``: the mean KL divergence from the original's next-token
+  distribution to the plan's, over every position, reported as ``exp(KL)``:
+  on text the original wrote itself (temperature 1) that is, in expectation,
+  the perplexity ratio the plan costs, and it uses the whole distribution at
+  every position rather than one sampled token, so it needs fewer tokens.
+
+``correct=True`` fits a closed-form correction for every group
+(:mod:`cqil_fx.eager.correction`) on half of the calibration batches and
+measures on the other half, so a plan's promise is not measured on the data
+its corrections were fitted to.
+
+:func:`plan_default` is the data-free plan of ``backend="cqil"``: the model
+writes its own calibration text (:func:`self_generated_text`), and the search
+runs on it with the KL measure and corrections, at the budget scaled by
+:data:`SAFETY` (the margin measured between calibration promise and held-out
+outcome, docs/quality.md).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..config import DEFAULT_BUDGET, Plan
-from ..planning import PlanSearch, check_search_args, search_plan
+from ..errors import CQILConfigError
+from ..planning import Groups, PlanSearch, check_search_args, search_plan
+from ..progress import progress as _progress
 from ..stack import decoder_layers
+from ..tokens import token_windows
+from .correction import fit_corrections
 from .quality import perplexity
-from .reference import branches_of
+from .reference import branches_of, cqil_semantics
 from .similarity import measure_similarity
+
+log = logging.getLogger(__name__)
+
+MEASURES = ("perplexity", "kl")
+# plan_default searches at SAFETY * budget: the calibration promise of a plan under-states what
+# it costs on text of another kind by up to this factor (measured: docs/quality.md, "Default plan").
+SAFETY = 0.6
+SELF_TOKENS = 2048  # tokens the model writes for plan_default
+SELF_WINDOW = 256  # ... in windows of this many tokens
 
 
 def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: int = 2,
               budget: float = DEFAULT_BUDGET, bypass: Sequence[int] | None = None,
-              screen: int | None = None, progress: bool = True) -> PlanSearch:
+              screen: int | None = None, progress: bool = True, measure: str = "perplexity",
+              correct: bool = False) -> PlanSearch:
     """Search a plan for ``model`` on ``calibration`` batches of token ids (see module docs).
 
     ``bypass``: the distances to consider (default: every legal one for the
@@ -35,13 +72,145 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     best-ranked windows to measure (default: all).
     """
     check_search_args(parallel, budget)
+    if measure not in MEASURES:
+        raise CQILConfigError(f"measure={measure!r} is unknown; use one of {', '.join(MEASURES)}")
+    calibration = list(calibration)
+    if correct and len(calibration) < 2:
+        raise CQILConfigError("correct=True needs at least two calibration batches (one to fit, one to measure)")
     layers = decoder_layers(model)
     sequential = all(branches_of(layer).kind == "sequential" for layer in layers)
     distances = tuple(bypass) if bypass is not None else (tuple(range(parallel)) if sequential else (0,))
+    fit, held = (calibration[::2], calibration[1::2]) if correct else ([], calibration)
     similarity = measure_similarity(model, calibration, progress=progress)
+    meter = DistortionMeter(model, held, measure)
 
-    def evaluate(groups: tuple[tuple[int, ...], ...], d: int) -> float:
-        return perplexity(model, calibration, plan=Plan(len(layers), groups, d))
+    def build(groups: Groups, d: int) -> Plan:
+        plan = Plan(len(layers), groups, d)
+        return fit_corrections(model, plan, fit) if correct else plan
 
-    return search_plan(len(layers), parallel, budget, distances, similarity,
-                       perplexity(model, calibration), evaluate, screen, progress)
+    def evaluate(groups: Groups, d: int) -> float:
+        return meter(build(groups, d))
+
+    return search_plan(len(layers), parallel, budget, distances, similarity, meter.base, evaluate, screen,
+                       progress, build=build, measure=measure)
+
+
+class DistortionMeter:
+    """What a plan costs on fixed batches: perplexity, or exp(mean KL) to the original's distribution."""
+
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], measure: str = "kl"):
+        self.model, self.batches, self.measure = model, list(batches), measure
+        if measure == "kl":
+            with torch.no_grad():  # the original's log-probabilities, once
+                self.reference = [_log_probs(model, ids) for ids in self.batches]
+            self.base = 1.0
+        else:
+            self.base = perplexity(model, self.batches)
+
+    def __call__(self, plan: Plan) -> float:
+        if self.measure != "kl":
+            return perplexity(self.model, self.batches, plan=plan)
+        return math.exp(self.kl(plan))
+
+    def kl(self, plan: Plan) -> float:
+        """Mean KL(original || plan) over every position of every batch."""
+        total, count = 0.0, 0
+        with torch.no_grad(), cqil_semantics(self.model, plan):
+            for ids, reference in zip(self.batches, self.reference):
+                logp = _log_probs(self.model, ids)
+                total += (reference.exp() * (reference - logp)).sum().item()
+                count += reference[..., 0].numel()
+        return total / count
+
+
+def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
+
+
+def self_generated_text(model: nn.Module, tokens: int | None = None, window: int | None = None,
+                        seed: int = 0, batch: int = 4, progress: bool = False) -> list[torch.Tensor]:
+    """``tokens`` tokens the model writes itself, from its BOS token, as (1, window) batches of ids.
+
+    Sampled at temperature 1 with top-p 0.95, ``batch`` sequences at a time,
+    with a private random generator seeded by ``seed`` (the same text for the
+    same model and seed). Text the model writes is text of its own
+    distribution, so the plan search needs no data from the user (the
+    data-free calibration of LLM-QAT, Liu et al. 2023). ``tokens`` and
+    ``window`` default to :data:`SELF_TOKENS` and :data:`SELF_WINDOW`.
+    """
+    tokens = SELF_TOKENS if tokens is None else tokens
+    window = SELF_WINDOW if window is None else window
+    if tokens < window or window < 2:
+        raise CQILConfigError(f"tokens={tokens} and window={window}: need at least one window of two or more tokens")
+    start = _start_token(model)
+    per_sequence = -(-tokens // batch)
+    device = next(model.parameters()).device
+    ids = torch.full((batch, 1), start, dtype=torch.long, device=device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(seed)
+        out = _sample(model, ids, per_sequence, progress)
+    return token_windows(out[:, 1:].cpu(), window, tokens // window)
+
+
+def _sample(model: nn.Module, ids: torch.Tensor, new_tokens: int, progress: bool) -> torch.Tensor:
+    """Top-p sampling with a KV cache, through ``generate`` when the model has it."""
+    generate = getattr(type(model), "generate", None)
+    if generate is not None:
+        plain = _uncompiled(model)
+        return plain.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                              top_p=0.95, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                              pad_token_id=_start_token(model), use_cache=True)
+    for _ in _progress(range(new_tokens), progress, "self-generated text"):  # any causal LM: no cache
+        logits = model(ids).logits[:, -1].float()
+        ids = torch.cat([ids, _top_p(logits, 0.95)], dim=1)
+    return ids
+
+
+def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    probs = torch.softmax(logits, dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(-1, keepdim=True), 1)
+    return order.gather(-1, choice)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """``model`` with its class's own forward (a compiled ``forward`` attribute set aside), eager."""
+    if "forward" not in vars(model):
+        return model
+    import copy
+
+    plain = copy.copy(model)
+    del plain.forward
+    return plain
+
+
+def _start_token(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(config, name, None)
+        value = value[0] if isinstance(value, (list, tuple)) and value else value
+        if isinstance(value, int) and 0 <= value < getattr(config, "vocab_size", value + 1):
+            return value
+    return 0
+
+
+def plan_default(model: nn.Module, parallel: int = 2, budget: float = DEFAULT_BUDGET, seed: int = 0,
+                 tokens: int | None = None, progress: bool = True) -> PlanSearch:
+    """The plan ``backend="cqil"`` uses with no arguments: measured on text the model writes itself.
+
+    Bypass distance 0 (one step per group in concurrent mode), the KL measure,
+    corrections, and ``SAFETY * budget`` as the search's limit. The returned
+    search's ``budget`` is ``budget``; its ``cost`` is the promise on the
+    calibration text.
+    """
+    check_search_args(parallel, budget)
+    tokens = SELF_TOKENS if tokens is None else tokens
+    log.info("cqil: planning with no user data: the model writes %d tokens to calibrate on", tokens)
+    model = _uncompiled(model)  # its forward, not a compiled one: this runs inside a compile
+    calibration = self_generated_text(model, tokens=tokens, seed=seed, progress=progress)
+    search = plan_auto(model, calibration, parallel=parallel, budget=SAFETY * budget, bypass=(0,),
+                       progress=progress, measure="kl", correct=True)
+    return PlanSearch(search.plan, search.base_perplexity, search.perplexity, budget, search.similarity,
+                      search.trials, search.measure)

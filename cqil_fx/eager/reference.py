@@ -6,7 +6,8 @@ Tests and users check the backend against it::
 
 For a group G with input x it makes the model compute
 ``x + Σ_k (a_k(x) + m_k(u_k))`` with ``u_k = x + a_k + Σ_{j=max(0,k-D)}^{k-1} a_j``
-(docs/semantics.md), by hooking the HF layer and its branch modules:
+(docs/semantics.md), or with the plan's correction ``x + Σ_k s_k ⊙ Δ_k + b``,
+by hooking the HF layer and its branch modules:
 
 * a pre-hook on each member layer feeds it the group input x;
 * a hook on the module whose output is the attention branch records ``a_k``;
@@ -22,12 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
-from ..config import CQILConfig, Plan
+from ..config import CQILConfig, GroupCorrection, Plan
 from ..errors import CQILUnsupportedError
 from ..stack import decoder_layers
 
@@ -87,22 +89,33 @@ def cqil_reference(model: nn.Module, plan: Plan | CQILConfig, *args, **kwargs):
         return model(*args, **kwargs)
 
 
+# observe(group index, group input x, member deltas, (args, kwargs) of the first member's call)
+GroupObserver = Callable[[int, torch.Tensor, list, tuple], None]
+
+
 @contextlib.contextmanager
-def cqil_semantics(model: nn.Module, plan: Plan | CQILConfig) -> Iterator[Plan]:
-    """Within the block, eager calls of ``model`` compute the CQIL semantics of ``plan``."""
+def cqil_semantics(model: nn.Module, plan: Plan | CQILConfig, observe: GroupObserver | None = None) -> Iterator[Plan]:
+    """Within the block, eager calls of ``model`` compute the CQIL semantics of ``plan``.
+
+    ``observe``, if given, is called at every group's sum with the group index,
+    its input, its members' deltas (before any correction) and the arguments the
+    first member was called with (fitting corrections uses it).
+    """
     plan = resolve_plan(model, plan)
     layers = decoder_layers(model)
     handles: list[torch.utils.hooks.RemovableHandle] = []
     try:
-        for group in plan.groups:
-            handles += _hook_group([layers[i] for i in group], plan.bypass)
+        for g, group in enumerate(plan.groups):
+            observer = functools.partial(observe, g) if observe is not None else None
+            handles += _hook_group([layers[i] for i in group], plan.bypass, plan.correction(g), observer)
         yield plan
     finally:
         for h in handles:
             h.remove()
 
 
-def _hook_group(members: list[nn.Module], bypass: int) -> list:
+def _hook_group(members: list[nn.Module], bypass: int, correction: GroupCorrection | None = None,
+                observe: Callable | None = None) -> list:
     state: dict = {}
     last = len(members) - 1
     handles = []
@@ -112,7 +125,7 @@ def _hook_group(members: list[nn.Module], bypass: int) -> list:
             layer.register_forward_pre_hook(_feed_group_input(state, k), with_kwargs=True),
             layer.get_submodule(names.attention_out).register_forward_hook(_record(state, "a", k)),
             layer.get_submodule(names.mlp_out).register_forward_hook(_record(state, "m", k)),
-            layer.register_forward_hook(_emit_group_sum(state, k == last)),
+            layer.register_forward_hook(_emit_group_sum(state, k == last, correction, observe)),
         ]
         if names.mlp_in is not None and bypass:
             mlp_in = layer.get_submodule(names.mlp_in)
@@ -131,6 +144,7 @@ def _feed_group_input(state: dict, k: int):
             state.clear()
             state["x"] = layer_input(args, kwargs)
             state["a"], state["m"] = {}, {}
+            state["call"] = (args, kwargs)
             return None
         if args:
             return (state["x"], *args[1:]), kwargs
@@ -154,14 +168,21 @@ def _add_bypass(state: dict, k: int, bypass: int):
     return hook
 
 
-def _emit_group_sum(state: dict, is_last: bool):
+def _emit_group_sum(state: dict, is_last: bool, correction: GroupCorrection | None, observe: Callable | None):
     def hook(module, args, output):
         if not is_last:
             return None
         deltas = [state["a"][k] + state["m"][k] for k in sorted(state["m"])]
+        if observe is not None:
+            observe(state["x"], deltas, state["call"])
+        if correction is not None:  # the op order of passes/concurrent_groups.py: Σ (d_k * s_k), + b, x +
+            scales, bias = correction.tensors(deltas[0])
+            deltas = [d * s for d, s in zip(deltas, scales)]
         total = deltas[0]
         for d in deltas[1:]:
             total = total + d
+        if correction is not None:
+            total = total + bias
         out = state["x"] + total
         return (out, *output[1:]) if isinstance(output, tuple) else out
 

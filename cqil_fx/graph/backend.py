@@ -25,6 +25,7 @@ why.  What each graph went through is counted in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -38,7 +39,7 @@ from torch._dynamo.utils import counters
 from ..config import CQILConfig, Plan
 from ..errors import CQILPlanError, SpmdPlacementError
 from ..passes import Block, GroupRewrite, Placement, RewrittenGraph
-from .rewrite import Unchanged, apply_plan, plan_graph
+from .rewrite import Planned, Unchanged, apply_plan, plan_graph
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +59,19 @@ class CompileReport:
     fallback: str | None  # why the graph was compiled unchanged, or None
     placement: Placement | None = None  # mode="spmd": what this rank kept
     transport: str | None = None  # mode="spmd": what carries the collectives
+    mode: str | None = None  # the execution mode the graph was compiled for
+    source: str | None = None  # where the plan came from: "given", "searched", "cached", ...
+    cost: float | None = None  # the plan's promised relative perplexity increase, when measured
 
     @classmethod
     def unchanged(cls, nodes: int, outcome: Unchanged) -> CompileReport:
         return cls(nodes, nodes, outcome.blocks, outcome.plan, (), 0, outcome.why)
 
     @classmethod
-    def rewritten(cls, nodes_before: int, plan: Plan, rewritten: RewrittenGraph,
+    def rewritten(cls, nodes_before: int, planned: Planned, rewritten: RewrittenGraph, mode: str,
                   transport: str | None = None) -> CompileReport:
-        return cls(nodes_before, len(rewritten.gm.graph.nodes), rewritten.blocks, plan, rewritten.rewrites,
-                   rewritten.bypass_edges, None, rewritten.placement, transport)
+        return cls(nodes_before, len(rewritten.gm.graph.nodes), rewritten.blocks, planned.plan, rewritten.rewrites,
+                   rewritten.bypass_edges, None, rewritten.placement, transport, mode, planned.source, planned.cost)
 
     def __repr__(self) -> str:
         if self.fallback:
@@ -77,9 +81,11 @@ class CompileReport:
             p = self.placement
             where = (f", rank {p.rank}/{p.world_size} keeps {list(p.kept)}, {p.collectives} collectives "
                      f"over {self.transport}")
+        cost = f", promised cost {self.cost:+.1%} on its calibration text" if self.cost is not None else ""
         return (
-            f"CompileReport({len(self.blocks)} blocks, {self.plan}, {len(self.rewrites)} groups "
-            f"rewritten, {self.bypass_edges} bypass edges, nodes {self.nodes_before} -> {self.nodes_after}{where})"
+            f"CompileReport({len(self.blocks)} blocks, {self.plan} ({self.source}{cost}), mode {self.mode}, "
+            f"{len(self.rewrites)} groups rewritten, {self.bypass_edges} bypass edges, "
+            f"nodes {self.nodes_before} -> {self.nodes_after}{where})"
         )
 
 
@@ -87,19 +93,39 @@ class CQILBackend:
     """A Dynamo backend for one :class:`CQILConfig`; ``reports`` holds a report per compiled graph."""
 
     def __init__(self, config: CQILConfig):
-        self.config = config
-        self.inner: CompilerFn = resolve_inner(config.inner)
+        self.config = config  # validated when it was built, before any compile work
         self.reports: list[CompileReport] = []
 
-    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
-        mode = execution_mode(self.config)
-        if mode == "spmd":
-            return self._compile_spmd(gm, example_inputs)
-        report, rewritten = _rewrite(gm, self.config, example_inputs)
-        self.reports.append(report)
-        if rewritten is not None and mode == "concurrent":
-            return compile_concurrent(rewritten, self.inner, example_inputs, cuda_graphs=self.config.cuda_graphs)
-        return self.inner(gm, example_inputs)
+    @functools.cached_property
+    def inner(self) -> CompilerFn:
+        """The compiler the rewritten graph is handed to (Inductor imported on first use)."""
+        return resolve_inner(self.config.inner)
+
+    def __repr__(self) -> str:
+        return f"CQILBackend({self.config!r}, {len(self.reports)} graphs compiled)"
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list, mode: str | None = None,
+                 options: dict | None = None) -> Callable[..., Any]:
+        """Compile one graph. ``mode`` and ``options`` are what ``torch.compile(..., mode=, options=)``
+        passes a backend: ``mode="reduce-overhead"`` lets "auto" use CUDA graphs on a GPU, and every
+        mode's Inductor options (``torch._inductor.list_mode_options``) and ``options`` apply to the
+        inner Inductor."""
+        gm = own_copy(gm)
+        choice = execution_mode(self.config, example_inputs, mode)
+        with _inductor_options(mode, options, keep_cudagraphs=choice.mode != "concurrent"):
+            if choice.mode == "spmd":
+                return self._compile_spmd(gm, example_inputs)
+            report, rewritten = _rewrite(gm, self.config, example_inputs, choice.mode)
+            self.reports.append(report)
+            if rewritten is None:
+                return self.inner(gm, example_inputs)
+            log.info("cqil: mode %s: %s", choice.mode, choice.why)
+            inputs = [*example_inputs, *rewritten.constants]
+            if choice.mode == "concurrent":
+                compiled = compile_concurrent(rewritten, self.inner, inputs, cuda_graphs=choice.cuda_graphs)
+            else:
+                compiled = self.inner(gm, inputs)
+            return with_constants(compiled, rewritten.constants)
 
     def _compile_spmd(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
         """Rewrite, agree with the other ranks, keep this rank's members, compile."""
@@ -115,8 +141,8 @@ class CQILBackend:
             agree(world, f"unchanged ({outcome.why})")
             report = _fallback(nodes, outcome)
         else:
-            blocks, plan = outcome
-            rewritten = apply_plan(gm, blocks, plan)
+            plan = outcome.plan
+            rewritten = apply_plan(gm, outcome.blocks, plan)
             try:
                 check_placeable(rewritten.rewrites, world.world_size)
             except SpmdPlacementError as e:
@@ -125,10 +151,52 @@ class CQILBackend:
             rewritten = place_members(rewritten, world.rank, world.world_size, world.group_name)
             transport = choose_transport(gm, world, self.config.transport)
             counters["cqil"]["collectives"] += rewritten.placement.collectives
-            report = CompileReport.rewritten(nodes, plan, rewritten, transport)
+            report = CompileReport.rewritten(nodes, outcome, rewritten, "spmd", transport)
             log.info("cqil: %s", report)
+            if rewritten.constants:
+                compiled = self.inner(gm, [*example_inputs, *rewritten.constants])
+                self.reports.append(report)
+                return guard_collectives(with_constants(compiled, rewritten.constants), world)
         self.reports.append(report)
         return guard_collectives(self.inner(gm, example_inputs), world)
+
+
+def own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy of Dynamo's graph module for the passes to rewrite.
+
+    Dynamo reads its graph's placeholders again after the backend returns, and
+    a corrected plan adds inputs; the copy keeps node names and metadata.
+    """
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    copy = torch.fx.GraphModule(gm, graph)
+    copy.meta.update(gm.meta)
+    return copy
+
+
+def with_constants(fn: Callable[..., Any], constants: Sequence[torch.Tensor]) -> Callable[..., Any]:
+    """``fn`` called with ``constants`` after the caller's arguments (the inputs the rewrite appended).
+
+    Keeps Dynamo's boxed calling convention: a boxed ``fn`` (``_boxed_call``,
+    as Inductor returns) takes one list of inputs, which it may clear.
+    """
+    if not constants:
+        return fn
+    constants = tuple(constants)
+    if getattr(fn, "_boxed_call", False):
+        def run_boxed(args: list):
+            inputs = [*args, *constants]
+            args.clear()
+            return fn(inputs)
+
+        run_boxed._boxed_call = True  # type: ignore[attr-defined]
+        return run_boxed
+
+    @functools.wraps(fn)
+    def run(*args):
+        return fn(*args, *constants)
+
+    return run
 
 
 def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> CQILBackend:
@@ -146,31 +214,25 @@ def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> CQIL
     return CQILBackend(config)
 
 
-def cqil_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
-    """The cqil backend with the default :class:`CQILConfig` (registered as ``"cqil"``)."""
-    return _default_backend()(gm, example_inputs)
-
-
-@functools.cache
-def _default_backend() -> CQILBackend:
-    return CQILBackend(CQILConfig())
+# The backend with the default config, registered as "cqil" (the torch_dynamo_backends entry point):
+# its reports say what torch.compile(model, backend="cqil") did.
+cqil_backend = CQILBackend(CQILConfig())
 
 
 def rewrite_graph(gm: torch.fx.GraphModule, config: CQILConfig, example_inputs: Sequence = ()) -> CompileReport:
-    """Apply the CQIL passes to ``gm`` in place for ``config``; report what was done."""
-    return _rewrite(gm, config, example_inputs)[0]
+    """Apply the CQIL passes to ``gm`` in place for ``config`` (the local rewrite); report what was done."""
+    return _rewrite(gm, config, example_inputs, "local")[0]
 
 
-def _rewrite(gm: torch.fx.GraphModule, config: CQILConfig,
-             example_inputs: Sequence) -> tuple[CompileReport, RewrittenGraph | None]:
+def _rewrite(gm: torch.fx.GraphModule, config: CQILConfig, example_inputs: Sequence,
+             mode: str) -> tuple[CompileReport, RewrittenGraph | None]:
     nodes = len(gm.graph.nodes)
     counters["cqil"]["graphs"] += 1
     outcome = plan_graph(gm, config, example_inputs)
     if isinstance(outcome, Unchanged):
         return _fallback(nodes, outcome), None
-    blocks, plan = outcome
-    rewritten = apply_plan(gm, blocks, plan)
-    report = CompileReport.rewritten(nodes, plan, rewritten)
+    rewritten = apply_plan(gm, outcome.blocks, outcome.plan)
+    report = CompileReport.rewritten(nodes, outcome, rewritten, mode)
     log.info("cqil: %s", report)
     return report, rewritten
 
@@ -181,23 +243,72 @@ def _fallback(nodes: int, outcome: Unchanged) -> CompileReport:
     return CompileReport.unchanged(nodes, outcome)
 
 
-def execution_mode(config: CQILConfig) -> str:
-    """The mode a config runs in now.
+@dataclasses.dataclass(frozen=True)
+class ModeChoice:
+    """The execution mode a graph is compiled for, and why."""
 
-    "auto" is "spmd" under an initialised process group of more than one rank,
-    otherwise "local" (docs/performance.md).
+    mode: str
+    cuda_graphs: bool = False
+    why: str = "asked for"
+
+
+def execution_mode(config: CQILConfig, example_inputs: Sequence = (), compile_mode: str | None = None) -> ModeChoice:
+    """The mode a config runs in for a graph with these inputs (docs/performance.md, "What auto chooses").
+
+    ``"auto"``, in order: ``spmd`` under a process group of more than one rank;
+    on CUDA, ``concurrent`` with CUDA graphs when the user opted into graph
+    replay (``torch.compile(..., mode="reduce-overhead")`` or
+    ``cuda_graphs=True``), else ``local`` (concurrency without graphs measured
+    slower than local on a GPU); on CPU with two or more threads,
+    ``concurrent``; on one thread ``local``, where nothing runs side by side.
     """
+    wants_graphs = config.cuda_graphs or compile_mode == "reduce-overhead"
     if config.mode != "auto":
-        return config.mode
+        return ModeChoice(config.mode, config.mode == "concurrent" and wants_graphs)
     from .distributed import distributed_world_size
 
-    return "spmd" if distributed_world_size() > 1 else "local"
+    if distributed_world_size() > 1:
+        return ModeChoice("spmd", why="a process group of more than one rank")
+    device = _device_of(example_inputs)
+    if device.type == "cuda":
+        if wants_graphs:
+            return ModeChoice("concurrent", True, "CUDA, with CUDA graphs (reduce-overhead): members on streams")
+        return ModeChoice("local", why="CUDA without CUDA graphs (launch-bound; torch.compile(..., "
+                                       "mode='reduce-overhead') runs the members concurrently in one graph)")
+    if device.type == "cpu" and torch.get_num_threads() >= 2:
+        return ModeChoice("concurrent", why=f"CPU with {torch.get_num_threads()} threads: members side by side")
+    return ModeChoice("local", why=f"{device.type} with {torch.get_num_threads()} thread(s): nothing runs side by "
+                                   "side, so CQIL saves no time here")
+
+
+def _device_of(example_inputs: Sequence) -> torch.device:
+    """The accelerator the graph's inputs are on, else the CPU (a CPU scalar among CUDA inputs stays CUDA)."""
+    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type != "cpu"),
+                torch.device("cpu"))
+
+
+def _inductor_options(compile_mode: str | None, options: dict | None, keep_cudagraphs: bool):
+    """The Inductor settings ``torch.compile(mode=, options=)`` asks for, for the inner compile.
+
+    In concurrent mode CUDA graphs are the executor's business (one graph for the
+    whole program), so Inductor's own are left off there.
+    """
+    settings = {}
+    if compile_mode and compile_mode != "default":
+        settings.update(torch._inductor.list_mode_options(compile_mode))
+    settings.update(options or {})
+    if not keep_cudagraphs:
+        settings.pop("triton.cudagraphs", None)
+    return torch._inductor.config.patch(settings) if settings else contextlib.nullcontext()
 
 
 def compile_concurrent(rewritten: RewrittenGraph, inner: CompilerFn, example_inputs: list,
                        cuda_graphs: bool = False) -> Callable[..., Any]:
     """Split the rewritten graph into segments, compile each, and run groups on worker threads
-    (CPU) or streams (CUDA), the CUDA program captured into a CUDA graph if ``cuda_graphs``."""
+    (CPU) or streams (CUDA), the CUDA program captured into a CUDA graph if ``cuda_graphs``.
+
+    ``example_inputs`` include the values of the inputs the rewrite appended (``rewritten.constants``).
+    """
     from ..passes import has_inplace_ops, split_segments
     from .executor import ConcurrentProgram, CudaGraphProgram, static_inputs
 
@@ -217,7 +328,8 @@ def compile_concurrent(rewritten: RewrittenGraph, inner: CompilerFn, example_inp
     if not any(isinstance(x, torch.Tensor) and x.is_cuda for x in example_inputs):
         log.info("cqil: cuda_graphs=True but the graph's inputs are not on a CUDA device; running without them")
         return program
-    return CudaGraphProgram(program, static_inputs(gm, example_inputs), has_inplace_ops(gm))
+    constants = range(len(example_inputs) - len(rewritten.constants), len(example_inputs))  # they never move
+    return CudaGraphProgram(program, [*static_inputs(gm, example_inputs), *constants], has_inplace_ops(gm))
 
 
 def resolve_inner(inner: str | CompilerFn) -> CompilerFn:

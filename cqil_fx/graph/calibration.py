@@ -50,11 +50,11 @@ class GraphCalibration:
 
     def perplexity(self, plan: Plan | None = None) -> float:
         """Perplexity of the graph, rewritten for ``plan``, on the calibration windows."""
-        gm = self.gm if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
+        gm, constants = (self.gm, ()) if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
         loss = NextTokenLoss()
         with torch.no_grad():
             for window in self.windows:
-                loss.add(gm(*self.inputs(window))[self.logits_index], window)
+                loss.add(gm(*self.inputs(window), *constants)[self.logits_index], window)
         return loss.perplexity
 
     def similarity(self, blocks: Sequence[Block]) -> SimilarityReport:
@@ -67,13 +67,13 @@ class GraphCalibration:
         return accumulator.report()
 
 
-def rewritten_copy(gm: torch.fx.GraphModule, plan: Plan) -> torch.fx.GraphModule:
-    """A copy of ``gm`` with ``plan`` applied; ``gm`` itself is untouched."""
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(gm.graph, {}))
-    copy = torch.fx.GraphModule(gm, graph)
-    apply_plan(copy, find_blocks(copy), plan)
-    return copy
+def rewritten_copy(gm: torch.fx.GraphModule, plan: Plan) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """A copy of ``gm`` with ``plan`` applied (``gm`` itself is untouched), and the values of the
+    inputs the rewrite appended (call the copy with ``*inputs, *constants``)."""
+    from .backend import own_copy
+
+    copy = own_copy(gm)
+    return copy, apply_plan(copy, find_blocks(copy), plan).constants
 
 
 class _Recorder(torch.fx.Interpreter):

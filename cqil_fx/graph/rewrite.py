@@ -1,7 +1,7 @@
 """The front of the pipeline on one captured graph: find the blocks, choose the plan, rewrite.
 
-    outcome = plan_graph(gm, config, example_inputs)   # (blocks, plan), or Unchanged(why)
-    rewritten = apply_plan(gm, blocks, plan)           # RewrittenGraph: groups, then bypass edges
+    outcome = plan_graph(gm, config, example_inputs)   # Planned(blocks, plan, source, cost), or Unchanged(why)
+    rewritten = apply_plan(gm, outcome.blocks, outcome.plan)   # RewrittenGraph: groups, then bypass edges
 
 The backend, the graph calibration and inspection all rewrite through
 :func:`apply_plan`, so the passes always run in this one order. Planning is
@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
+class Planned:
+    """The blocks found and the plan chosen for them, with where it came from ("given", "searched",
+    "cached", ...) and its promised cost on the calibration text, when one was measured."""
+
+    blocks: list[Block]
+    plan: Plan
+    source: str = "given"
+    cost: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Unchanged:
     """Why a graph is compiled as it is (with what was found, if anything)."""
 
@@ -35,7 +46,7 @@ class Unchanged:
 
 
 def plan_graph(gm: torch.fx.GraphModule, config: CQILConfig,
-               example_inputs: Sequence = ()) -> tuple[list[Block], Plan] | Unchanged:
+               example_inputs: Sequence = ()) -> Planned | Unchanged:
     """The blocks of ``gm`` and the plan ``config`` gives for them, or why the graph stays as it is.
 
     ``example_inputs`` (real tensors, as Dynamo passes them) are needed only
@@ -48,37 +59,38 @@ def plan_graph(gm: torch.fx.GraphModule, config: CQILConfig,
     if not blocks:
         return Unchanged("no decoder blocks found")
     counters["cqil"]["blocks_found"] += len(blocks)
-    plan = choose_plan(gm, example_inputs, blocks, config)
+    if config.wants_auto_plan:
+        from .calibration import search_graph_plan
+
+        search = search_graph_plan(gm, example_inputs, blocks, config)
+        if search is not None:
+            log.info("cqil: automatic plan %s", search)
+            return _planned(blocks, search.plan, "searched on calibration=", search.cost)
+    if config.wants_default_plan or config.wants_auto_plan:  # an uncalibratable graph gets the default
+        from .default_plan import default_plan
+
+        found = default_plan(gm, example_inputs, blocks, config)
+        if found.plan is None:
+            return Unchanged(f"default plan: {found.why}", tuple(blocks))
+        return Planned(blocks, found.plan, found.source, found.cost)
+    return _planned(blocks, plan_for_blocks(blocks, config), "given")
+
+
+def _planned(blocks: list[Block], plan: Plan, source: str, cost: float | None = None) -> Planned | Unchanged:
     if not plan.groups:
         return Unchanged(f"{plan} has no groups of two or more blocks", tuple(blocks), plan)
-    return blocks, plan
+    plan.check_block_kinds({b.index: b.kind for b in blocks})
+    return Planned(blocks, plan, source, cost)
 
 
 def apply_plan(gm: torch.fx.GraphModule, blocks: Sequence[Block], plan: Plan) -> RewrittenGraph:
-    """Rewrite ``gm`` in place: concurrent groups, then bypass edges."""
-    rewritten = rewrite_groups(gm, blocks, plan.groups)
+    """Rewrite ``gm`` in place: concurrent groups (with the plan's corrections), then bypass edges."""
+    rewritten = rewrite_groups(gm, blocks, plan.groups, plan.corrections or None)
     if plan.bypass:
         rewritten = add_bypass_edges(rewritten, plan.bypass)
     counters["cqil"]["groups_rewritten"] += len(rewritten.rewrites)
     counters["cqil"]["bypass_edges"] += rewritten.bypass_edges
     return rewritten
-
-
-def choose_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence[Block],
-                config: CQILConfig) -> Plan:
-    """The config's plan; searched on calibration data when it asks for an automatic one."""
-    if config.wants_auto_plan:
-        from .calibration import search_graph_plan
-
-        search = search_graph_plan(gm, example_inputs, blocks, config)
-        if search is None:
-            return plan_for_blocks(blocks, dataclasses.replace(config, plan=None, calibration=None))
-        log.info("cqil: automatic plan %s", search)
-        return search.plan
-    if config.plan is None and config.groups is None and config.start is None:
-        log.info("cqil: no calibration data, so the default uniform plan over the middle of the stack "
-                 "(give calibration= for an automatic, quality-budgeted plan)")
-    return plan_for_blocks(blocks, config)
 
 
 def plan_for_blocks(blocks: Sequence[Block], config: CQILConfig) -> Plan:

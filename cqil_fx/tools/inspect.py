@@ -19,6 +19,7 @@ from ..config import CQILConfig, Plan
 from ..eager.quality import perplexity
 from ..errors import CQILUnsupportedError
 from ..graph.backend import CompileReport, rewrite_graph
+from ..graph.default_plan import default_plan_for_model
 from ..graph.rewrite import plan_for_blocks
 from ..passes import Block, find_blocks, layer_of
 
@@ -33,9 +34,11 @@ class Inspection:
     report: CompileReport
     nodes_per_block_before: dict[int, int]
     perplexity: tuple[float, float] | None = None  # calibration perplexity: original, under the plan
+    source: str = "given"  # where the plan came from
 
     def __str__(self) -> str:
-        return "\n".join([format_blocks(self.blocks), format_plan(self.plan), self.quality_cost(),
+        plan = format_plan(self.plan) + ("" if self.source == "given" else f"\nplan source: {self.source}")
+        return "\n".join([format_blocks(self.blocks), plan, self.quality_cost(),
                           self.rewrite_summary()])
 
     def quality_cost(self) -> str:
@@ -96,14 +99,19 @@ def inspect_model(model: torch.nn.Module, input_ids: torch.Tensor, config: CQILC
     with torch.no_grad():
         gm = capture_graph(model, input_ids, **kwargs)
     blocks = find_blocks(gm)
-    plan = plan_for_blocks(blocks, config)
+    source = "given"
+    if config.wants_default_plan:  # what backend="cqil" would use: cached, or searched now and cached
+        found = default_plan_for_model(model, [b.kind for b in blocks], config)
+        plan, source = found.plan, f"default plan, {found.source}"
+    else:
+        plan = plan_for_blocks(blocks, config)
     before = _nodes_per_block(gm)
-    report = rewrite_graph(gm, dataclasses.replace(config, groups=plan.groups, bypass=plan.bypass,
-                                                   start=None, end=None, plan=None))
+    report = rewrite_graph(gm, dataclasses.replace(config, groups=None, bypass=0, start=None, end=None,
+                                                   plan=plan, calibration=None))
     cost = None
     if calibration is not None:
         cost = (perplexity(model, calibration), perplexity(model, calibration, plan=plan))
-    return Inspection(gm, blocks, plan, report, before, cost)
+    return Inspection(gm, blocks, plan, report, before, cost, source)
 
 
 def format_plan(plan: Plan) -> str:

@@ -49,11 +49,13 @@ __all__ = [
     "SPLITS",
     "TextSplitError",
     "load_smollm2",
+    "license_text",
     "python_reference_text",
     "recovery_windows",
     "python_reference_topics",
     "smollm2_cache_dir",
     "smollm2_gguf_path",
+    "split_text",
     "token_batches",
 ]
 
@@ -64,7 +66,12 @@ CACHE_SUBDIR = "smollm2-135m-instruct"
 # Written last into a finished cache; a directory without it is not a cache.
 MANIFEST_NAME = "cqil_fx_manifest.json"
 
-SPLITS = ("calibration", "evaluation")
+SPLITS = ("calibration", "evaluation", "licenses")
+PYTHON_SPLITS = ("calibration", "evaluation")
+# Text of another kind than the Python reference, for quality claims that must hold on text no plan
+# or recovery ever saw: English legal prose, the licence texts Debian's base-files ships.
+LICENSES_DIR = Path("/usr/share/common-licenses")
+LICENSE_FILES = ("GPL-3", "Apache-2.0", "MPL-2.0", "GFDL-1.3", "LGPL-3", "Artistic", "CC0-1.0")
 # Every EVALUATION_STRIDE-th topic (in sorted key order) is held out for evaluation.
 EVALUATION_STRIDE = 5
 
@@ -231,11 +238,34 @@ def python_reference_topics(split: str) -> list[str]:
     Raises:
         TextSplitError: ``split`` is not one of :data:`SPLITS`.
     """
-    if split not in SPLITS:
+    if split not in PYTHON_SPLITS:
         raise TextSplitError(f"unknown text split {split!r}; valid splits are {', '.join(SPLITS)}")
     from pydoc_data.topics import topics
 
     return [key for i, key in enumerate(sorted(topics)) if _split_of_topic(i) == split]
+
+
+def split_text(split: str) -> str:
+    """The text of a split: ``"calibration"`` / ``"evaluation"`` (:func:`python_reference_text`) or
+    ``"licenses"`` (:func:`license_text`)."""
+    return license_text() if split == "licenses" else python_reference_text(split)
+
+
+def license_text() -> str:
+    """English legal prose of another kind than the Python reference: the licences of :data:`LICENSE_FILES`.
+
+    Read from :data:`LICENSES_DIR` (Debian's base-files), joined in that order.
+    No plan, calibration or recovery here ever reads it; it is the held-out text
+    of the quality claims (docs/quality.md).
+
+    Raises:
+        TextSplitError: the directory or a file is missing (not a Debian-based machine).
+    """
+    try:
+        return "\n\n".join((LICENSES_DIR / name).read_text().strip() for name in LICENSE_FILES)
+    except OSError as e:
+        raise TextSplitError(f"the 'licenses' split reads {LICENSES_DIR} (Debian's base-files package), "
+                             f"which this machine lacks ({e}); use the 'evaluation' split instead") from e
 
 
 def python_reference_text(split: str) -> str:
@@ -286,7 +316,7 @@ def token_batches(
         raise TextSplitError(f"seq_len must be a positive number of tokens, got {seq_len}")
     if num_batches is not None and num_batches < 1:
         raise TextSplitError(f"num_batches must be positive or None, got {num_batches}")
-    ids = _token_ids(tokenizer, python_reference_text(split))
+    ids = _token_ids(tokenizer, split_text(split))
     available = ids.numel() // seq_len
     wanted = available if num_batches is None else num_batches
     if wanted > available:

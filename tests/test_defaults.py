@@ -1,0 +1,208 @@
+"""backend="cqil" with no arguments: a measured plan (self-written calibration text, KL, corrections),
+the plan cache, the mode "auto" picks, and group corrections in every mode."""
+
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from cqil_fx import CQILConfig, Plan, cqil_reference, make_backend
+from cqil_fx import plan_cache
+from cqil_fx.eager import planner
+from cqil_fx.eager.correction import NormalEquations, fit_corrections
+from cqil_fx.eager.planner import DistortionMeter, plan_auto, self_generated_text
+from cqil_fx.graph import backend as backend_module
+from cqil_fx.graph.backend import execution_mode
+from cqil_fx.stack import decoder_layers
+
+from conftest import relative_error
+from tiny_models import LAYERS, tiny_model, tokens
+
+CALIBRATION = [tokens(batch=1, length=32, seed=s) for s in range(6)]
+
+
+def test_self_generated_text_is_windows_of_the_model_and_deterministic_for_a_seed():
+    model = tiny_model("llama")
+    first = self_generated_text(model, tokens=96, window=32, seed=3)
+    assert [w.shape for w in first] == [torch.Size([1, 32])] * 3
+    assert all(w.dtype == torch.long and int(w.max()) < model.config.vocab_size for w in first)
+    again = self_generated_text(model, tokens=96, window=32, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other = self_generated_text(model, tokens=96, window=32, seed=4)
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+
+
+@pytest.mark.parametrize(("measure", "correct"), [("kl", True), ("kl", False), ("perplexity", True)])
+def test_the_search_keeps_its_budget_on_what_it_measured(measure, correct):
+    model = tiny_model("qwen2")
+    search = plan_auto(model, CALIBRATION, budget=0.3, bypass=(0,), measure=measure, correct=correct,
+                       progress=False)
+    assert search.plan.groups and search.cost <= 0.3
+    assert bool(search.plan.corrections) == correct
+    # The promise is the plan's own cost, measured again independently on the held-out half.
+    held = CALIBRATION[1::2] if correct else CALIBRATION
+    assert DistortionMeter(model, held, measure)(search.plan) / search.base_perplexity - 1 == pytest.approx(
+        search.cost, rel=1e-5)
+
+
+def test_a_correction_brings_the_group_closer_to_the_blocks_one_after_the_other():
+    model = tiny_model("llama")
+    plan = Plan(LAYERS, ((2, 3), (5, 6)), 0)
+    fitted = fit_corrections(model, plan, CALIBRATION, ridge=0.0)
+    assert all(c is not None and len(c.scale) == 2 and c.hidden_size == 32 for c in fitted.corrections)
+    ids = tokens(seed=11)  # not among the calibration batches
+    original = model(ids, use_cache=False).logits
+    plain = cqil_reference(model, plan, ids, use_cache=False).logits
+    corrected = cqil_reference(model, fitted, ids, use_cache=False).logits
+    assert relative_error(corrected, original) < relative_error(plain, original)
+
+
+def test_normal_equations_recover_a_known_affine_map_and_ridge_pulls_towards_none():
+    torch.manual_seed(0)
+    x, d0, d1 = torch.randn(3, 500, 4)
+    scale0, scale1, bias = torch.tensor([0.5, 1, 2, -1.0]), torch.tensor([1.5, 0, 1, 2.0]), torch.arange(4.0)
+    eq = NormalEquations(2, 4)
+    eq.add(x, [d0, d1], x + scale0 * d0 + scale1 * d1 + bias)
+    exact = eq.solve(ridge=0.0)
+    torch.testing.assert_close(torch.tensor(exact.scale), torch.stack([scale0, scale1]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(torch.tensor(exact.bias), bias, atol=1e-6, rtol=0)
+    pulled = eq.solve(ridge=100.0)
+    assert (torch.tensor(pulled.scale) - 1).abs().sum() < (torch.tensor(exact.scale) - 1).abs().sum()
+
+
+@pytest.mark.parametrize("mode", ["local", "concurrent"])
+@pytest.mark.parametrize(("family", "bypass"), [("llama", 1), ("gpt2", 0), ("phi", 0)])
+def test_corrected_plans_compile_to_the_corrected_reference(family, bypass, mode):
+    model = tiny_model(family)
+    plan = fit_corrections(model, Plan(LAYERS, ((1, 2), (3, 4), (6, 7)), bypass), CALIBRATION[:2])
+    ids = tokens(seed=5)
+    backend = make_backend(plan, mode=mode, inner="eager")
+    actual = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+    expected = cqil_reference(model, plan, ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-5
+    assert relative_error(expected, cqil_reference(model, plan.without_corrections(), ids, use_cache=False).logits) > 1e-3
+    assert backend.reports[-1].mode == mode
+
+
+def test_a_corrected_plan_round_trips_through_json(tmp_path):
+    plan = fit_corrections(tiny_model("llama"), Plan(LAYERS, ((2, 3),), 0), CALIBRATION[:1])
+    plan.save(tmp_path / "plan.json")
+    assert Plan.load(tmp_path / "plan.json") == plan
+    assert json.loads((tmp_path / "plan.json").read_text())["corrections"][0]["bias"] == list(plan.corrections[0].bias)
+
+
+# --------------------------------------------------------------------------- the plan cache
+
+
+def _key(model, budget=0.1):
+    layers = decoder_layers(model)
+    return plan_cache.PlanKey.of(["sequential"] * len(layers), [list(l.parameters()) for l in layers], budget, 2)
+
+
+def test_plan_cache_hits_and_misses(tmp_path):
+    model = tiny_model("llama")
+    plan = Plan(LAYERS, ((2, 3),), 0)
+    assert plan_cache.load_plan(_key(model), tmp_path) is None
+    plan_cache.store_plan(_key(model), plan, {"cost": 0.05}, tmp_path)
+    assert plan_cache.load_plan(_key(model), tmp_path) == (plan, {"cost": 0.05})
+    assert plan_cache.load_plan(_key(model, budget=0.2), tmp_path) is None  # another budget
+    changed = tiny_model("llama", seed=1)  # another model of the same shape
+    assert plan_cache.load_plan(_key(changed), tmp_path) is None
+
+
+def test_plan_cache_ignores_corrupt_and_foreign_entries_with_a_warning(tmp_path, caplog):
+    model = tiny_model("llama")
+    path = plan_cache.entry_path(_key(model), tmp_path)
+    path.write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="cqil_fx"):
+        assert plan_cache.load_plan(_key(model), tmp_path) is None
+    assert "ignoring the plan cache entry" in caplog.text
+    other = plan_cache.entry_path(_key(model, budget=0.3), tmp_path)
+    plan_cache.store_plan(_key(model, budget=0.3), Plan(LAYERS, ((2, 3),), 0), None, tmp_path)
+    os.replace(other, path)  # a valid entry under the wrong name
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cqil_fx"):
+        assert plan_cache.load_plan(_key(model), tmp_path) is None
+    assert "another key" in caplog.text
+
+
+def test_an_unwritable_plan_cache_means_no_cache_not_a_failure(tmp_path, caplog):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where the directory should be
+    with caplog.at_level(logging.WARNING, logger="cqil_fx"):
+        assert plan_cache.store_plan(_key(tiny_model("llama")), Plan(LAYERS, (), 0), None, blocked / "d") is None
+    assert "cannot write the plan cache" in caplog.text
+
+
+def test_the_cache_directory_moves_with_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("CQIL_FX_PLAN_CACHE", str(tmp_path / "a"))
+    assert plan_cache.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("CQIL_FX_PLAN_CACHE")
+    monkeypatch.setenv("CQIL_FX_CACHE", str(tmp_path / "root"))
+    assert plan_cache.cache_dir() == tmp_path / "root" / "plans"
+
+
+# --------------------------------------------------------------------------- the default backend
+
+
+def test_default_backend_searches_once_then_reuses_the_cached_plan(small_self_text, caplog):
+    model, ids = tiny_model("llama"), tokens()
+    with caplog.at_level(logging.INFO, logger="cqil_fx"):
+        first = make_backend(inner="eager")
+        actual = torch.compile(model, backend=first)(ids, use_cache=False).logits
+    report = first.reports[-1]
+    assert report.source == "searched" and report.plan.groups and report.plan.corrections
+    assert report.cost is not None and report.cost <= planner.SAFETY * 0.10 + 1e-9
+    expected = cqil_reference(model, report.plan, ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-5
+    assert any("searched" in r.getMessage() and "mode" in r.getMessage() for r in caplog.records)
+    torch._dynamo.reset()
+    second = make_backend(inner="eager", mode="local")
+    torch.compile(model, backend=second)(ids, use_cache=False)
+    assert second.reports[-1].source == "cached" and second.reports[-1].plan == report.plan
+
+
+def test_default_backend_without_a_model_or_enough_tokens_compiles_unchanged(caplog):
+    model, ids = tiny_model("gpt2"), tokens()
+    backend = make_backend(inner="eager")
+    gm_holder = []
+
+    def capture(gm, example_inputs):
+        gm_holder.append((gm, example_inputs))
+        return gm.forward
+
+    torch.compile(model, backend=capture)(ids, use_cache=False)
+    gm, inputs = gm_holder[0]
+    with caplog.at_level(logging.INFO, logger="cqil_fx"):
+        compiled = _call_without_model_on_stack(backend, gm, inputs)
+    assert backend.reports[-1].fallback and "default plan" in backend.reports[-1].fallback
+    assert "fewer than 256" in caplog.text
+    torch.testing.assert_close(compiled(*inputs)[0], model(ids, use_cache=False).logits, rtol=0, atol=1e-5)
+
+
+def _call_without_model_on_stack(backend, gm, inputs):
+    """The backend on a captured graph whose weights are plain tensors: no module owns them."""
+    return backend(gm, [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in inputs])
+
+
+# --------------------------------------------------------------------------- mode="auto"
+
+
+def _inputs(device):
+    return [torch.empty(2, 3, device="meta" if device != "cpu" else "cpu")]
+
+
+@pytest.mark.parametrize(("threads", "device", "compile_mode", "expected"), [
+    (2, "cpu", None, ("concurrent", False)),
+    (1, "cpu", None, ("local", False)),
+    (2, "cuda", None, ("local", False)),
+    (2, "cuda", "reduce-overhead", ("concurrent", True)),
+])
+def test_auto_picks_the_mode_measured_fastest(monkeypatch, threads, device, compile_mode, expected):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    monkeypatch.setattr(backend_module, "_device_of", lambda inputs: torch.device(device))
+    choice = execution_mode(CQILConfig(), _inputs(device), compile_mode)
+    assert (choice.mode, choice.cuda_graphs) == expected and choice.why
+    assert execution_mode(CQILConfig(mode="local"), _inputs(device), compile_mode).mode == "local"
