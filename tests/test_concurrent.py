@@ -18,6 +18,7 @@ from cqil_fx.passes.module_stack import layer_of
 from cqil_fx.passes.segments import split_segments
 
 from conftest import relative_error, setitem_graph
+from test_omp_team import four_threads, openmp_region, team  # noqa: F401 - four_threads and team are fixtures
 from tiny_models import tiny_model, tokens
 
 
@@ -30,14 +31,21 @@ def layers_of(gm: torch.fx.GraphModule) -> frozenset[int]:
     return frozenset(layer_of(n).index for n in gm.graph.nodes if n.op == "call_function" and layer_of(n) is not None)
 
 
-@pytest.fixture(params=["openmp-team", "thread-pool"])
+def is_member() -> bool:
+    """Compiling a member segment: members get their thread count, shared segments Inductor's default (-1)."""
+    return torch._inductor.config.cpp.threads >= 1
+
+
+@pytest.fixture(params=["openmp-team", "member-teams", "thread-pool"])
 def runner(request, monkeypatch):
-    """Run a test with members on the OpenMP team, and again on the thread pool (no OpenMP runtime)."""
-    if request.param == "openmp-team":
-        if executor.openmp_team() is None:
-            pytest.skip("no OpenMP runtime in this process")
-    else:
+    """Run a test with members on the OpenMP team (one thread each), as teams of two threads (four threads:
+    a group of two gets 4 // 2 each, one of three still 1), and on the thread pool (no OpenMP runtime)."""
+    if request.param == "thread-pool":
         monkeypatch.setattr(executor, "openmp_team", lambda: None)
+    elif executor.openmp_team() is None:
+        pytest.skip("no OpenMP runtime in this process")
+    elif request.param == "member-teams":
+        request.getfixturevalue("four_threads")
     return request.param
 
 
@@ -111,7 +119,7 @@ def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_l
     ran = []
 
     def inner(gm, example_inputs):
-        member = torch._inductor.config.cpp.threads == 1  # members are compiled single-threaded
+        member = is_member()
         layer = max(layers_of(gm))  # a member of the second group also holds the first group's sum
 
         def run(*args):
@@ -142,7 +150,7 @@ def test_members_run_at_the_same_time_on_distinct_threads(runner):
     threads, armed = {}, [False]  # compiling runs each segment once, alone: no barrier then
 
     def inner(gm, example_inputs):
-        if torch._inductor.config.cpp.threads != 1:
+        if not is_member():
             return gm.forward
         layers = layers_of(gm)
 
@@ -179,6 +187,91 @@ def test_segments_are_compiled_with_the_cpp_wrapper_members_single_threaded():
     threads = torch._inductor.config.cpp.threads
     assert seen == [(threads, True), (1, True), (1, True), (1, True), (threads, True)]
     assert not torch._inductor.config.cpp_wrapper  # patched only while compiling
+
+
+@pytest.mark.parametrize("threads", [2, 4, 16])
+def test_members_of_a_group_of_p_get_threads_over_p(threads):
+    """member_threads: T // P, at least 1, from the calling thread's count at compile time; one thread where
+    there is no OpenMP runtime and on other devices. Sixteen threads and P = 2: eight each."""
+    if executor.openmp_team() is None:
+        pytest.skip("no OpenMP runtime in this process")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # a count only: no region is opened here
+    try:
+        assert [executor.member_threads(p, "cpu") for p in (2, 3, 4)] == [max(1, threads // p) for p in (2, 3, 4)]
+        assert executor.member_threads(2, "cuda") == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_each_member_segment_is_compiled_for_its_share_of_the_threads(four_threads):
+    """Four threads, groups of two and three: shared segments with Inductor's default (all threads), members
+    of the group of two with cpp.threads = 2, of the group of three with 1 (4 // 3)."""
+    seen = []
+
+    def inner(gm, example_inputs):
+        seen.append((sorted(layers_of(gm)), torch._inductor.config.cpp.threads, torch._inductor.config.cpp_wrapper))
+        return gm.forward
+
+    model, ids = tiny_model("llama"), tokens()
+    compiled(model, groups=[[1, 2], [4, 5, 6]], inner=inner)(ids, use_cache=False)
+    default = torch._inductor.config.cpp.threads
+    assert [threads for _, threads, _ in seen] == [default, 2, 2, default, 1, 1, 1, default]
+    assert [layers for layers, threads, _ in seen if threads != default] == [[1], [2], [4], [5], [6]]
+    assert all(wrapper for *_, wrapper in seen)
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_members_open_regions_of_their_share_of_the_threads(team, threads):
+    """Inside a member, what a parallel region opened there gets (what ATen's ops and Inductor's kernels get).
+    Two threads, P = 2: today's members, one thread each, inside the team's region (a region opened there
+    has one thread). Four threads: each member outside any region, its regions two threads wide, the same
+    two threads at every call; the caller keeps its four."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    seen, armed = {}, [False]
+
+    def inner(gm, example_inputs):
+        if not is_member():
+            return gm.forward
+        layers = layers_of(gm)
+
+        def run(*args):
+            if armed[0]:
+                seen.setdefault(layers, []).append(openmp_region(team))
+            return gm.forward(*args)
+
+        return run
+
+    try:
+        model, ids = tiny_model("llama"), tokens()
+        fast = compiled(model, groups=[[2, 3]], inner=inner)
+        fast(ids, use_cache=False)
+        armed[0] = True
+        fast(ids, use_cache=False)
+        fast(ids, use_cache=False)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == 2
+    for first, second in seen.values():
+        if threads == 2:
+            assert first["in_parallel"] and first["threads"] == 1
+        else:
+            assert not first["in_parallel"] and first["threads"] == first["torch_threads"] == 2
+            assert second == first  # a pool kept for the member's thread: no threads created per region
+    if threads == 4:
+        (first, _), (second, _) = seen.values()
+        assert not first["ids"] & second["ids"]  # two teams of their own
+
+
+def test_members_of_two_threads_with_inductor(four_threads):
+    """Inductor kernels compiled for two threads, run by members of two threads (with the C++ wrapper)."""
+    model, ids = tiny_model("mistral"), tokens()
+    actual = compiled(model, groups=[[2, 3]])(ids, use_cache=False).logits
+    expected = cqil_reference(model, CQILConfig(groups=[[2, 3]]), ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+    assert torch._dynamo.utils.counters["cqil"]["cpp_wrapper_fallbacks"] == 0
 
 
 def test_segment_that_fails_with_the_cpp_wrapper_is_compiled_without_it(caplog):

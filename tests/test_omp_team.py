@@ -1,5 +1,7 @@
 """cqil_fx.graph.omp_team: tasks as one parallel region of the process's OpenMP runtime."""
 
+import ctypes
+import functools
 import subprocess
 import sys
 import textwrap
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from cqil_fx.graph import executor
-from cqil_fx.graph.omp_team import openmp_team
+from cqil_fx.graph.omp_team import PrimaryThreads, openmp_team
 
 
 @pytest.fixture
@@ -19,6 +21,27 @@ def team():
     if team is None:
         pytest.skip("no OpenMP runtime in this process")
     return team
+
+
+@pytest.fixture
+def four_threads():
+    """``torch.set_num_threads(4)`` for the test (a count, not cores: it works on fewer cores too)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(4)
+    yield 4
+    torch.set_num_threads(before)
+
+
+def openmp_region(team) -> dict:
+    """What a parallel region opened here, on the calling thread, gets: what ATen's ``at::parallel_for`` opens
+    (``#pragma omp parallel`` without a thread count, through the runtime's ``GOMP_parallel``)."""
+    runtime = ctypes.CDLL(team.path)
+    seen = []
+    body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: seen.append(threading.get_native_id()))
+    runtime.GOMP_parallel.argtypes = [type(body), ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    nested = bool(runtime.omp_in_parallel())
+    runtime.GOMP_parallel(body, None, 0, 0)  # 0 threads: the calling thread's count (omp_get_max_threads)
+    return dict(threads=len(seen), ids=frozenset(seen), in_parallel=nested, torch_threads=torch.get_num_threads())
 
 
 def test_tasks_run_at_the_same_time_and_results_keep_their_order(team):
@@ -59,11 +82,12 @@ def test_a_nested_region_of_one_thread_still_runs_every_task(team):
         assert inner == [(0, ident), (1, ident), (2, ident)]
 
 
-@pytest.mark.parametrize("runner", ["openmp-team", "thread-pool"])
+@pytest.mark.parametrize("runner", ["openmp-team", "primary-threads", "thread-pool"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "grad"])
 def test_the_callers_autograd_modes_reach_every_thread(team, mode, runner):
-    """On the team and on the executor's fallback pool alike."""
-    run = team.run if runner == "openmp-team" else executor._run_on_pool
+    """On the team, on members of several threads, and on the executor's fallback pool alike."""
+    run = {"openmp-team": team.run, "primary-threads": lambda tasks: PrimaryThreads(2).run_stages([tasks])[0],
+           "thread-pool": executor._run_on_pool}[runner]
     barrier = threading.Barrier(2, timeout=30)
 
     def modes():
@@ -142,3 +166,66 @@ def test_an_interrupt_at_a_barrier_leaves_no_thread_waiting():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.split("\n")[:2] == ["interrupted", "[[3, 3], [3, 3]]"]
+
+
+def test_a_region_wider_than_its_tasks_keeps_the_callers_threads(team, four_threads):
+    """Members between shared segments of four threads: a region of four threads for two tasks. The threads
+    without a task only wait, and the runtime keeps the caller's pool (libgomp ends the threads a smaller
+    region leaves out and creates new ones for the next larger region)."""
+    everyone = threading.Barrier(4, timeout=30)
+
+    def one_each():
+        everyone.wait()  # four tasks on four distinct threads
+        return threading.get_native_id()
+
+    def region_size():
+        return ctypes.CDLL(team.path).omp_get_num_threads(), threading.get_native_id()
+
+    before = {o.result() for o in team.run([one_each] * 4)}
+    outcomes = team.run_stages([[region_size, region_size]] * 2, threads=4)
+    after = {o.result() for o in team.run([one_each] * 4)}
+    assert [[o.result()[0] for o in stage] for stage in outcomes] == [[4, 4], [4, 4]]
+    assert len(before) == 4 and after == before
+
+
+@pytest.mark.parametrize("failing_stage", [0, 1])
+def test_primary_threads_run_stages_each_task_on_its_thread_with_regions_of_its_count(team, four_threads,
+                                                                                   failing_stage):
+    """Two tasks of two threads each: each task runs on its own thread, outside any parallel region, and the
+    regions it opens have two threads, the same two every time; the caller's count and the process default
+    that a new thread takes stay four. A stage with an error is the last to run."""
+    primary = PrimaryThreads(2)
+    together = threading.Barrier(2, timeout=30)
+
+    def member():
+        together.wait()
+        return threading.get_native_id(), openmp_region(team), openmp_region(team)
+
+    def fail():
+        raise KeyError("member 1")
+
+    stages = [[member, member], [member, member], [member, member]]
+    ran = [[o.result() for o in stage] for stage in primary.run_stages(stages)]
+    assert len(ran) == 3
+    for stage in ran:
+        assert len({ident for ident, *_ in stage}) == 2
+        for ident, first, second in stage:
+            assert first == second  # the same threads: a pool kept for this thread
+            assert first["threads"] == 2 and ident in first["ids"] and not first["in_parallel"]
+            assert first["torch_threads"] == 2
+    assert [ident for ident, *_ in ran[0]] == [ident for ident, *_ in ran[2]]  # task i on thread i
+    assert torch.get_num_threads() == 4
+    new_thread = []
+    thread = threading.Thread(target=lambda: new_thread.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert new_thread == [4]
+
+    alone = functools.partial(openmp_region, team)
+    stages = [[alone, alone]] * 3
+    stages[failing_stage] = [alone, fail]
+    outcomes = primary.run_stages(stages)
+    assert len(outcomes) == failing_stage + 1
+    with pytest.raises(KeyError, match="member 1"):
+        outcomes[-1][1].result()
+    assert outcomes[-1][0].result()["threads"] == 2  # the other task of the stage ran to its end

@@ -2,28 +2,43 @@
 
 The rewritten graph is cut into segments (:func:`cqil_fx.passes.split_segments`);
 every segment is compiled by the inner compiler, and :class:`ConcurrentProgram`
-runs them: shared segments on the calling thread with all cores, the members
-of a group at the same time, each on one thread with one intra-op thread,
+runs them: shared segments on the calling thread with all its threads, the
+members of a group at the same time, each with its share of the threads,
 their deltas then summed in memory by the next shared segment (or, for
 consecutive groups, by each member of the next group).
 
-CPU threads: a run of consecutive member steps (consecutive groups, the
-phases of a bypassed group) is one parallel region of the OpenMP runtime ATen
-already uses (:meth:`cqil_fx.graph.omp_team.OpenMPTeam.run_stages`), the calling
-thread being thread 0, each step a stage that ends at the runtime's barrier:
-the runtime's other threads are still spinning from the shared segment just
-before, so the later member starts sooner than a sleeping worker thread,
-which has to wait for the scheduler (docs/performance.md has the measured
-hand-off, ``benchmarks/handoff.py``).  Inside the region ATen runs its ops on the
-calling thread, so each member has one intra-op thread.  Where no OpenMP
-runtime is found, each step runs on its own: a persistent pool of worker
-threads (created once per process, no thread per call) runs members 1..P-1 — each worker sets
-``torch.set_num_threads(1)`` when it starts, which with PyTorch's OpenMP build
-limits only that thread's ATen ops — and the calling thread runs member 0
-with ``torch.set_num_threads(1)`` for its length.
-Inductor bakes its OpenMP thread count into the C++ kernels it generates,
-so member segments are compiled under ``torch._inductor.config.cpp.threads = 1``
-and shared segments with the default (all cores).
+CPU threads: with T = ``torch.get_num_threads()`` when the segments are
+compiled, each member of a group of P runs on k = max(1, T // P) threads
+(:func:`member_threads`; 1 where no OpenMP runtime is found).  Inductor bakes
+its OpenMP thread count into the C++ kernels it generates, so member segments
+are compiled under ``torch._inductor.config.cpp.threads = k`` and shared
+segments with the default (T); k cannot change after compiling.  A run of
+consecutive member steps (consecutive groups, the phases of a bypassed group)
+is handed out in one go, in parts of steps with the same k
+(:mod:`cqil_fx.graph.omp_team` has the mechanisms and their trade-offs):
+
+* k = 1 (two cores and P = 2, say): one parallel region of the OpenMP runtime
+  ATen already uses (:meth:`cqil_fx.graph.omp_team.OpenMPTeam.run_stages`),
+  the calling thread being thread 0, each step a stage that ends at the
+  runtime's barrier: the runtime's other threads are still spinning from the
+  shared segment just before, so the later member starts sooner than a
+  sleeping worker thread, which has to wait for the scheduler
+  (docs/performance.md has the measured hand-off, ``benchmarks/handoff.py``).
+  Inside the region ATen runs its ops on the calling thread, so each member
+  has one intra-op thread.  The region has T threads (the members claim P of
+  them), so that the runtime keeps the pool the shared segments use.
+* k > 1 (P = 2 on 16 cores: 8 each): member i runs on persistent thread i of
+  :func:`cqil_fx.graph.omp_team.primary_threads` (k), each an OpenMP primary
+  thread of its own with k threads: the regions its kernels and ATen's ops
+  open get k threads from a pool kept for that thread.  The calling thread
+  hands the step's members out, waits for them, then hands out the next step.
+  Nested OpenMP regions under the team were measured and rejected: libgomp
+  creates new threads for every nested region.
+* no OpenMP runtime: each step runs on its own, one thread per member: a
+  persistent pool of worker threads (:func:`worker_pool`, created once per
+  process, no thread per call) runs members 1..P-1 — each worker sets
+  ``torch.set_num_threads(1)`` when it starts — and the calling thread runs
+  member 0 with ``torch.set_num_threads(1)`` for its length.
 
 The GIL: Inductor's default Python wrapper calls each generated C++ kernel
 through a binding that holds the GIL, so two members compiled that way take
@@ -50,8 +65,8 @@ and replayed.
 
 An exception in a member reaches the caller after all members of the step
 have finished (CPU; the first member's if several raise, and no later step
-starts) or been launched (CUDA); the team, the pool and the program stay
-usable.
+starts) or been launched (CUDA); the team, the primary threads, the pool and
+the program stay usable.
 """
 
 from __future__ import annotations
@@ -59,6 +74,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import itertools
 import logging
 import operator
 import threading
@@ -71,14 +87,28 @@ from torch._dynamo.utils import counters
 
 from ..passes import Segment, SplitGraph
 
-from .omp_team import autograd_modes, openmp_team, run_in_modes
+from .omp_team import autograd_modes, openmp_team, primary_threads, run_in_modes
 
 log = logging.getLogger(__name__)
 
 
-def segment_settings(shared: bool, device_type: str) -> dict[str, Any]:
-    """The Inductor settings a segment is compiled under (see the module docstring)."""
-    settings: dict[str, Any] = {} if shared else {"cpp.threads": 1}
+def member_threads(width: int, device_type: str) -> int:
+    """OpenMP threads of each member of a step of ``width`` members: ``torch.get_num_threads() // width``.
+
+    Decided when the segments are compiled, from what the backend knows then:
+    the calling thread's thread count T, which the shared segments use.  At
+    least 1; 1 on other devices than CPU, and where no OpenMP runtime is found
+    (members then run on :func:`worker_pool`, whose threads cannot each have
+    a count of their own).
+    """
+    if device_type != "cpu" or openmp_team() is None:
+        return 1
+    return max(1, torch.get_num_threads() // width)
+
+
+def segment_settings(shared: bool, device_type: str, threads: int = 1) -> dict[str, Any]:
+    """The Inductor settings a segment is compiled under; ``threads``: a member's (see the module docstring)."""
+    settings: dict[str, Any] = {} if shared else {"cpp.threads": threads}
     if device_type == "cpu":
         settings["cpp_wrapper"] = True
     return settings
@@ -107,6 +137,7 @@ class _Call:
     node: torch.fx.Node
     segment: Segment
     fn: Callable[..., Any] | None = None
+    threads: int = 1  # a member's OpenMP threads, decided by compile (member_threads)
     unpack: list[tuple[torch.fx.Node, int]] = dataclasses.field(default_factory=list)
     single: bool = False  # the segment returns one value, compiled as a 1-tuple
 
@@ -145,6 +176,7 @@ class ConcurrentProgram:
             else:
                 self.runs.append([step])
         self.device: torch.device | None = None  # of the compile-time inputs (compile)
+        self.threads = 1  # the calling thread's OpenMP threads at compile time: the shared segments'
         self._cuda_streams: list[torch.cuda.Stream] = []
         self.team = openmp_team()  # None: members go to the thread pool instead
         self._check_order()
@@ -167,11 +199,14 @@ class ConcurrentProgram:
         tensors = [x for x in example_inputs if isinstance(x, torch.Tensor)]
         self.device = next((x.device for x in tensors if x.device.type != "cpu"), torch.device("cpu"))
         device_type = self.device.type
+        self.threads = torch.get_num_threads()
         for step in self.steps:
+            threads = 1 if step[0].segment.shared else member_threads(len(step), device_type)
             for call in step:
                 args = [env[a] for a in call.node.args]
                 call.single = _return_tuple(self.modules[call.node.target])
-                settings = segment_settings(call.segment.shared, device_type)
+                call.threads = threads
+                settings = segment_settings(call.segment.shared, device_type, threads)
                 try:
                     value = self._compile_segment(call, inner, args, settings)
                 except Exception as error:
@@ -212,18 +247,24 @@ class ConcurrentProgram:
             for step in steps:
                 self._launch_on_streams(step, env)
             return
-        stages = [[functools.partial(self._run_call, env, call) for call in step] for step in steps]
+        for threads, part in itertools.groupby(steps, key=lambda step: step[0].threads):
+            stages = [[functools.partial(self._run_call, env, call) for call in step] for step in part]
+            for stage in self._run_stages(stages, threads):
+                for outcome in stage:
+                    outcome.result()  # re-raises the first member's exception
+
+    def _run_stages(self, stages: list[list[Callable[[], Any]]], threads: int) -> list[list]:
+        """The stages, members of ``threads`` threads; an Outcome or Future per member that ran."""
+        if threads > 1:
+            return primary_threads(threads).run_stages(stages)
         if self.team is not None:
-            outcomes = self.team.run_stages(stages)
-        else:
-            outcomes = []
-            for stage in stages:
-                outcomes.append(_run_on_pool(stage))
-                if any(f.exception() is not None for f in outcomes[-1]):
-                    break
-        for stage in outcomes:
-            for outcome in stage:
-                outcome.result()  # re-raises the first member's exception
+            return self.team.run_stages(stages, self.threads)
+        outcomes = []
+        for stage in stages:
+            outcomes.append(_run_on_pool(stage))
+            if any(f.exception() is not None for f in outcomes[-1]):
+                break
+        return outcomes
 
     def _launch_on_streams(self, step: list[_Call], env: dict) -> None:
         """Launch member k on stream k after the caller's pending work; the caller's stream waits for all."""
