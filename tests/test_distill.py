@@ -212,9 +212,9 @@ def test_quality_report_shows_recovered_rows(tmp_path):
     write_report(rows, SimilarityReport(torch.eye(3), tokens=1), tmp_path, "cqil-fx eval --recovered r",
                  {"calibration": 1, "evaluation": 2})
     table = (tmp_path / "quality.md").read_text()
-    assert "| recovered S12-E28 P2 D0 | recovered | 8 | 10.50 | +5.0% |" in table
+    assert "| recovered S12-E28 P2 D0 | recovered | 8 |  | 10.50 | +5.0% |" in table
     assert "* recovered S12-E28 P2 D0 (distilled): saves 8 block-times at +5.0% held-out perplexity " \
-           "(target: <= +10%): met" in table
+           "(target: <= +5%): met" in table
     assert plan_label(CQILConfig(groups=[[3, 4], [8, 9]], bypass=1).plan_for(30)) == "[3-4] [8-9] D1"
 
 

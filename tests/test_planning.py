@@ -157,18 +157,24 @@ def test_bad_plan_fields(fields, message):
 
 
 def test_quality_study_writes_its_report(tmp_path):
+    from cqil_fx.eager.quality import QualityProbe
     from cqil_fx.eager.study import run_study, write_report
 
     model = tiny_model("llama")
-    rows, similarity = run_study(model, CALIBRATION, CALIBRATION[:2], budgets=(0.5,), screen=4)
-    assert rows[0].method == "original"
+    probe = QualityProbe(model, CALIBRATION[:2], tokens(batch=2, length=6, seed=9), new_tokens=4)
+    rows, similarity = run_study(model, CALIBRATION, probe, budgets=(0.5,), screen=4, default=False,
+                                 spans=((2, 6),))
+    assert rows[0].method == "original" and rows[0].next_token == 1.0 and rows[0].greedy == 1.0
     assert {r.method for r in rows} == {"original", "cqil", "removal"}
+    assert {"uniform S2-E6 P2 D0", "uniform S2-E6 P2 D0 corrected", "auto P2 KL corrected +10%"} <= {
+        r.name for r in rows}
+    assert all(r.promise is not None for r in rows if r.name.startswith("auto"))
     removal_counts = {r.saved_blocks for r in rows if r.method == "removal"}
     assert {r.saved_blocks for r in rows if r.method == "cqil" and r.saved_blocks} <= removal_counts
     write_report(rows, similarity, tmp_path, "cqil-fx eval --test", {"calibration": 96, "evaluation": 64})
     text = (tmp_path / "quality.md").read_text()
-    assert "    cqil-fx eval --test" in text and "| original | original | 0 |" in text
-    assert "Targets:" in text
+    assert "    cqil-fx eval --test" in text and "| original | original | 0 |  |" in text
+    assert "Targets:" in text and "promised" in text
     for name in ("quality.png", "similarity.png", "quality.json"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -3,6 +3,8 @@
     ppl = perplexity(model, batches)                              # the original model
     ppl = perplexity(model, batches, plan=CQILConfig(start=12, end=28))
     ppl = perplexity(model, batches, removed=[25, 26, 27])        # ShortGPT-style removal
+    probe = QualityProbe(model, batches, prompts)                 # perplexity and agreement with the original
+    probe.measure(plan=plan)                                      # Quality(perplexity, next_token, greedy)
 
 Perplexity is exp of the mean next-token cross-entropy over every predicted
 token of every batch, computed eagerly with the reference semantics
@@ -13,6 +15,7 @@ logits (tests check it), so the numbers hold for compiled models too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -57,3 +60,57 @@ def removed_blocks(model: nn.Module, indices: Sequence[int]) -> Iterator[None]:
 def _pass_through(module, args, kwargs, output):
     hidden = layer_input(args, kwargs)
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
+@dataclasses.dataclass(frozen=True)
+class Quality:
+    """What a plan (or a removal) does to held-out text: perplexity and agreement with the original."""
+
+    perplexity: float
+    next_token: float  # share of positions whose most likely next token is the original's
+    greedy: float  # share of greedy continuation tokens equal to the original's, position by position
+
+
+class QualityProbe:
+    """Perplexity, next-token agreement and greedy-continuation agreement on fixed held-out data.
+
+    The original's answers (its argmax at every position, its greedy
+    continuation of every prompt) are computed once, here; :meth:`measure`
+    then costs one pass over ``batches`` and one greedy generation.
+    """
+
+    def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], prompts: torch.Tensor,
+                 new_tokens: int = 16):
+        self.model, self.batches, self.prompts, self.new_tokens = model, list(batches), prompts, new_tokens
+        with torch.no_grad():
+            self.argmax = [model(ids, use_cache=False).logits.argmax(-1) for ids in self.batches]
+        self.continuation = self._continue()
+
+    @classmethod
+    def like(cls, probe: QualityProbe, model: nn.Module) -> QualityProbe:
+        """A probe of ``model`` (a recovered copy, say) judged against ``probe``'s original answers."""
+        other = cls.__new__(cls)
+        other.model, other.batches, other.prompts, other.new_tokens = model, probe.batches, probe.prompts, \
+            probe.new_tokens
+        other.argmax, other.continuation = probe.argmax, probe.continuation
+        return other
+
+    def measure(self, plan: Plan | CQILConfig | None = None, removed: Sequence[int] = ()) -> Quality:
+        semantics = cqil_semantics(self.model, plan) if plan is not None else removed_blocks(self.model, removed)
+        loss, agree, positions = NextTokenLoss(), 0, 0
+        with semantics, torch.no_grad():
+            for ids, reference in zip(self.batches, self.argmax):
+                logits = self.model(ids, use_cache=False).logits
+                loss.add(logits, ids)
+                agree += (logits.argmax(-1) == reference).sum().item()
+                positions += reference.numel()
+            continuation = self._continue()
+        greedy = (continuation == self.continuation).float().mean().item()
+        return Quality(loss.perplexity, agree / positions, greedy)
+
+    def _continue(self) -> torch.Tensor:
+        """Greedy continuations of the prompts, ``new_tokens`` each, with the KV cache."""
+        out = self.model.generate(self.prompts, attention_mask=torch.ones_like(self.prompts), do_sample=False,
+                                  max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens,
+                                  pad_token_id=0)
+        return out[:, self.prompts.shape[1]:]

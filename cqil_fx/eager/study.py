@@ -1,11 +1,18 @@
 """The quality study behind ``cqil-fx eval``: CQIL plans vs layer removal at equal savings.
 
-For a model, calibration batches (for planning and influence) and held-out
-evaluation batches it measures the evaluation perplexity of
+For a model, calibration batches (for planning and influence) and a
+:class:`~cqil_fx.eager.quality.QualityProbe` of held-out text of another kind
+(the licence texts: no plan, correction or recovery ever sees them) it
+measures perplexity, next-token agreement and greedy-continuation agreement
+with the original of
 
 * the original model;
-* uniform CQIL plans (P = 2 and 4, D = 0 and 1) over the default span;
-* automatic plans (:func:`cqil_fx.eager.planner.plan_auto`) at several budgets;
+* uniform CQIL plans (P = 2 and 4, D = 0 and 1) over the middle of the stack,
+  and more spans, with and without closed-form corrections;
+* automatic plans (:func:`cqil_fx.eager.planner.plan_auto`) at several budgets,
+  with their promise (what the search measured on its calibration text) next
+  to the outcome; the KL-measured, corrected search; and the plan
+  ``backend="cqil"`` finds with no data (:func:`~cqil_fx.eager.planner.plan_default`);
 * ShortGPT-style layer removal (drop the blocks of lowest influence,
   1 - cos(input, output), on the calibration split) at the same numbers of
   saved block-times;
@@ -32,8 +39,9 @@ from ..config import CQILConfig, Plan, default_span
 from ..planning import SimilarityReport
 from ..progress import progress as _progress
 from ..stack import decoder_layers
-from .planner import plan_auto
-from .quality import perplexity
+from .correction import fit_corrections
+from .planner import plan_auto, plan_default
+from .quality import QualityProbe
 from .similarity import save_heatmap
 
 
@@ -44,45 +52,77 @@ class Row:
     saved_blocks: int
     detail: str
     perplexity: float
+    promise: float | None = None  # what the search measured on its calibration text (relative increase)
+    next_token: float | None = None  # next-token agreement with the original on the held-out text
+    greedy: float | None = None  # greedy-continuation agreement with the original on held-out prompts
 
 
-def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], evaluation: Sequence[torch.Tensor],
-              budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int = 16,
-              recovered: Sequence[tuple[nn.Module, Plan]] = ()) -> tuple[list[Row], SimilarityReport]:
-    """Measure every row of the study (see module docs); minutes on a 135M model and 2 cores.
+def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], probe: QualityProbe,
+              budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int | None = 16,
+              recovered: Sequence[tuple[nn.Module, Plan]] = (), default: bool = True,
+              spans: Sequence[tuple[int, int]] = ((20, 28),)) -> tuple[list[Row], SimilarityReport]:
+    """Measure every row of the study (see module docs) on ``probe``'s held-out text; tens of minutes on
+    a 135M model and 2 cores.
 
-    ``recovered``: (distilled model, its plan) pairs measured as "recovered" rows.
+    ``recovered``: (distilled model, its plan) pairs measured as "recovered" rows. ``default``: add the
+    row of :func:`cqil_fx.eager.planner.plan_default` (the plan ``backend="cqil"`` finds with no data).
+    ``spans``: more uniform P = 2 spans, each measured with and without corrections.
     Returns the rows and the calibration similarity report (for the heatmap)."""
     num_blocks = len(decoder_layers(model))
-    base = perplexity(model, evaluation)
-    rows = [Row("original", "original", 0, "", base)]
+
+    def row(name: str, method: str, plan: Plan | None = None, removed: Sequence[int] = (), detail: str = "",
+            promise: float | None = None) -> Row:
+        q = probe.measure(plan=plan, removed=removed)
+        saved = plan.saved_blocks if plan is not None else len(removed)
+        return Row(name, method, saved, detail or (repr(plan) if plan is not None else ""), q.perplexity, promise,
+                   q.next_token, q.greedy)
+
+    rows = [row("original", "original")]
+    fit = calibration[::2]
     for parallel in (2, 4):
         start, end = default_span(num_blocks, parallel)
         if end - start < parallel:
             continue  # too few blocks for a uniform plan of this width
         for bypass in (0, 1):
-            config = CQILConfig(start=start, end=end, parallel=parallel, bypass=bypass)
-            plan = config.plan_for(num_blocks)
-            rows.append(Row(f"uniform S{start}-E{end} P{parallel} D{bypass}", "cqil", plan.saved_blocks,
-                            repr(plan), perplexity(model, evaluation, plan=plan)))
+            plan = CQILConfig(start=start, end=end, parallel=parallel, bypass=bypass).plan_for(num_blocks)
+            rows.append(row(f"uniform S{start}-E{end} P{parallel} D{bypass}", "cqil", plan))
+        plan = CQILConfig(start=start, end=end, parallel=parallel).plan_for(num_blocks)
+        rows.append(row(f"uniform S{start}-E{end} P{parallel} D0 corrected", "cqil",
+                        fit_corrections(model, plan, fit)))
+    for start, end in spans:
+        if end <= num_blocks and (end - start) % 2 == 0:
+            plan = CQILConfig(start=start, end=end).plan_for(num_blocks)
+            rows.append(row(f"uniform S{start}-E{end} P2 D0", "cqil", plan))
+            rows.append(row(f"uniform S{start}-E{end} P2 D0 corrected", "cqil", fit_corrections(model, plan, fit)))
     similarity = None
     for budget in _progress(budgets, True, "automatic plans"):
         search = plan_auto(model, calibration, parallel=2, budget=budget, screen=screen, progress=False)
         similarity = search.similarity
-        rows.append(Row(f"auto P2 budget +{budget:.0%}", "cqil", search.plan.saved_blocks, str(search),
-                        perplexity(model, evaluation, plan=search.plan)))
+        rows.append(row(f"auto P2 budget +{budget:.0%}", "cqil", search.plan, detail=str(search),
+                        promise=search.cost))
+    search = plan_auto(model, calibration, parallel=2, budget=0.10, bypass=(0,), screen=screen, progress=False,
+                       measure="kl", correct=True)
+    similarity = similarity or search.similarity
+    rows.append(row("auto P2 KL corrected +10%", "cqil", search.plan, detail=str(search), promise=search.cost))
+    if default:
+        search = plan_default(model, progress=False)
+        rows.append(row("default (backend=\"cqil\")", "cqil", search.plan, detail=str(search), promise=search.cost))
     order = [int(i) for i in torch.argsort(similarity.influence)]  # least influential first
     for saved in sorted({r.saved_blocks for r in rows if r.saved_blocks} | {1, 2, 3}):
-        removed = sorted(order[:saved])
-        rows.append(Row(f"remove {saved} blocks", "removal", saved, f"blocks {removed}",
-                        perplexity(model, evaluation, removed=removed)))
-    return rows + recovered_rows(recovered, evaluation), similarity
+        if saved < num_blocks:
+            removed = sorted(order[:saved])
+            rows.append(row(f"remove {saved} blocks", "removal", removed=removed, detail=f"blocks {removed}"))
+    return rows + recovered_rows(recovered, probe), similarity
 
 
-def recovered_rows(recovered: Sequence[tuple[nn.Module, Plan]], evaluation: Sequence[torch.Tensor]) -> list[Row]:
-    """One "recovered" row per (distilled model, plan): its held-out perplexity under the plan."""
-    return [Row(f"recovered {plan_label(plan)}", "recovered", plan.saved_blocks, repr(plan),
-                perplexity(model, evaluation, plan=plan)) for model, plan in recovered]
+def recovered_rows(recovered: Sequence[tuple[nn.Module, Plan]], probe: QualityProbe) -> list[Row]:
+    """One "recovered" row per (distilled model, plan): its held-out quality under the plan."""
+    rows = []
+    for model, plan in recovered:
+        q = QualityProbe.like(probe, model).measure(plan)
+        rows.append(Row(f"recovered {plan_label(plan)}", "recovered", plan.saved_blocks, repr(plan),
+                        q.perplexity, None, q.next_token, q.greedy))
+    return rows
 
 
 def plan_label(plan: Plan) -> str:
@@ -121,17 +161,23 @@ def _markdown(rows: Sequence[Row], meta: dict) -> str:
         "",
         f"    {meta['command']}",
         "",
-        f"Evaluation: {meta['tokens']['evaluation']} held-out tokens of the `evaluation` split of "
-        f"`pydoc_data.topics`; planning and influence: {meta['tokens']['calibration']} tokens of the "
-        "disjoint `calibration` split. Perplexities are computed with the eager reference semantics "
-        "(the backend's compiled logits equal them; see tests/test_real_model.py).",
+        f"Held out: {meta['tokens']['evaluation']} tokens of English licence texts (`token_batches(tokenizer, "
+        "\"licenses\", 256)`, Debian's /usr/share/common-licenses), text of another kind than the Python "
+        "reference, never used for planning, corrections or recovery; greedy agreement on "
+        f"{meta['tokens'].get('prompts', '?')} prompts of that text. Planning and influence: "
+        f"{meta['tokens']['calibration']} tokens of the `calibration` split of `pydoc_data.topics` (the default "
+        "plan writes its own text instead). Perplexities are computed with the eager reference semantics "
+        "(the backend's compiled logits equal them; tests/test_real_model.py). \"promise\" is what a search "
+        "measured on its calibration text; \"change\" is the outcome on the held-out text.",
         "",
-        "| plan | method | saved block-times | perplexity | change |",
-        "|---|---|---:|---:|---:|",
+        "| plan | method | saved block-times | promise | perplexity | change | next-token agreement | greedy agreement |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r.name} | {r.method} | {r.saved_blocks} | {r.perplexity:.2f} | "
-                     f"{r.perplexity / base - 1:+.1%} |")
+        promise = f"{r.promise:+.1%}" if r.promise is not None else ""
+        agree = f"{r.next_token:.1%} | {r.greedy:.1%}" if r.next_token is not None else " | "
+        lines.append(f"| {r.name} | {r.method} | {r.saved_blocks} | {promise} | {r.perplexity:.2f} | "
+                     f"{r.perplexity / base - 1:+.1%} | {agree} |")
     lines += ["", *_targets(rows), "", "![perplexity vs saved block-times](quality.png)", "",
               "Similarity of block inputs on the calibration split (the planner's ranking signal):", "",
               "![similarity heatmap](similarity.png)", "", "Plans:", ""]
@@ -140,26 +186,32 @@ def _markdown(rows: Sequence[Row], meta: dict) -> str:
 
 
 def _targets(rows: Sequence[Row]) -> list[str]:
-    """The training-free targets, checked against the rows."""
+    """The targets of the quality issue, checked against the rows."""
     base = rows[0].perplexity
+    change = {r.name: r.perplexity / base - 1 for r in rows}
     lines = ["Targets:", ""]
-    auto = [r for r in rows if r.name.startswith("auto") and "+10%" in r.name]
-    for r in auto:
-        ok = r.saved_blocks >= 4 and r.perplexity <= 1.1 * base
-        lines.append(f"* automatic plan, budget +10%: saves {r.saved_blocks} block-times at "
-                     f"{r.perplexity / base - 1:+.1%} held-out perplexity (target: >= 4 at <= +10%): "
-                     f"{'met' if ok else 'not met'}")
+    free = [r for r in rows if r.method == "cqil" and change[r.name] <= 0.10]
+    best = max(free, key=lambda r: r.saved_blocks, default=None)
+    if best is not None:
+        ok = best.saved_blocks >= 6
+        lines.append(f"* training-free, most block-times saved at <= +10% held-out perplexity: {best.saved_blocks} "
+                     f"({best.name}, {change[best.name]:+.1%}; target: >= 6): {'met' if ok else 'not met'}")
+    for r in rows:
+        if r.promise is not None:
+            gap = change[r.name] - r.promise
+            lines.append(f"* {r.name}: promised {r.promise:+.1%}, held out {change[r.name]:+.1%}, "
+                         f"gap {gap * 100:+.1f} points (target: within 3): {'met' if abs(gap) <= 0.03 else 'not met'}")
     removal = {r.saved_blocks: r.perplexity for r in rows if r.method == "removal"}
     for r in rows:
-        if r.method == "cqil" and r.saved_blocks in removal:
+        if r.method == "cqil" and r.saved_blocks in removal and removal[r.saved_blocks] > base:
             ratio = (r.perplexity - base) / (removal[r.saved_blocks] - base)
             lines.append(f"* {r.name}: perplexity increase is {ratio:.2f}x that of removing "
                          f"{r.saved_blocks} blocks (target: <= 0.10x): {'met' if ratio <= 0.1 else 'not met'}")
     for r in rows:
         if r.method == "recovered":
-            change = r.perplexity / base - 1
-            lines.append(f"* {r.name} (distilled): saves {r.saved_blocks} block-times at {change:+.1%} held-out "
-                         f"perplexity (target: <= +10%): {'met' if change <= 0.1 else 'not met'}")
+            bound = 0.05 if r.saved_blocks <= 8 else 0.10
+            lines.append(f"* {r.name} (distilled): saves {r.saved_blocks} block-times at {change[r.name]:+.1%} "
+                         f"held-out perplexity (target: <= +{bound:.0%}): {'met' if change[r.name] <= bound + 1e-9 else 'not met'}")
     return lines
 
 

@@ -57,8 +57,14 @@ def _parser() -> argparse.ArgumentParser:
 
     study = sub.add_parser("eval", help="perplexity of CQIL plans vs layer removal; writes quality.{md,json,png}, similarity.png")
     study.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
-    study.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens")
+    study.add_argument("--windows", type=int, default=8, help="calibration windows of --seq-len tokens")
     study.add_argument("--seq-len", type=int, default=256)
+    study.add_argument("--held-out", type=int, default=24,
+                       help="256-token windows of the held-out licence text (perplexity, next-token agreement)")
+    study.add_argument("--prompts", type=int, default=16, help="held-out prompts for greedy agreement")
+    study.add_argument("--budgets", type=_budgets, default=(0.05, 0.10, 0.20),
+                       help="budgets of the automatic plans, e.g. 0.05,0.1")
+    study.add_argument("--no-default", action="store_true", help="leave out the default plan's row")
     study.add_argument("--out", default="docs", help="directory for quality.md, quality.json, quality.png")
     study.add_argument("--recovered", action="append", default=[], metavar="DIR",
                        help="add a 'recovered' row for weights written by `cqil-fx recover --out DIR` (repeatable)")
@@ -92,6 +98,13 @@ def _recover_parser(sub) -> None:
     recover.add_argument("--out", required=True, help="directory for the recovered weights and recovery.json")
     recover.add_argument("-v", "--verbose", action="store_true")
     recover.set_defaults(run=_recover)
+
+
+def _budgets(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(b) for b in text.split(","))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: write budgets as numbers, e.g. 0.05,0.1") from e
 
 
 def _groups(text: str) -> list[list[int]]:
@@ -162,17 +175,26 @@ def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
 
 
 def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
-    from .models import token_batches
+    import torch
+
+    from ..eager.quality import QualityProbe
     from ..eager.study import run_study, write_report
+    from .models import token_batches
 
     model, tokenizer = _load(args.model)
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
-    evaluation = token_batches(tokenizer, "evaluation", args.seq_len)
-    rows, similarity = run_study(model, calibration, evaluation, recovered=_recovered_models(model, args.recovered))
-    tokens = {"calibration": sum(t.numel() for t in calibration), "evaluation": sum(t.numel() for t in evaluation)}
+    held_out = token_batches(tokenizer, "licenses", 256, args.held_out + args.prompts)
+    prompts = torch.cat([w[:, :32] for w in held_out[args.held_out:]])
+    probe = QualityProbe(model, held_out[:args.held_out], prompts)
+    rows, similarity = run_study(model, calibration, probe, budgets=args.budgets, default=not args.no_default,
+                                 recovered=_recovered_models(model, args.recovered))
+    tokens = {"calibration": sum(t.numel() for t in calibration), "evaluation": args.held_out * 256,
+              "prompts": args.prompts}
     write_report(rows, similarity, args.out, args.command_line, tokens)
     for row in rows:
-        print(f"{row.name:<32} saved {row.saved_blocks:>2}  perplexity {row.perplexity:8.3f}")
+        promise = f"promise {row.promise:+6.1%}" if row.promise is not None else " " * 14
+        print(f"{row.name:<36} saved {row.saved_blocks:>2}  {promise}  perplexity {row.perplexity:8.3f}  "
+              f"next-token {row.next_token:.1%}  greedy {row.greedy:.1%}")
     print(f"wrote {args.out}/quality.md, quality.json, quality.png, similarity.png")
     return 0
 
