@@ -13,7 +13,8 @@ the graph side with copies of the captured graph
 3. *Grow* the plan greedily: try the windows in order of measured cost, keep
    each that does not overlap a chosen one and keeps the whole plan's
    perplexity within ``(1 + budget)`` times the original's; the bypass
-   distance is re-chosen (lowest perplexity) at every step.
+   distance is re-chosen (lowest perplexity) at every step. Growing stops
+   after :data:`GROW_PATIENCE` windows in a row that do not fit.
 
 The measured error decides; similarity only orders the work.  Windows can
 land anywhere in the stack, so the plan need not be uniform or contiguous.
@@ -33,6 +34,8 @@ from .errors import CQILConfigError
 from .progress import progress as _progress
 
 log = logging.getLogger(__name__)
+
+GROW_PATIENCE = 4  # growing stops after this many windows in a row that do not fit the budget
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +137,17 @@ Groups = tuple[tuple[int, ...], ...]
 def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequence[int],
                 similarity: SimilarityReport, base: float, evaluate: Callable[[Groups, int], float],
                 screen: int | None = None, progress: bool = True, *,
-                build: Callable[[Groups, int], Plan] | None = None, measure: str = "perplexity") -> PlanSearch:
+                build: Callable[[Groups, int], Plan] | None = None, measure: str = "perplexity",
+                screen_evaluate: Callable[[Groups, int], float] | None = None) -> PlanSearch:
     """The rank / screen / grow search over any ``evaluate(groups, bypass) -> perplexity``.
 
     ``base`` is the original's value of the same measure. ``build(groups,
     bypass)`` makes the chosen plan (default: a plain :class:`Plan`); give it
     when ``evaluate`` measures something more than the groups, such as fitted
     corrections, so the result is the plan that was measured.
+    ``screen_evaluate`` (default ``evaluate``) measures the windows alone, to
+    order them; a cheaper measure may do there, since every plan the search
+    keeps is measured again with ``evaluate``.
     """
     check_search_args(parallel, budget)
     windows = [tuple(range(i, i + parallel)) for i in range(num_blocks - parallel + 1)]
@@ -149,22 +156,28 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
     limit = base * (1 + budget)
     trials: list[Trial] = []
 
-    def best(groups: tuple[tuple[int, ...], ...], accept_below: float) -> tuple[float, int]:
-        scored = [(evaluate(groups, d), d) for d in distances]
+    def best(groups: tuple[tuple[int, ...], ...], accept_below: float, measure=evaluate) -> tuple[float, int]:
+        scored = [(measure(groups, d), d) for d in distances]
         ppl, d = min(scored)
         trials.extend(Trial(groups, dd, p, p == ppl and p <= accept_below) for p, dd in scored)
         return ppl, d
 
-    cost = {w: best((w,), limit)[0] for w in _progress(windows, progress, "screen windows")}
+    screen_measure = screen_evaluate or evaluate
+    cost = {w: best((w,), limit, screen_measure)[0] for w in _progress(windows, progress, "screen windows")}
     chosen: tuple[tuple[int, ...], ...] = ()
     chosen_ppl, chosen_d = base, 0
+    misses = 0
     for w in _progress(sorted(windows, key=cost.__getitem__), progress, "grow plan"):
-        if cost[w] > limit or any(set(w) & set(g) for g in chosen):
+        if (cost[w] > limit and screen_evaluate is None) or any(set(w) & set(g) for g in chosen):
             continue
+        if misses >= GROW_PATIENCE:  # the windows left cost more alone than those that did not fit
+            break
         groups = tuple(sorted(chosen + (w,)))
         ppl, d = best(groups, limit)
         if ppl <= limit:
-            chosen, chosen_ppl, chosen_d = groups, ppl, d
+            chosen, chosen_ppl, chosen_d, misses = groups, ppl, d, 0
             log.info("planner: kept %s (perplexity %.3f, bypass %d)", list(w), ppl, d)
+        else:
+            misses += 1
     plan = build(chosen, chosen_d) if build is not None and chosen else Plan(num_blocks, chosen, chosen_d)
     return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials), measure)

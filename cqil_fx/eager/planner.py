@@ -91,8 +91,11 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     def evaluate(groups: Groups, d: int) -> float:
         return meter(build(groups, d))
 
+    def uncorrected(groups: Groups, d: int) -> float:  # orders the windows; kept ones are measured corrected
+        return meter(Plan(len(layers), groups, d))
+
     return search_plan(len(layers), parallel, budget, distances, similarity, meter.base, evaluate, screen,
-                       progress, build=build, measure=measure)
+                       progress, build=build, measure=measure, screen_evaluate=uncorrected if correct else None)
 
 
 class DistortionMeter:

@@ -132,7 +132,7 @@ def search_graph_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks
     try:
         runner = GraphCalibration(gm, example_inputs, config.calibration)
     except UncalibratableGraphError as e:
-        log.warning("cqil: cannot calibrate this graph (%s); using the default uniform plan", e)
+        log.warning("cqil: cannot calibrate this graph (%s); using the default plan", e)
         return None
     sequential = all(b.kind == "sequential" for b in blocks)
     distances = tuple(range(config.parallel)) if sequential else (0,)
