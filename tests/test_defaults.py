@@ -206,3 +206,29 @@ def test_auto_picks_the_mode_measured_fastest(monkeypatch, threads, device, comp
     choice = execution_mode(CQILConfig(), _inputs(device), compile_mode)
     assert (choice.mode, choice.cuda_graphs) == expected and choice.why
     assert execution_mode(CQILConfig(mode="local"), _inputs(device), compile_mode).mode == "local"
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi"])
+def test_the_model_and_its_graph_have_the_same_plan_cache_key(family):
+    """`cqil-fx plan --default` (the model) fills the entry the backend (the graph) looks up."""
+    from cqil_fx.eager.reference import branches_of
+    from cqil_fx.graph.default_plan import graph_plan_key, model_plan_key
+    from cqil_fx.passes import find_blocks
+
+    model = tiny_model(family)
+    captured = []
+    torch.compile(model, backend=lambda gm, inputs: captured.append((gm, inputs)) or gm.forward)(
+        tokens(), use_cache=False)
+    gm, inputs = captured[0]
+    config = CQILConfig(budget=0.1)
+    kinds = [branches_of(layer).kind for layer in decoder_layers(model)]
+    assert graph_plan_key(gm, inputs, find_blocks(gm), config) == model_plan_key(model, kinds, config)
+
+
+def test_inspect_shows_the_default_plan_and_where_it_came_from(small_self_text):
+    from cqil_fx.tools.inspect import inspect_model
+
+    report = inspect_model(tiny_model("llama"), tokens(batch=1))
+    assert "plan source: default plan, searched" in str(report)
+    again = inspect_model(tiny_model("llama"), tokens(batch=1))
+    assert "plan source: default plan, cached" in str(again) and again.plan == report.plan

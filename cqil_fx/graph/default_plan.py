@@ -138,7 +138,7 @@ def _first_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Se
         return DefaultPlan(None, None, why=(
             "no cached plan, no model object to plan on, and too few traced tokens to plan on "
             f"(fewer than {MIN_FIRST_TOKENS}); compile with torch.compile(model, ...) and call it, run "
-            "`cqil-fx plan --model DIR --cache`, or pass calibration= or a plan"))
+            "`cqil-fx plan --model DIR --default` once, or pass calibration= or a plan"))
     search = search_graph_plan(gm, example_inputs, blocks,
                                dataclasses.replace(config, calibration=[ids], budget=SAFETY * config.budget))
     if search is None:

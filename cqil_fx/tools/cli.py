@@ -3,6 +3,7 @@
     cqil-fx inspect --model smollm2 --start 12 --end 28 --bypass 1
     cqil-fx inspect --model path/to/hf_model_dir --groups 3-5,8-9
     cqil-fx plan --budget 0.1 --out plan.json     # automatic plan on the calibration split
+    cqil-fx plan --default                        # the plan backend="cqil" uses, into the plan cache
     cqil-fx eval --out docs                       # quality study: CQIL vs layer removal
     cqil-fx recover --start 12 --end 28 --steps 400 --out recovered/   # distil the plan's blocks
 """
@@ -46,12 +47,20 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("-v", "--verbose", action="store_true", help="log at INFO level (model loading, capture)")
     inspect.set_defaults(run=_inspect)
 
-    plan = sub.add_parser("plan", help="search an automatic plan on the calibration split of the real text")
+    plan = sub.add_parser("plan", help="search an automatic plan on the calibration split of the real text, "
+                                       "or (--default) the plan backend='cqil' uses, into the plan cache")
     plan.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
     plan.add_argument("--parallel", type=int, default=2)
     plan.add_argument("--budget", type=float, default=0.10, help="allowed relative perplexity increase")
     plan.add_argument("--windows", type=int, default=4, help="calibration windows of --seq-len tokens")
     plan.add_argument("--seq-len", type=int, default=256)
+    plan.add_argument("--measure", choices=("perplexity", "kl"), default="perplexity",
+                      help="what the search measures on the calibration windows")
+    plan.add_argument("--correct", action="store_true", help="fit a closed-form correction per group")
+    plan.add_argument("--default", action="store_true",
+                      help="the data-free default plan (the model writes its calibration text), stored in the "
+                           "plan cache where backend='cqil' finds it; --windows, --seq-len, --measure and "
+                           "--correct do not apply")
     plan.add_argument("--out", help="write the plan as JSON here")
     plan.set_defaults(run=_plan, groups=None, start=None, end=None, bypass=0, verbose=False)
 
@@ -161,12 +170,26 @@ def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
 
 
 def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
-    from .models import token_batches
     from ..eager.planner import plan_auto
+    from .models import token_batches
 
     model, tokenizer = _load(args.model)
+    if args.default:
+        from ..eager.reference import branches_of
+        from ..graph.default_plan import default_plan_for_model
+        from ..stack import decoder_layers
+
+        kinds = [branches_of(layer).kind for layer in decoder_layers(model)]
+        found = default_plan_for_model(model, kinds, CQILConfig(parallel=args.parallel, budget=args.budget))
+        cost = f", promised cost {found.cost:+.1%}" if found.cost is not None else ""
+        print(f"{found.plan} ({found.source}{cost}); in the plan cache for backend='cqil'")
+        if args.out:
+            found.plan.save(args.out)
+            print(f"wrote {args.out}")
+        return 0
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
-    search = plan_auto(model, calibration, parallel=args.parallel, budget=args.budget)
+    search = plan_auto(model, calibration, parallel=args.parallel, budget=args.budget, measure=args.measure,
+                       correct=args.correct)
     print(search)
     if args.out:
         search.plan.save(args.out)
