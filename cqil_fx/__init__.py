@@ -20,6 +20,31 @@ The package in pipeline order (docs/architecture.md has a file per stage):
 See docs/ for the semantics (CQIL, Zou et al., ACL 2024) and the pipeline.
 """
 
+
+def _passes_from_checkout() -> None:
+    """Serve ``passes/`` as :mod:`cqil_fx.passes` from a source checkout that is not installed.
+
+    Installed (``pip install [-e] .``), setuptools maps ``passes/`` to
+    ``cqil_fx.passes``; a checkout put on ``PYTHONPATH`` as it is (a GPU
+    machine's copy of the working tree, say) has it beside this package.
+    """
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec(f"{__name__}.passes") is not None:
+        return
+    checkout = Path(__file__).resolve().parent.parent / "passes"
+    if (checkout / "__init__.py").is_file():
+        spec = importlib.util.spec_from_file_location(f"{__name__}.passes", checkout / "__init__.py",
+                                                      submodule_search_locations=[str(checkout)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+
+
+_passes_from_checkout()
+
 from .config import CQILConfig, Plan
 from .eager.distill import PlanMismatchWarning, Recovery, distill_plan, load_recovered, recover, save_recovered
 from .eager.reference import cqil_reference
