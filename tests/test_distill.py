@@ -155,6 +155,28 @@ def test_save_and_load_round_trip(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), recovered.state_dict().values()))
 
 
+def test_lora_adapters_ship_small_and_load_only_onto_their_base_and_plan(tmp_path):
+    from cqil_fx import RecoveredWeightsError
+    from cqil_fx.eager.distill import distill_plan, load_adapters, save_adapters
+
+    base = fresh()
+    result = distill_plan(base, CONFIG, TRAIN, steps=3, method="lora", rank=2, lr=1e-2, progress=False)
+    save_adapters(result, base, tmp_path)
+    stored = (tmp_path / "adapters.safetensors").stat().st_size
+    whole = sum(p.numel() * 4 for i in TRAINED for p in decoder_layers(base)[i].parameters())
+    assert stored < whole / 2  # factors, not weights
+    loaded = fresh()
+    assert load_adapters(loaded, tmp_path, plan=CONFIG) == PLAN
+    for a, b in zip(loaded.state_dict().values(), result.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the merged model, rebuilt from the factors
+    with pytest.raises(RecoveredWeightsError, match="another base model"):
+        load_adapters(copy.deepcopy(tiny_model("llama", seed=1)), tmp_path)
+    with pytest.raises(RecoveredWeightsError, match="not Plan"):
+        load_adapters(fresh(), tmp_path, plan=CQILConfig(start=2, end=6, parallel=2, bypass=0))
+    with pytest.raises(RecoveredWeightsError, match="no adapters"):
+        save_adapters(distill_plan(base, CONFIG, TRAIN, steps=1, progress=False), base, tmp_path / "full")
+
+
 def test_loading_for_another_plan_warns(tmp_path):
     save_recovered(fresh(), PLAN, tmp_path)
     with pytest.warns(PlanMismatchWarning, match="recovered for Plan.*loaded for Plan"):

@@ -65,6 +65,9 @@ __all__ = [
     "recover",
     "run_recovery",
     "save_recovered",
+    "save_adapters",
+    "load_adapters",
+    "base_fingerprint",
 ]
 
 METHODS = ("full", "lora")
@@ -103,6 +106,10 @@ class Recovery:
     stopped_early: bool
     seconds: float
     teacher_perplexity: float | None = None  # the original model's, on eval_batches
+    # method="lora": the trained factors per Linear (qualified weight name -> (A, B)) and their scale,
+    # kept after merging so that save_adapters can write them instead of whole weights
+    adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
+    adapter_scale: float = 1.0
 
     @property
     def initial_perplexity(self) -> float | None:
@@ -178,11 +185,13 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
             if (step % eval_every == 0 or step == steps) and run.evaluate(step, bar):
                 break
     run.restore_best()
+    factors, scale = {}, 1.0
     if adapters:
+        factors, scale = adapters.factors(student), adapters.scale
         adapters.merge()
     student.requires_grad_(False)
     return Recovery(student, plan, method, trained, run.history, run.step, run.best_step, run.stopped_early,
-                    time.perf_counter() - run.started, teacher_ppl)
+                    time.perf_counter() - run.started, teacher_ppl, factors, scale)
 
 
 def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, alpha: float | None):
@@ -319,6 +328,12 @@ class _LowRankAdapters:
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, a, b in self.adapted for p in (a, b)]
+
+    def factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Qualified weight name of each adapted Linear -> (A, B), detached copies."""
+        names = {id(m): name for name, m in model.named_modules()}
+        return {f"{names[id(linear)]}.weight": (a.detach().clone(), b.detach().clone())
+                for linear, a, b in self.adapted}
 
     def merge(self) -> None:
         for h in self.handles:
@@ -501,13 +516,16 @@ def save_recovered(model: nn.Module, plan: Plan, directory: str | Path, blocks: 
 
 
 def load_recovered(model: nn.Module, directory: str | Path, plan: Plan | CQILConfig | None = None) -> Plan:
-    """Load weights written by :func:`save_recovered` into ``model`` (in place); return their plan.
+    """Load weights written by :func:`save_recovered`, or adapters written by :func:`save_adapters`,
+    into ``model`` (in place); return their plan.
 
     With ``plan`` given and different from the stored one, warns (:class:`PlanMismatchWarning`):
     the weights were tuned for the stored plan and lose quality under another.
     """
     from safetensors import safe_open
 
+    if (Path(directory) / ADAPTERS_FILE).is_file():
+        return load_adapters(model, directory, plan)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         raise RecoveredWeightsError(f"{path} does not exist; point to a directory written by save_recovered")
@@ -531,6 +549,79 @@ def load_recovered(model: nn.Module, directory: str | Path, plan: Plan | CQILCon
     return stored
 
 
+ADAPTERS_FILE = "adapters.safetensors"
+ADAPTERS_FORMAT = "cqil_fx.adapters/1"
+
+
+def save_adapters(recovery: Recovery, base: nn.Module, directory: str | Path) -> Path:
+    """Write a LoRA recovery's factors (not whole weights) with its plan and ``base``'s fingerprint.
+
+    A few megabytes for a 135M model, small enough to keep in a repository;
+    :func:`load_adapters` checks both before it merges them.
+    """
+    from safetensors.torch import save_file
+
+    if not recovery.adapters:
+        raise RecoveredWeightsError("this recovery has no adapters: train with method='lora' to save adapters")
+    tensors = {}
+    for name, (a, b) in recovery.adapters.items():
+        tensors[f"{name}.lora_A"] = a.contiguous()
+        tensors[f"{name}.lora_B"] = b.contiguous()
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    metadata = {"format": ADAPTERS_FORMAT, "plan": recovery.plan.to_json(), "scale": repr(recovery.adapter_scale),
+                "base": base_fingerprint(base)}
+    save_file(tensors, str(out / ADAPTERS_FILE), metadata=metadata)
+    recovery.plan.save(out / PLAN_FILE)
+    return out
+
+
+def load_adapters(model: nn.Module, directory: str | Path, plan: Plan | CQILConfig | None = None) -> Plan:
+    """Merge adapters written by :func:`save_adapters` into ``model`` (in place); return their plan.
+
+    Refused (:class:`RecoveredWeightsError`) when ``model`` is not the base model
+    they were trained on (its weights' fingerprint differs), or when ``plan`` is
+    given and is not theirs: adapters recover the quality of one plan of one model.
+    """
+    from safetensors import safe_open
+
+    path = Path(directory) / ADAPTERS_FILE
+    if not path.is_file():
+        raise RecoveredWeightsError(f"{path} does not exist; point to a directory written by save_adapters "
+                                    "(cqil-fx recover --method lora)")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata() or {}
+        tensors = {name: f.get_tensor(name) for name in f.keys()}
+    if metadata.get("format") != ADAPTERS_FORMAT:
+        raise RecoveredWeightsError(f"{path} is not a cqil_fx adapters file (format {metadata.get('format')!r})")
+    stored = Plan.from_json(metadata["plan"])
+    if base_fingerprint(model) != metadata.get("base"):
+        raise RecoveredWeightsError(f"{path} was trained on another base model (its weights' fingerprint "
+                                    "differs); load it into the model it was recovered from")
+    if plan is not None and resolve_plan(model, plan) != stored:
+        raise RecoveredWeightsError(f"{path} recovers {stored}, not {resolve_plan(model, plan)}; use its own plan "
+                                    "(the returned one) or recover again for yours")
+    resolve_plan(model, stored)
+    own = dict(model.named_parameters())
+    scale = float(metadata["scale"])
+    with torch.no_grad():
+        for key in tensors:
+            if key.endswith(".lora_A"):
+                name = key[: -len(".lora_A")]
+                if name not in own:
+                    raise RecoveredWeightsError(f"{path} adapts {name!r}, which this model does not have")
+                weight = own[name]
+                weight += scale * (tensors[f"{name}.lora_B"].to(weight) @ tensors[key].to(weight))
+    return stored
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """The fingerprint of the decoder stack's weights (the plan cache's), for adapters' base-model check."""
+    from ..plan_cache import weights_fingerprint
+
+    return weights_fingerprint([list(layer.parameters()) for layer in decoder_layers(model)])
+
+
 def _check_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     own = model.state_dict()
     unknown = [n for n in tensors if n not in own]
@@ -548,14 +639,21 @@ def _check_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) 
 
 def run_recovery(model: nn.Module, plan: Plan | CQILConfig, train, validation, evaluation, out_dir: str | Path,
                  command: str = "", **kwargs) -> dict:
-    """Measure, distil, measure again; save the weights and ``recovery.json`` (the summary returned)."""
+    """Measure, distil, measure again; save the result and ``recovery.json`` (the summary returned).
+
+    ``method="lora"`` saves the adapters' factors (:func:`save_adapters`), anything
+    else the trained blocks' weights (:func:`save_recovered`).
+    """
     import platform
 
     plan = resolve_plan(model, plan)
     before = {"original": perplexity(model, evaluation), "cqil": perplexity(model, evaluation, plan=plan)}
     result = distill_plan(model, plan, train, eval_batches=validation, **kwargs)
     after = perplexity(result.model, evaluation, plan=plan)
-    save_recovered(result.model, plan, out_dir, blocks=result.trained_blocks)
+    if result.adapters:
+        save_adapters(result, model, out_dir)
+    else:
+        save_recovered(result.model, plan, out_dir, blocks=result.trained_blocks)
     summary = {
         "command": command,
         "date": time.strftime("%Y-%m-%d"),
