@@ -45,8 +45,9 @@ def recording(inner: str, graphs: list):
 def collectives(gm) -> dict[str, int]:
     """Collectives in a placed graph, whichever transport carries them."""
     names = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    kinds = dict(all_reduce=("_c10d_functional.all_reduce.", "cqil.shm_all_reduce."),
-                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather."))
+    kinds = dict(all_reduce=("_c10d_functional.all_reduce.", "cqil.shm_all_reduce.", "cqil.pg_all_reduce."),
+                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather.",
+                             "cqil.pg_all_gather."))
     return {kind: sum(any(p in t for p in prefixes) for t in names) for kind, prefixes in kinds.items()}
 
 
@@ -84,7 +85,10 @@ def _reads_collective(node) -> bool:
     """The group's output ``x + all_reduce(d)``: shared, though it carries the last member's stack."""
     import cqil_fx.graph.shm  # noqa: F401 - registers torch.ops.cqil
 
-    reduced = (torch.ops._c10d_functional.wait_tensor.default, torch.ops.cqil.shm_all_reduce.default)
+    import cqil_fx.graph.distributed  # noqa: F401 - registers torch.ops.cqil.pg_*
+
+    reduced = (torch.ops._c10d_functional.wait_tensor.default, torch.ops.cqil.shm_all_reduce.default,
+               torch.ops.cqil.pg_all_reduce.default)
     return any(getattr(a, "target", None) in reduced for a in node.args)
 
 

@@ -36,6 +36,24 @@ def is_member() -> bool:
     return torch._inductor.config.cpp.threads >= 1
 
 
+def spying_on_members(armed: list, spy):
+    """An inner compiler (eager) whose member segments call ``spy(layers)`` before running, once ``armed[0]``."""
+
+    def inner(gm, example_inputs):
+        if not is_member():
+            return gm.forward
+        layers = layers_of(gm)
+
+        def run(*args):
+            if armed[0]:
+                spy(layers)
+            return gm.forward(*args)
+
+        return run
+
+    return inner
+
+
 @pytest.fixture(params=["openmp-team", "member-teams", "thread-pool"])
 def runner(request, monkeypatch):
     """Run a test with members on the OpenMP team (one thread each), as teams of two threads (four threads:
@@ -149,19 +167,11 @@ def test_members_run_at_the_same_time_on_distinct_threads(runner):
     barrier = threading.Barrier(2, timeout=30)
     threads, armed = {}, [False]  # compiling runs each segment once, alone: no barrier then
 
-    def inner(gm, example_inputs):
-        if not is_member():
-            return gm.forward
-        layers = layers_of(gm)
+    def meet(layers):
+        threads[layers] = (threading.get_ident(), torch.is_grad_enabled())
+        barrier.wait()
 
-        def run(*args):
-            if armed[0]:
-                threads[layers] = (threading.get_ident(), torch.is_grad_enabled())
-                barrier.wait()
-            return gm.forward(*args)
-
-        return run
-
+    inner = spying_on_members(armed, meet)
     model, ids = tiny_model("llama"), tokens()
     fast = compiled(model, groups=[[2, 3]], inner=inner)
     with torch.no_grad():  # grad mode is guarded: compile under the mode of the measured call
@@ -231,18 +241,7 @@ def test_members_open_regions_of_their_share_of_the_threads(team, threads):
     torch.set_num_threads(threads)
     seen, armed = {}, [False]
 
-    def inner(gm, example_inputs):
-        if not is_member():
-            return gm.forward
-        layers = layers_of(gm)
-
-        def run(*args):
-            if armed[0]:
-                seen.setdefault(layers, []).append(openmp_region(team))
-            return gm.forward(*args)
-
-        return run
-
+    inner = spying_on_members(armed, lambda layers: seen.setdefault(layers, []).append(openmp_region(team)))
     try:
         model, ids = tiny_model("llama"), tokens()
         fast = compiled(model, groups=[[2, 3]], inner=inner)

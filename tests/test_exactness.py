@@ -81,7 +81,7 @@ def test_rewritten_graph_structure():
         return gm.forward
 
     model, ids = tiny_model("llama"), tokens()
-    config = CQILConfig(groups=[[2, 3, 4]], bypass=1, inner=keep)
+    config = CQILConfig(groups=[[2, 3, 4]], bypass=1, inner=keep, mode="local")
     _, reports = run_cqil(model, config, ids)
     report = reports[-1]
     (rewrite,) = report.rewrites

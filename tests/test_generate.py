@@ -132,7 +132,7 @@ def test_static_cache_generate_and_recompilation():
     dynamic-length graph (the cache is sized for every call with
     generation_config.max_cache_len); later lengths reuse it."""
     base = small_model("llama")
-    config = CQILConfig(groups=GROUPS, bypass=1, inner="eager")
+    config = CQILConfig(groups=GROUPS, bypass=1, inner="eager", mode="local")  # the rewrite's structure
     model, backend = compiled_copy(base, config)
     model.generation_config.max_cache_len = 32
     new_graphs = []
@@ -159,7 +159,7 @@ def test_static_cache_generate_and_recompilation():
 )
 def test_static_cache_generate_other_families(family, bypass, batch, inner):
     base = small_model(family)
-    config = CQILConfig(groups=GROUPS, bypass=bypass, inner=inner)
+    config = CQILConfig(groups=GROUPS, bypass=bypass, inner=inner, mode="local")  # the rewrite's structure
     ids, mask = left_padded(batch=batch, length=7, pads=(0, 3)[:batch])
     model, backend = compiled_copy(base, config)
     assert_same_generation(generate(model, ids, mask), greedy_without_cache(base, config, ids, mask))
@@ -198,7 +198,7 @@ def test_dynamic_cache_generate():
 def test_smollm2_generate_equals_reference(smollm2):
     """Real weights and tokenizer: two prompts, the shorter left-padded, 3 new tokens."""
     model, tokenizer = smollm2
-    config = CQILConfig(start=20, end=28, parallel=2, bypass=1, inner="eager")
+    config = CQILConfig(start=20, end=28, parallel=2, bypass=1, inner="eager", mode="local")
     enc = tokenizer(["The capital of France is", "Water boils at a temperature of"],
                     return_tensors="pt", padding=True, padding_side="left")
     ids, mask = enc.input_ids, enc.attention_mask
