@@ -45,8 +45,8 @@ def recording(inner: str, graphs: list):
 def collectives(gm) -> dict[str, int]:
     """Collectives in a placed graph, whichever transport carries them."""
     names = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
-    kinds = dict(all_reduce=("_c10d_functional.all_reduce.", "cqil.shm_all_reduce."),
-                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather."))
+    kinds = dict(all_reduce=("_c10d_functional.all_reduce.", "cqil.shm_all_reduce.", "cqil.pg_all_reduce."),
+                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather.", "cqil.pg_all_gather."))
     return {kind: sum(any(p in t for p in prefixes) for t in names) for kind, prefixes in kinds.items()}
 
 
@@ -82,9 +82,10 @@ def exactness(rank: int, world_size: int) -> dict:
 
 def _reads_collective(node) -> bool:
     """The group's output ``x + all_reduce(d)``: shared, though it carries the last member's stack."""
-    import cqil_fx.graph.shm  # noqa: F401 - registers torch.ops.cqil
+    import cqil_fx.graph.distributed  # noqa: F401 - registers torch.ops.cqil (both transports)
 
-    reduced = (torch.ops._c10d_functional.wait_tensor.default, torch.ops.cqil.shm_all_reduce.default)
+    reduced = (torch.ops._c10d_functional.wait_tensor.default, torch.ops.cqil.shm_all_reduce.default,
+               torch.ops.cqil.pg_all_reduce.default)
     return any(getattr(a, "target", None) in reduced for a in node.args)
 
 
