@@ -80,6 +80,66 @@ def exactness(rank: int, world_size: int) -> dict:
     return results
 
 
+# (family, bypass D, inner compiler, transport, plan): tensor_parallel=True; "tp-only" is a plan without groups
+TP_CASES = [("llama", 1, "aot_eager", "shared_memory", "groups"), ("qwen2", 0, "aot_eager", "process_group", "groups"),
+            ("gemma2", 1, "aot_eager", "shared_memory", "groups"), ("phi", 0, "aot_eager", "process_group", "groups"),
+            ("mistral", 0, "aot_eager", "shared_memory", "tp-only")]
+
+
+def tensor_parallel(rank: int, world_size: int) -> dict:
+    """tensor_parallel=True: each case's logits, the reference's, and what the rank's graph holds."""
+    results = {}
+    ids = tokens(batch=2, length=9)
+    for family, bypass, inner, transport, plan in TP_CASES:
+        started = time.perf_counter()
+        torch._dynamo.reset()
+        model = copy.deepcopy(tiny_model(family))
+        config = CQILConfig(**SPAN, bypass=bypass) if plan == "groups" else CQILConfig(groups=[])
+        with torch.no_grad():
+            reference = cqil_reference(model, config, ids, use_cache=False).logits
+            graphs: list = []
+            backend = make_backend(config, mode="spmd", inner=recording(inner, graphs), transport=transport,
+                                   tensor_parallel=True)
+            spmd = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+        report = backend.reports[0]
+        results[(family, bypass, inner, transport, plan)] = dict(
+            spmd=spmd, reference=reference, collectives=collectives(graphs[0]), sharding=report.sharding,
+            placement=report.placement, reported=report.collectives, narrows=_narrowed(graphs[0]))
+        print(f"rank {rank}: TP {family} D{bypass} {inner} {transport} {plan} in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return results
+
+
+def rank_weights(rank: int, world_size: int) -> dict:
+    """Each rank builds the model on the meta device and reads only its tensors from a safetensors file."""
+    from cqil_fx.graph.weights import load_rank_weights
+
+    out = {}
+    full = tiny_model("llama")
+    path = Path(os.environ["CQIL_TEST_DIR"]) / "llama"
+    if rank == 0:
+        full.save_pretrained(path)
+    dist.barrier()
+    ids = tokens(batch=2, length=9)
+    for tp in (True, False):
+        torch._dynamo.reset()
+        config = CQILConfig(**SPAN, bypass=1, mode="spmd", inner="aot_eager", tensor_parallel=tp)
+        model, loaded = load_rank_weights(full.config, path, config)
+        graphs: list = []
+        with torch.no_grad():
+            reference = cqil_reference(full, config, ids, use_cache=False).logits
+            spmd = torch.compile(model, backend=make_backend(config, inner=recording("aot_eager", graphs)))(
+                ids, use_cache=False).logits
+        out[tp] = dict(spmd=spmd, reference=reference, loaded=loaded, narrows=_narrowed(graphs[0]),
+                       collectives=collectives(graphs[0]))
+    return out
+
+
+def _narrowed(gm) -> dict[str, tuple]:
+    """Placeholder name -> (dim, start, length) of every weight slice in the graph."""
+    return {n.args[0].name: tuple(n.args[1:]) for n in gm.graph.nodes if n.target is torch.narrow}
+
+
 def _reads_collective(node) -> bool:
     """The group's output ``x + all_reduce(d)``: shared, though it carries the last member's stack."""
     import cqil_fx.graph.distributed  # noqa: F401 - registers torch.ops.cqil (both transports)
@@ -98,10 +158,35 @@ def _compile_error(config: CQILConfig) -> dict:
     return dict(error=None)
 
 
+def _heads(family: str, heads: int, kv_heads: int):
+    """``family``'s tiny model with other head counts (head_dim 8)."""
+    import transformers
+    from tiny_models import FAMILIES
+
+    config_cls, model_cls, kwargs, _ = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**dict(kwargs, hidden_size=8 * heads, num_attention_heads=heads,
+                                                      num_key_value_heads=kv_heads, vocab_size=96))
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval().requires_grad_(False)
+
+
+def _tp_error(model) -> dict:
+    try:
+        torch.compile(model, backend=make_backend(groups=[], mode="spmd", inner="eager", tensor_parallel=True,
+                                                  collective_timeout=20))(tokens(), use_cache=False)
+    except Exception as e:  # noqa: BLE001 - the test asserts on what came out
+        return dict(error=_unwrap(e))
+    return dict(error=None)
+
+
 def compile_errors(rank: int, world_size: int) -> dict:
-    """A plan whose groups do not have one member per rank; then ranks with different plans."""
+    """A plan whose groups do not have one member per rank; then ranks with different plans;
+    tensor parallelism over head counts that do not divide by the world size, and over GPT-2's Conv1D."""
     start = 2 if rank == 0 else 4
     return dict(
+        kv_heads_3=_tp_error(_heads("llama", 6, 3)),
+        heads_3=_tp_error(_heads("qwen2", 3, 3)),
+        conv1d=_tp_error(copy.deepcopy(tiny_model("gpt2"))),
         parallel_not_world=_compile_error(CQILConfig(start=2, end=5, parallel=3, mode="spmd", collective_timeout=20)),
         plans_disagree=_compile_error(CQILConfig(start=start, end=start + 2, mode="spmd", collective_timeout=20)),
     )
@@ -138,6 +223,7 @@ def _unwrap(e: BaseException) -> tuple[str, str]:
 
 def main(rank: int, world_size: int, scenario: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    os.environ["CQIL_TEST_DIR"] = out_dir
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size)
     try:
         result = globals()[scenario](rank, world_size)

@@ -37,7 +37,7 @@ from torch._dynamo.utils import counters
 
 from ..config import CQILConfig, Plan
 from ..errors import CQILPlanError, SpmdPlacementError
-from ..passes import Block, GroupRewrite, Placement, RewrittenGraph
+from ..passes import Block, GroupRewrite, Placement, RewrittenGraph, Sharding
 from .rewrite import Unchanged, apply_plan, plan_graph
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class CompileReport:
     fallback: str | None  # why the graph was compiled unchanged, or None
     placement: Placement | None = None  # mode="spmd": what this rank kept
     transport: str | None = None  # mode="spmd": what carries the collectives
+    sharding: Sharding | None = None  # mode="spmd", tensor_parallel=True: what this rank split
 
     @classmethod
     def unchanged(cls, nodes: int, outcome: Unchanged) -> CompileReport:
@@ -67,7 +68,13 @@ class CompileReport:
     def rewritten(cls, nodes_before: int, plan: Plan, rewritten: RewrittenGraph,
                   transport: str | None = None) -> CompileReport:
         return cls(nodes_before, len(rewritten.gm.graph.nodes), rewritten.blocks, plan, rewritten.rewrites,
-                   rewritten.bypass_edges, None, rewritten.placement, transport)
+                   rewritten.bypass_edges, None, rewritten.placement, transport, rewritten.sharding)
+
+    @property
+    def collectives(self) -> int:
+        """Collectives per forward of this rank's graph (groups, bypass, tensor parallelism)."""
+        tp = self.sharding.all_reduces + self.sharding.all_gathers if self.sharding else 0
+        return (self.placement.collectives if self.placement else 0) + tp
 
     def __repr__(self) -> str:
         if self.fallback:
@@ -75,7 +82,8 @@ class CompileReport:
         where = ""
         if self.placement is not None:
             p = self.placement
-            where = (f", rank {p.rank}/{p.world_size} keeps {list(p.kept)}, {p.collectives} collectives "
+            split = f", splits blocks {list(self.sharding.blocks)}" if self.sharding else ""
+            where = (f", rank {p.rank}/{p.world_size} keeps {list(p.kept)}{split}, {self.collectives} collectives "
                      f"over {self.transport}")
         return (
             f"CompileReport({len(self.blocks)} blocks, {self.plan}, {len(self.rewrites)} groups "
@@ -103,7 +111,7 @@ class CQILBackend:
 
     def _compile_spmd(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
         """Rewrite, agree with the other ranks, keep this rank's members, compile."""
-        from ..passes import place_members
+        from ..passes import place_members, shard_blocks
         from ..passes.spmd import check_placeable
         from .distributed import agree, choose_transport, guard_collectives, spmd_world
 
@@ -111,6 +119,9 @@ class CQILBackend:
         nodes = len(gm.graph.nodes)
         counters["cqil"]["graphs"] += 1
         outcome = plan_graph(gm, self.config, example_inputs)
+        tensor_parallel = self.config.tensor_parallel and world.world_size > 1
+        if isinstance(outcome, Unchanged) and tensor_parallel and outcome.blocks and outcome.plan is not None:
+            outcome = list(outcome.blocks), outcome.plan  # no groups: plain tensor parallelism
         if isinstance(outcome, Unchanged):
             agree(world, f"unchanged ({outcome.why})")
             report = _fallback(nodes, outcome)
@@ -121,14 +132,27 @@ class CQILBackend:
                 check_placeable(rewritten.rewrites, world.world_size)
             except SpmdPlacementError as e:
                 raise CQILPlanError(f"rank {world.rank}: {e}") from e
-            agree(world, repr(plan))
+            agree(world, repr(plan) + (", tensor parallel" if tensor_parallel else ""))
             rewritten = place_members(rewritten, world.rank, world.world_size, world.group_name)
+            if tensor_parallel:
+                rewritten = shard_blocks(rewritten, world.rank, world.world_size, world.group_name,
+                                         presharded_weights(gm, example_inputs))
             transport = choose_transport(gm, world, self.config.transport)
-            counters["cqil"]["collectives"] += rewritten.placement.collectives
             report = CompileReport.rewritten(nodes, plan, rewritten, transport)
+            counters["cqil"]["collectives"] += report.collectives
             log.info("cqil: %s", report)
         self.reports.append(report)
         return guard_collectives(self.inner(gm, example_inputs), world)
+
+
+def presharded_weights(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[str, str]:
+    """Placeholder name -> "colwise"/"rowwise" for weights a per-rank loader left holding only a slice
+    (:func:`cqil_fx.graph.weights.load_rank_weights` marks them)."""
+    from .weights import SHARD_ATTRIBUTE
+
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {p.name: getattr(x, SHARD_ATTRIBUTE) for p, x in zip(placeholders, example_inputs)
+            if hasattr(x, SHARD_ATTRIBUTE)}
 
 
 def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> CQILBackend:
