@@ -46,6 +46,8 @@ from .mutation import mutates_in_place
 _functional = torch.ops._c10d_functional
 _LINEAR = (torch._C._nn.linear,)
 _RESHAPES = {"view", "reshape"}
+# Contracted dimension of each operand (query and key over head_dim, value over the keys).
+_CONTRACTIONS = {"matmul": (-1, -2), "bmm": (-1, -2), "scaled_dot_product_attention": (-1, -1, -2)}
 # Ops whose ``dim`` argument must not be the split dimension (position of a positional dim).
 _DIM_OPS = {"softmax": 1, "log_softmax": 1, "cat": 1, "cumsum": 1, "mean": 1, "sum": 1, "amax": 1,
             "max": 1, "norm": 2, "layer_norm": None, "rms_norm": None}
@@ -261,9 +263,14 @@ class _Shard:
         if len(set(dims)) != 1:
             raise CQILUnsupportedError(f"tensor_parallel=True: {where} mixes values split along different dims")
         source = next(a for a in node.all_input_nodes if a in split)
-        self._check_dim_argument(node, split[source], where)
+        self._check_dim_argument(node, split[source], where, split)
         self._fix_sizes(node, source, split[source], block)
-        self._refresh(node)
+        try:
+            self._refresh(node)
+        except RuntimeError as e:  # e.g. a whole per-head tensor broadcast against the rank's heads
+            raise CQILUnsupportedError(
+                f"tensor_parallel=True: {where} cannot run on this rank's part of its inputs "
+                f"({str(e).splitlines()[0][:200]}); use tensor_parallel=False") from e
         new = _value(node)
         if old is None:  # a tuple (split): its getitems carry the values
             split[node] = split[source]
@@ -275,11 +282,20 @@ class _Shard:
                 f"(shape {tuple(old.shape)} became {tuple(new.shape)}); use tensor_parallel=False")
         split[node] = changed[0]
 
-    def _check_dim_argument(self, node: torch.fx.Node, dim: int, where: str) -> None:
+    def _check_dim_argument(self, node: torch.fx.Node, dim: int, where: str, split: dict) -> None:
         name = _name(node)
+        if name in _CONTRACTIONS:  # a product over the split dimension would be a partial sum
+            for position, contracted in enumerate(_CONTRACTIONS[name]):
+                arg = node.args[position] if len(node.args) > position else None
+                if arg in split and split[arg] % _value(arg).dim() == contracted % _value(arg).dim():
+                    raise CQILUnsupportedError(
+                        f"tensor_parallel=True: {where} contracts over the split dimension (a head split "
+                        "inside its head dimension?); launch a world size that divides the head counts, "
+                        "or use tensor_parallel=False")
         value = _value(node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None)
-        if name == "getitem" and value is not None and isinstance(node.args[1], tuple):
-            if _indexes_dim(node.args[1], dim, value.dim()):
+        if name == "getitem" and value is not None:
+            index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+            if _indexes_dim(index, dim, value.dim()):
                 raise CQILUnsupportedError(f"tensor_parallel=True: {where} indexes the split dimension")
         if name not in _DIM_OPS:
             return
@@ -325,20 +341,32 @@ class _Shard:
 
     def _split_output_dim(self, source: torch.fx.Node, dim: int, out: tuple, block: Block,
                           node: torch.fx.Node) -> int:
-        """The output dimension of a reshape that carries the input's split dimension ``dim``."""
+        """The output dimension of a reshape where the rank's contiguous chunk of input ``dim`` ends.
+
+        Within one row of the dimensions before ``dim``, rank r's part of the input
+        is a contiguous run of ``piece`` elements.  The output dimension j whose
+        stride ``s`` satisfies ``s <= piece < s * out[j]`` is where the runs meet;
+        it must cut evenly (``piece % s == 0``).  A reshape that splits features
+        into (heads, head_dim) must cut the heads, never the innermost part.
+        """
         old_in = tuple(source.meta["cqil_old_shape"])
-        outer = _prod(old_in[:dim])
-        extent = old_in[dim] * _prod(old_in[dim + 1:])
+        inner_in = _prod(old_in[dim + 1:])
+        extent = old_in[dim] * inner_in
         piece = extent // self.world
-        for j in range(len(out)):
-            inner = _prod(out[j + 1:])
-            if _prod(out[:j]) == outer and out[j] * inner == extent:
-                if out[j] % self.world or piece % inner:
+        strides = [_prod(out[j + 1:]) for j in range(len(out))]
+        for j, stride in enumerate(strides):
+            if stride <= piece < stride * out[j] and extent % (stride * out[j]) == 0:
+                # The cut falls in the innermost part of a (heads, head_dim) split: inside a head.  With
+                # one head the (1, head_dim) view looks like any unsqueeze; a leading 1 is taken as it.
+                innermost = stride == inner_in and len(out) > len(old_in) and j > 0 and (
+                    stride * out[j] < extent or out[j - 1] == 1)
+                if piece % stride or innermost:
+                    heads = out[j - 1] if innermost and j else out[j]
                     raise CQILPlanError(
                         f"tensor_parallel=True: block {block.index} views a dimension of {old_in[dim]} as "
-                        f"{out[j]} heads x {inner} ({node.name}); {out[j]} heads do not divide by the world "
-                        f"size {self.world}: launch a world size that divides every head count (attention "
-                        "and key/value heads), or use tensor_parallel=False")
+                        f"{heads} heads x {extent // heads // inner_in} ({node.name}); {heads} heads do not divide "
+                        f"by the world size {self.world}: launch a world size that divides every head count "
+                        "(attention and key/value heads), or use tensor_parallel=False")
                 return j
         raise CQILUnsupportedError(
             f"tensor_parallel=True: block {block.index}'s {node.name} reshapes {old_in} to {out} across the "
