@@ -208,6 +208,29 @@ def _first_call_then(rank: int, then_on_rank1, transport: str) -> dict:
     return dict(error=None, seconds=time.perf_counter() - started)
 
 
+def ranks_disagree(rank: int, world_size: int) -> dict:
+    """Rank 0 passes 16 tokens, rank 1 20: at compile time (static shapes), and at a shared-memory collective."""
+    from cqil_fx.graph import shm
+
+    out = {}
+    model = copy.deepcopy(tiny_model("llama"))
+    fast = torch.compile(model, backend=make_backend(**SPAN, mode="spmd", inner="eager", collective_timeout=20,
+                                                     tensor_parallel=True))
+    try:
+        fast(tokens(batch=1, length=16 + 4 * rank), use_cache=False)
+        out["compile"] = dict(error=None)
+    except Exception as e:  # noqa: BLE001
+        out["compile"] = dict(error=_unwrap(e))
+    channel = shm.open_channel(dist.group.WORLD, rank, world_size, shm.capacity_for(4096), timeout=20)
+    try:
+        shm.shm_all_reduce(torch.ones(1, 16 + 4 * rank, 8), channel)
+        out["collective"] = dict(error=None)
+    except Exception as e:  # noqa: BLE001
+        out["collective"] = dict(error=_unwrap(e))
+    out["after"] = shm.shm_all_reduce(torch.ones(2, 3), channel)  # the channel still works afterwards
+    return out
+
+
 def rank_dies(rank: int, world_size: int) -> dict:
     return _first_call_then(rank, lambda: os._exit(3), "process_group")
 

@@ -171,6 +171,17 @@ def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors
         assert "disagree" in message and "[2-3]" in message and "[4-5]" in message
 
 
+def test_ranks_called_with_different_shapes_raise_on_every_rank_naming_them(tmp_path):
+    for rank, r in enumerate(run_ranks("ranks_disagree", tmp_path)):
+        kind, message = r["compile"]["error"]
+        assert kind == "CQILDistributedError" and "disagree" in message, r
+        assert "[1, 16]" in message and "[1, 20]" in message  # the token ids' shapes on each rank
+        kind, message = r["collective"]["error"]
+        assert kind == "CQILDistributedError", r
+        assert f"rank {rank}" in message and "rank 0: [1, 16, 8], rank 1: [1, 20, 8]" in message
+        assert torch.equal(r["after"], torch.full((2, 3), 2.0))
+
+
 @pytest.mark.parametrize("scenario", ["rank_dies", "rank_hangs"])  # over gloo, over shared memory
 def test_a_lost_rank_raises_on_the_others_within_the_timeout(tmp_path, scenario):
     result = run_ranks(scenario, tmp_path)[0]

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 from torch._dynamo.utils import counters
 
 from ..config import CQILConfig, Plan
@@ -122,8 +123,9 @@ class CQILBackend:
         tensor_parallel = self.config.tensor_parallel and world.world_size > 1
         if isinstance(outcome, Unchanged) and tensor_parallel and outcome.blocks and outcome.plan is not None:
             outcome = list(outcome.blocks), outcome.plan  # no groups: plain tensor parallelism
+        shapes = input_shapes(gm, example_inputs)  # ranks called with other shapes raise here, naming them
         if isinstance(outcome, Unchanged):
-            agree(world, f"unchanged ({outcome.why})")
+            agree(world, f"unchanged ({outcome.why}); inputs {shapes}")
             report = _fallback(nodes, outcome)
         else:
             blocks, plan = outcome
@@ -132,7 +134,7 @@ class CQILBackend:
                 check_placeable(rewritten.rewrites, world.world_size)
             except SpmdPlacementError as e:
                 raise CQILPlanError(f"rank {world.rank}: {e}") from e
-            agree(world, repr(plan) + (", tensor parallel" if tensor_parallel else ""))
+            agree(world, repr(plan) + (", tensor parallel" if tensor_parallel else "") + f"; inputs {shapes}")
             rewritten = place_members(rewritten, world.rank, world.world_size, world.group_name)
             if tensor_parallel:
                 rewritten = shard_blocks(rewritten, world.rank, world.world_size, world.group_name,
@@ -143,6 +145,15 @@ class CQILBackend:
             log.info("cqil: %s", report)
         self.reports.append(report)
         return guard_collectives(self.inner(gm, example_inputs), world)
+
+
+def input_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence) -> str:
+    """The shapes of the graph's inputs that are not parameters or buffers (token ids, masks, positions)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    shown = [f"{p.target}: {list(x.shape)}" for p, x in zip(placeholders, example_inputs)
+             if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter)
+             and "_parameters_" not in p.target and "_buffers_" not in p.target]
+    return ", ".join(shown)
 
 
 def presharded_weights(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[str, str]:
