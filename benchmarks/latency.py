@@ -136,6 +136,19 @@ def without_collectives(inner):
                     cat = gm.graph.call_function(torch.cat, ([node.args[0]] * node.args[1],))
                 node.replace_all_uses_with(cat)
                 gm.graph.erase_node(node)
+        # The process-group transport has already swapped the functional pairs for cqil's ops
+        # (choose_transport runs before the inner compiler): stand in for those too, or rank 0
+        # alone would wait in them for rank 1.
+        cqil = torch.ops.cqil
+        for node in list(gm.graph.nodes):
+            if node.target is cqil.pg_all_reduce.default:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            elif node.target is cqil.pg_all_gather.default:
+                with gm.graph.inserting_before(node):
+                    cat = gm.graph.call_function(torch.cat, ([node.args[0]] * dist.get_world_size(),))
+                node.replace_all_uses_with(cat)
+                gm.graph.erase_node(node)
         gm.recompile()
         return inner(gm, example_inputs)
 
