@@ -107,6 +107,12 @@ def tensor_parallel(rank: int, world_size: int) -> dict:
             placement=report.placement, reported=report.collectives, narrows=_narrowed(graphs[0]))
         print(f"rank {rank}: TP {family} D{bypass} {inner} {transport} {plan} in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    # One token of batch 1 (a decode step without a cache): every traced size that is 1 must not be
+    # taken for the heads when the pass finds where a view splits them.
+    step = tokens(batch=1, length=1)
+    with torch.no_grad():
+        results["decode"] = dict(spmd=torch.compile(model, backend=backend)(step, use_cache=False).logits,
+                                 reference=cqil_reference(model, config, step, use_cache=False).logits)
     return results
 
 

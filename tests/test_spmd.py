@@ -91,6 +91,11 @@ def test_tensor_parallel_ranks_equal_the_reference(tensor_parallel, case):
     assert torch.equal(tensor_parallel[0][case]["spmd"], tensor_parallel[1][case]["spmd"])
 
 
+def test_tensor_parallel_one_token_of_batch_one_equals_the_reference(tensor_parallel):
+    for rank, results in enumerate(tensor_parallel):
+        assert relative_error(results["decode"]["spmd"], results["decode"]["reference"]) < TOLERANCE, rank
+
+
 def expected_collectives(groups: int, bypass: int, blocks: int, world: int = WORLD, vocab_splits: bool = True):
     """The formula of docs/architecture.md ("Tensor parallelism"): per forward, on every rank,
     all_reduce = G + 2 S (S = blocks outside groups), all_gather = G [D > 0] + [LM head split]."""
