@@ -140,7 +140,9 @@ class CQILConfig:
     the ranks (heads and MLP columns, one all-reduce per half-block; the
     vocabulary, one all-gather) instead of whole on every rank
     (:mod:`cqil_fx.passes.tensor_parallel`); with no groups in the plan that
-    is plain tensor parallelism.
+    is plain tensor parallelism.  ``tp_fallback``: where a block's head counts
+    do not divide by the world size, keep its attention whole on every rank and
+    split only its MLP, instead of raising :class:`CQILPlanError`.
     """
 
     groups: Sequence[Sequence[int]] | None = None
@@ -156,6 +158,7 @@ class CQILConfig:
     transport: str = "auto"
     cuda_graphs: bool = False
     tensor_parallel: bool = False
+    tp_fallback: bool = False
     calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -186,6 +189,10 @@ class CQILConfig:
             raise CQILConfigError(
                 f"tensor_parallel=True splits blocks over the ranks of mode='spmd'; with mode={self.mode!r} "
                 "there is one process: use mode='spmd' under torchrun, or tensor_parallel=False")
+        if not isinstance(self.tp_fallback, bool):
+            raise CQILConfigError(f"tp_fallback={self.tp_fallback!r} must be True or False")
+        if self.tp_fallback and not self.tensor_parallel:
+            raise CQILConfigError("tp_fallback=True applies to tensor_parallel=True; set both or neither")
         if self.mode not in MODES:
             raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):

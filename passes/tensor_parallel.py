@@ -29,6 +29,7 @@ for shapes the pass does not know how to split.  Never a wrong answer.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -43,6 +44,7 @@ from .find_blocks import Block
 from .module_stack import layer_of
 from .mutation import mutates_in_place
 
+log = logging.getLogger(__name__)
 _functional = torch.ops._c10d_functional
 _LINEAR = (torch._C._nn.linear,)
 _RESHAPES = {"view", "reshape"}
@@ -63,6 +65,7 @@ class Sharding:
     column_linears: int
     row_linears: int  # one all-reduce each
     lm_head: bool  # the LM head split over the vocabulary (one all-gather)
+    whole_branches: tuple[int, ...] = ()  # with fallback: blocks of a branch left whole (heads do not divide)
 
     @property
     def all_reduces(self) -> int:
@@ -74,27 +77,31 @@ class Sharding:
 
 
 def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_name: str,
-                 presharded: Mapping[str, str] | None = None) -> RewrittenGraph:
+                 presharded: Mapping[str, str] | None = None, fallback: bool = False) -> RewrittenGraph:
     """Split the blocks outside groups and the LM head over ``world_size`` ranks (in place).
 
     ``presharded`` names weight placeholders whose tensors already hold only
     this rank's slice ("colwise" or "rowwise", as a per-rank loader made them):
     the graph was traced with those shapes, so their linears get only the collectives.
+    With ``fallback``, a branch whose head counts do not divide by ``world_size``
+    stays whole on every rank (no collective) instead of raising
+    :class:`~cqil_fx.errors.CQILPlanError`: attention replicated, MLP split.
     """
     gm = rewritten.gm
     grouped = {i for r in rewritten.rewrites for i in r.members}
     shard = _Shard(gm.graph, rank, world_size, group_name, dict(presharded or {}))
-    sharded = []
+    sharded, whole = [], []
     for block in rewritten.blocks:
         if block.index not in grouped:
             for region in _branch_regions(block):
-                shard.branch(block, region)
+                if not shard.branch(block, region, fallback):
+                    whole.append(block.index)
             sharded.append(block.index)
     lm_head = _lm_head(gm.graph, rewritten.blocks)
     split_head = lm_head is not None and shard.lm_head(lm_head)
     gm.graph.lint()
     gm.recompile()
-    sharding = Sharding(rank, world_size, tuple(sharded), shard.columns, shard.rows, split_head)
+    sharding = Sharding(rank, world_size, tuple(sharded), shard.columns, shard.rows, split_head, tuple(whole))
     return dataclasses.replace(rewritten, sharding=sharding)
 
 
@@ -165,7 +172,25 @@ class _Shard:
         self.columns = self.rows = 0
 
     # -- the branch: column linears -> split values -> row linear + all_reduce
-    def branch(self, block: Block, region: set[torch.fx.Node]) -> None:
+    def branch(self, block: Block, region: set[torch.fx.Node], fallback: bool = False) -> bool:
+        """Split one branch; False when ``fallback`` left it whole (its heads do not divide)."""
+        saved = {n: (n.args, n.kwargs, dict(n.meta)) for n in region}
+        before, counts = set(self.graph.nodes), (self.columns, self.rows)
+        try:
+            self._split_branch(block, region)
+        except CQILPlanError as e:
+            if not fallback:
+                raise
+            for node, (args, kwargs, meta) in saved.items():  # undo: the branch as it was traced
+                node.args, node.kwargs, node.meta = args, kwargs, meta
+            for node in reversed([n for n in self.graph.nodes if n not in before]):
+                self.graph.erase_node(node)
+            self.columns, self.rows = counts
+            log.info("cqil: block %d keeps a branch whole on every rank: %s", block.index, e)
+            return False
+        return True
+
+    def _split_branch(self, block: Block, region: set[torch.fx.Node]) -> None:
         linears = [n for n in self.graph.nodes if n in region and _is_linear(n)]
         if not linears:
             raise CQILUnsupportedError(

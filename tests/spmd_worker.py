@@ -113,6 +113,17 @@ def tensor_parallel(rank: int, world_size: int) -> dict:
     with torch.no_grad():
         results["decode"] = dict(spmd=torch.compile(model, backend=backend)(step, use_cache=False).logits,
                                  reference=cqil_reference(model, config, step, use_cache=False).logits)
+    # 6 heads and 3 KV heads over 2 ranks, tp_fallback=True: attention whole on every rank, MLP split.
+    torch._dynamo.reset()
+    model = _heads("llama", 6, 3)
+    config = CQILConfig(**SPAN)
+    graphs = []
+    fallback = make_backend(config, mode="spmd", inner=recording("aot_eager", graphs), tensor_parallel=True,
+                            tp_fallback=True)
+    with torch.no_grad():
+        results["fallback"] = dict(spmd=torch.compile(model, backend=fallback)(ids, use_cache=False).logits,
+                                   reference=cqil_reference(model, config, ids, use_cache=False).logits,
+                                   collectives=collectives(graphs[0]), sharding=fallback.reports[0].sharding)
     return results
 
 

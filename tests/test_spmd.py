@@ -96,6 +96,14 @@ def test_tensor_parallel_one_token_of_batch_one_equals_the_reference(tensor_para
         assert relative_error(results["decode"]["spmd"], results["decode"]["reference"]) < TOLERANCE, rank
 
 
+def test_tensor_parallel_fallback_keeps_attention_whole_where_heads_do_not_divide(tensor_parallel):
+    for rank, results in enumerate(tensor_parallel):
+        r = results["fallback"]
+        assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, rank
+        assert r["sharding"].whole_branches == (0, 1, 6, 7)  # their attention: 3 KV heads over 2 ranks
+        assert r["collectives"] == {"all_reduce": 2 + 4, "all_gather": 1}  # groups, one MLP per block, LM head
+
+
 def expected_collectives(groups: int, bypass: int, blocks: int, world: int = WORLD, vocab_splits: bool = True):
     """The formula of docs/architecture.md ("Tensor parallelism"): per forward, on every rank,
     all_reduce = G + 2 S (S = blocks outside groups), all_gather = G [D > 0] + [LM head split]."""

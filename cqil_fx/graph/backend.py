@@ -138,7 +138,7 @@ class CQILBackend:
             rewritten = place_members(rewritten, world.rank, world.world_size, world.group_name)
             if tensor_parallel:
                 rewritten = shard_blocks(rewritten, world.rank, world.world_size, world.group_name,
-                                         presharded_weights(gm, example_inputs))
+                                         presharded_weights(gm, example_inputs), fallback=self.config.tp_fallback)
             transport = choose_transport(gm, world, self.config.transport)
             report = CompileReport.rewritten(nodes, plan, rewritten, transport)
             counters["cqil"]["collectives"] += report.collectives
