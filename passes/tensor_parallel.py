@@ -88,6 +88,7 @@ def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_na
     :class:`~cqil_fx.errors.CQILPlanError`: attention replicated, MLP split.
     """
     gm = rewritten.gm
+    _check_static(gm.graph)
     grouped = {i for r in rewritten.rewrites for i in r.members}
     shard = _Shard(gm.graph, rank, world_size, group_name, dict(presharded or {}))
     sharded, whole = [], []
@@ -103,6 +104,18 @@ def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_na
     gm.recompile()
     sharding = Sharding(rank, world_size, tuple(sharded), shard.columns, shard.rows, split_head, tuple(whole))
     return dataclasses.replace(rewritten, sharding=sharding)
+
+
+def _check_static(graph: torch.fx.Graph) -> None:
+    """The size arguments the pass fixes are the ints Dynamo traced; symbolic sizes it cannot split."""
+    for node in graph.find_nodes(op="placeholder"):
+        value = node.meta.get("example_value")
+        sizes = value.shape if isinstance(value, torch.Tensor) else (value,)
+        if any(isinstance(size, torch.SymInt) for size in sizes):
+            raise CQILUnsupportedError(
+                f"tensor_parallel=True splits graphs with static shapes only, and this graph has dynamic sizes "
+                f"({node.name}: {value}; Dynamo makes a graph dynamic once it sees a second input shape): "
+                "compile with torch.compile(..., dynamic=False)")
 
 
 def _branch_regions(block: Block) -> list[set[torch.fx.Node]]:

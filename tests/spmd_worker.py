@@ -124,6 +124,7 @@ def tensor_parallel(rank: int, world_size: int) -> dict:
         results["fallback"] = dict(spmd=torch.compile(model, backend=fallback)(ids, use_cache=False).logits,
                                    reference=cqil_reference(model, config, ids, use_cache=False).logits,
                                    collectives=collectives(graphs[0]), sharding=fallback.reports[0].sharding)
+    results["weights"] = rank_weights(rank, world_size)  # in the same processes: one start-up fewer
     return results
 
 
@@ -187,8 +188,12 @@ def _heads(family: str, heads: int, kv_heads: int):
     return getattr(transformers, model_cls)(config).eval().requires_grad_(False)
 
 
-def _tp_error(model) -> dict:
+def _tp_error(model, dynamic: bool = False) -> dict:
+    torch._dynamo.reset()  # each model's own graphs, with static shapes
     try:
+        if dynamic:  # a second shape: Dynamo compiles a dynamic graph
+            torch.compile(model, backend=make_backend(groups=[], mode="spmd", inner="eager", collective_timeout=20,
+                                                      tensor_parallel=True))(tokens(length=7), use_cache=False)
         torch.compile(model, backend=make_backend(groups=[], mode="spmd", inner="eager", tensor_parallel=True,
                                                   collective_timeout=20))(tokens(), use_cache=False)
     except Exception as e:  # noqa: BLE001 - the test asserts on what came out
@@ -201,9 +206,11 @@ def compile_errors(rank: int, world_size: int) -> dict:
     tensor parallelism over head counts that do not divide by the world size, and over GPT-2's Conv1D."""
     start = 2 if rank == 0 else 4
     return dict(
+        ranks_disagree=ranks_disagree(rank, world_size),
         kv_heads_3=_tp_error(_heads("llama", 6, 3)),
         heads_3=_tp_error(_heads("qwen2", 3, 3)),
         conv1d=_tp_error(copy.deepcopy(tiny_model("gpt2"))),
+        dynamic=_tp_error(copy.deepcopy(tiny_model("llama")), dynamic=True),
         parallel_not_world=_compile_error(CQILConfig(start=2, end=5, parallel=3, mode="spmd", collective_timeout=20)),
         plans_disagree=_compile_error(CQILConfig(start=start, end=start + 2, mode="spmd", collective_timeout=20)),
     )

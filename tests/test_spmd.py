@@ -130,10 +130,10 @@ def test_tensor_parallel_graph_holds_the_formula_of_collectives_and_weight_slice
         assert head == [(0, rank * 48, 48)], r["narrows"]
 
 
-def test_each_rank_reads_only_its_members_and_shards_from_safetensors(tmp_path):
+def test_each_rank_reads_only_its_members_and_shards_from_safetensors(tensor_parallel):
     from tiny_models import tiny_model
 
-    results = run_ranks("rank_weights", tmp_path)
+    results = [r["weights"] for r in tensor_parallel]
     full = tiny_model("llama")
     whole = sum(p.numel() * 4 for p in full.parameters())
     layer = sum(p.numel() * 4 for p in full.model.layers[0].parameters())
@@ -175,6 +175,26 @@ def test_tensor_parallel_head_counts_that_do_not_divide_are_an_error_naming_them
         assert "3 heads" in message and "world size 2" in message
         kind, message = results["conv1d"]["error"]
         assert kind == "CQILUnsupportedError" and "Conv1D" in message, results
+        kind, message = results["dynamic"]["error"]
+        assert kind == "CQILUnsupportedError" and "dynamic=False" in message, results
+
+
+def test_load_rank_weights_keeps_attention_whole_only_with_tp_fallback(tmp_path):
+    from spmd_worker import _heads
+
+    from cqil_fx import CQILConfig, CQILPlanError
+    from cqil_fx.graph.weights import load_rank_weights
+
+    model = _heads("llama", 6, 3)
+    model.save_pretrained(tmp_path)
+    config = CQILConfig(start=2, end=6, mode="spmd", tensor_parallel=True)
+    with pytest.raises(CQILPlanError, match="6 attention heads and 3 key/value heads .* world size 2"):
+        load_rank_weights(model.config, tmp_path, config, rank=0, world_size=2)
+    mine, loaded = load_rank_weights(model.config, tmp_path, CQILConfig(start=2, end=6, mode="spmd",
+                                                                       tensor_parallel=True, tp_fallback=True), 1, 2)
+    assert mine.model.layers[0].self_attn.k_proj.weight.shape == (24, 48)  # whole: 3 KV heads of 8
+    assert torch.equal(mine.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight[32:])
+    assert all("self_attn" not in name for name in loaded.sharded) and loaded.sharded
 
 
 def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors):
@@ -184,8 +204,8 @@ def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors
         assert "disagree" in message and "[2-3]" in message and "[4-5]" in message
 
 
-def test_ranks_called_with_different_shapes_raise_on_every_rank_naming_them(tmp_path):
-    for rank, r in enumerate(run_ranks("ranks_disagree", tmp_path)):
+def test_ranks_called_with_different_shapes_raise_on_every_rank_naming_them(compile_errors):
+    for rank, r in enumerate(r["ranks_disagree"] for r in compile_errors):
         kind, message = r["compile"]["error"]
         assert kind == "CQILDistributedError" and "disagree" in message, r
         assert "[1, 16]" in message and "[1, 20]" in message  # the token ids' shapes on each rank

@@ -95,6 +95,8 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
     owner = _layer_owner(model, layers)
     others = _other_members(plan, rank)
     tp_plan = _tp_plan(model) if config.tensor_parallel and world_size > 1 else {}
+    if tp_plan and not _heads_divide(model_config, world_size, config.tp_fallback):
+        tp_plan = {k: v for k, v in tp_plan.items() if "attn" not in k}  # tp_fallback: attention whole
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     grouped = {i for g in plan.groups for i in g}
     sharded, released = [], []
@@ -130,6 +132,19 @@ def _other_members(plan: Plan, rank: int) -> set[int]:
             raise CQILPlanError(f"rank {rank} has no member in group {list(group)}")
         out |= {i for k, i in enumerate(group) if k != rank}
     return out
+
+
+def _heads_divide(model_config, world_size: int, fallback: bool) -> bool:
+    heads = getattr(model_config, "num_attention_heads", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    if heads is None or (heads % world_size == 0 and kv_heads % world_size == 0):
+        return True
+    if fallback:
+        return False
+    raise CQILPlanError(
+        f"tensor_parallel=True: {heads} attention heads and {kv_heads} key/value heads do not both divide by "
+        f"the world size {world_size}; launch a world size that divides them, set tp_fallback=True (attention "
+        "whole on every rank), or use tensor_parallel=False")
 
 
 def _tp_plan(model: nn.Module) -> dict[str, str]:
