@@ -27,7 +27,19 @@ per repetition, after warm-up; medians reported):
   shared memory (``transport="auto"`` on one CPU host) (c);
 * ``cqil-spmd-gloo``: the same over the gloo process group (``transport="process_group"``);
 * ``cqil-concurrent``: CQIL ``mode="concurrent"``, one process, the members of a
-  group on two single-threaded workers, shared segments on two threads (d).
+  group on two single-threaded workers, shared segments on two threads (d);
+* ``tp-spmd``: plain tensor parallelism on the same 2 ranks x 1 thread (``tensor_parallel=True``,
+  a plan without groups; shared memory) (e);
+* ``cqil-tp-spmd``: CQIL + TP: the plan's groups one member per rank, every other block and the
+  LM head tensor-parallel (f).
+
+Every SPMD row carries ``collectives``: the collectives per forward of its
+graph, counted by the backend on the placed graph (``CompileReport.collectives``).
+``--model`` picks SmolLM2 (real weights; its 9 / 3 heads do not divide by 2, so
+(e) and (f) raise ``CQILPlanError`` for it) or a random-weight shape whose heads
+divide (``qwen2.5-0.5b-shape``, ``medium-llama``).  ``--predict`` prints
+``predict_multi_gpu()``: TP vs CQIL + TP on 2 and 4 NVLink GPUs for Llama-3-8B
+at batch 1 from published all-reduce latencies -- a prediction, not a measurement.
 
 When ``cqil-spmd`` is asked for, the script starts two rank processes itself.
 Rank 0 runs every column and takes every time; rank 1 waits (blocked in a
@@ -100,10 +112,23 @@ from cqil_fx.tools.models import load_smollm2
 
 WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "generate-64": (128, 64)}
 """workload -> (prompt tokens, new tokens); 0 new tokens is one forward without a cache."""
-COLUMNS = ("original-1t", "original-2t", "original-2t-cpp", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent")
+COLUMNS = ("original-1t", "original-2t", "original-2t-cpp", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent",
+           "tp-spmd", "cqil-tp-spmd")
 THREADS = {"original-1t": 1, "original-2t": 2, "original-2t-cpp": 2, "rest-1t": 1, "cqil-spmd": 1,
-           "cqil-spmd-gloo": 1, "spmd-compute": 1, "cqil-concurrent": 2}
+           "cqil-spmd-gloo": 1, "spmd-compute": 1, "cqil-concurrent": 2, "tp-spmd": 1, "cqil-tp-spmd": 1}
 TRANSPORTS = {"cqil-spmd": "auto", "cqil-spmd-gloo": "process_group"}
+TENSOR_PARALLEL = ("tp-spmd", "cqil-tp-spmd")  # tensor_parallel=True, shared memory; tp-spmd: no groups
+SPMD_COLUMNS = (*TRANSPORTS, *TENSOR_PARALLEL)
+BACKENDS: dict[str, object] = {}  # column|plan -> its backend (its reports count the graph's collectives)
+MODELS = {
+    # random weights, heads that divide by 2 and 4 (SmolLM2's 9 heads / 3 KV heads do not: tensor_parallel
+    # raises CQILPlanError for it)
+    "qwen2.5-0.5b-shape": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                               num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                               tie_word_embeddings=True),
+    "medium-llama": dict(model_type="llama", vocab_size=512, hidden_size=512, intermediate_size=2048,
+                         num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4),
+}
 _STOP, _CALL, _ALL_REDUCE = 0, 1, 2
 
 
@@ -134,6 +159,19 @@ def without_collectives(inner):
             elif node.target is functional.all_gather_into_tensor.default:
                 with gm.graph.inserting_before(node):
                     cat = gm.graph.call_function(torch.cat, ([node.args[0]] * node.args[1],))
+                node.replace_all_uses_with(cat)
+                gm.graph.erase_node(node)
+        # The process-group transport has already swapped the functional pairs for cqil's ops
+        # (choose_transport runs before the inner compiler): stand in for those too, or rank 0
+        # alone would wait in them for rank 1.
+        cqil = torch.ops.cqil
+        for node in list(gm.graph.nodes):
+            if node.target is cqil.pg_all_reduce.default:
+                node.replace_all_uses_with(node.args[0])
+                gm.graph.erase_node(node)
+            elif node.target is cqil.pg_all_gather.default:
+                with gm.graph.inserting_before(node):
+                    cat = gm.graph.call_function(torch.cat, ([node.args[0]] * dist.get_world_size(),))
                 node.replace_all_uses_with(cat)
                 gm.graph.erase_node(node)
         gm.recompile()
@@ -195,6 +233,29 @@ class SegmentClock:
             return out
 
         return run
+
+
+def load_model(name: str):
+    """SmolLM2 (real weights) or a random-weight model of a named shape (``MODELS``)."""
+    if name == "smollm2":
+        return load_smollm2()[0]
+    import transformers
+
+    fields = dict(MODELS[name])
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"), max_position_embeddings=1024, **fields)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
+
+
+def counted(name: str, backend):
+    BACKENDS[name] = backend
+    return backend
+
+
+def graph_collectives(name: str) -> int | None:
+    """Collectives per forward of the last graph ``name``'s backend compiled (counted in the graph)."""
+    reports = getattr(BACKENDS.get(name), "reports", None)
+    return reports[-1].collectives if reports else None
 
 
 def twin(model, backend) -> torch.nn.Module:
@@ -272,13 +333,21 @@ def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, to
     """The SPMD columns, built identically on every rank (the same order of compiles)."""
     one_thread = inductor_with_threads(1)
     fns = {}
+    if "tp-spmd" in columns:
+        fns["tp-spmd|"] = twin(model, counted("tp-spmd|", make_backend(
+            groups=[], mode="spmd", inner=one_thread, tensor_parallel=True)))
     for config in plans:
         mine = copy.deepcopy(model)
         release_other_members(mine, config)
         for column, transport in TRANSPORTS.items():
             if column in columns:
-                fns[f"{column}|{plan_name(config)}"] = twin(mine, make_backend(
-                    config, mode="spmd", inner=one_thread, transport=transport))
+                name = f"{column}|{plan_name(config)}"
+                fns[name] = twin(mine, counted(name, make_backend(
+                    config, mode="spmd", inner=one_thread, transport=transport)))
+        if "cqil-tp-spmd" in columns:
+            name = f"cqil-tp-spmd|{plan_name(config)}"
+            fns[name] = twin(mine, counted(name, make_backend(config, mode="spmd", inner=one_thread,
+                                                              tensor_parallel=True)))
         fns[f"spmd-compute|{plan_name(config)}"] = twin(mine, make_backend(
             config, mode="spmd", inner=without_collectives(one_thread), transport="process_group"))
     return fns
@@ -389,7 +458,7 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
             column, _, plan = name.partition("|")
             q = statistics.quantiles(ts, n=10)
             rows.append(dict(workload=workload, plan=plan, column=column, median_ms=whole[name], p10_ms=q[0],
-                             p90_ms=q[-1]))
+                             p90_ms=q[-1], collectives=graph_collectives(name)))
             if name in token:
                 rows[-1].update(token_ms=token[name], tokens_per_s=WORKLOADS[workload][1] / whole[name] * 1e3)
         med = token or whole  # the ratios: per-token latency for generate workloads
@@ -400,7 +469,7 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
                 _send(_ALL_REDUCE, step_tokens, column == "cqil-spmd")
                 collective_ms[column] = bare_all_reduce(step_tokens, model.config.hidden_size, column == "cqil-spmd")
         for config in plans:
-            summary += summarise(med, workload, config, len(model.model.layers))
+            summary += summarise(med, workload, config, model.config.num_hidden_layers)
             breakdown += [spmd_breakdown(med, workload, config, column, ms) for column, ms in collective_ms.items()]
             name = f"cqil-concurrent|{plan_name(config)}"
             if name in samples and not WORKLOADS[workload][1]:
@@ -416,13 +485,15 @@ def summarise(med: dict, workload: str, config: CQILConfig, num_blocks: int) -> 
     t_block = (med["original-1t"] - med["rest-1t"]) / num_blocks
     ideal = plan.saved_blocks * t_block / med["original-1t"]
     out = []
-    for column in (c for c in COLUMNS if c.startswith("cqil")):
-        c = med.get(f"{column}|{plan_name(config)}")
+    for column in (c for c in COLUMNS if c.startswith("cqil") or c == "tp-spmd"):
+        c = med.get(f"{column}|{plan_name(config) if column != 'tp-spmd' else ''}")
         if c is not None:
             reduction = 1 - c / med["original-1t"]
             out.append(dict(workload=workload, plan=plan_name(config), column=column, reduction_vs_1t=reduction,
                             reduction_vs_2t=1 - c / med["original-2t"], ideal=ideal,
                             realised=reduction / ideal if ideal else float("nan")))
+            if "tp-spmd|" in med:
+                out[-1]["reduction_vs_tp"] = 1 - c / med["tp-spmd|"]
             if "original-2t-cpp" in med:
                 out[-1]["reduction_vs_2t_cpp"] = 1 - c / med["original-2t-cpp"]
     return out
@@ -451,7 +522,7 @@ def rank_main(rank: int, args, store: str, result_path: str) -> None:
     torch._dynamo.config.recompile_limit = 64
     torch._dynamo.config.cache_size_limit = 64
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    model, _ = load_smollm2()
+    model = load_model(args.model)
     plans = [parse_plan(p) for p in args.plans]
     if rank == 1:
         follow(model, plans, args)
@@ -463,9 +534,9 @@ def rank_main(rank: int, args, store: str, result_path: str) -> None:
 
 def run(args) -> dict:
     plans = [parse_plan(p) for p in args.plans]
-    if not set(TRANSPORTS) & set(args.columns):
+    if not set(SPMD_COLUMNS) & set(args.columns):
         torch._dynamo.config.recompile_limit = 64
-        model, _ = load_smollm2()
+        model = load_model(args.model)
         return lead(model, args, plans, spmd=False)
     tmp = tempfile.mkdtemp()
     ctx = multiprocessing.get_context("spawn")
@@ -486,6 +557,9 @@ def main() -> None:
     parser.add_argument("--columns", nargs="+", default=["cqil-spmd", "cqil-concurrent"], choices=COLUMNS)
     parser.add_argument("--workloads", nargs="+", default=["decode", "prefill-512"], choices=list(WORKLOADS))
     parser.add_argument("--reps", type=int, default=11)
+    parser.add_argument("--model", default="smollm2", choices=["smollm2", *MODELS])
+    parser.add_argument("--predict", action="store_true",
+                        help="print the multi-GPU latency model's prediction (predict_multi_gpu) and exit")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     try:
@@ -495,8 +569,12 @@ def main() -> None:
     for c in ("original-1t", "original-2t"):
         if c not in args.columns:
             args.columns.insert(0, c)  # the baselines every ratio needs
+    if args.predict:
+        print(json.dumps(predict_multi_gpu(), indent=1))
+        return
     result = run(args)
-    model, _ = load_smollm2()
+    result["prediction_multi_gpu"] = predict_multi_gpu()
+    model = load_model(args.model)
     result["param_bytes"] = {"original": parameter_bytes(model)}
     for p in args.plans:
         result["param_bytes"][f"spmd rank 0, {plan_name(parse_plan(p))}"] = released_bytes(model, parse_plan(p))
@@ -510,6 +588,51 @@ def main() -> None:
     (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result["rows"], out / "latency.png")
     print(f"wrote {out}/latency.json and latency.png")
+
+
+# The multi-GPU latency model (a prediction from published figures, not a measurement).
+# Llama-3-8B's shape: 32 blocks, hidden 4096, 32 heads / 8 KV heads of 128, MLP 14336, vocab 128256, bf16.
+LLAMA3_8B = dict(blocks=32, hidden=4096, kv_dim=1024, intermediate=14336, vocab=128256, bytes_per_param=2)
+# H100 SXM: 3.35 TB/s HBM3 (NVIDIA datasheet); batch-1 decode reaches about 70 % of it in GEMV kernels.
+HBM_BYTES_PER_US = 3.35e6 * 0.7
+# Small-message (8 KB: one token's hidden state in bf16) all-reduce on NVLink, µs, (low, high) per world size:
+# NCCL NVLS/LL with CUDA graphs ≈ 6 µs on 2 H100 and rising with the GPU count (NVIDIA/nccl#1259);
+# NCCL's ring LL without graphs and symmetric memory 15-25 µs; vLLM's one-shot custom all-reduce
+# (vllm-project/vllm#2192 and its write-up) 4-10 µs.  FACTS.md, "Measured 2026-11-29", collects these.
+ALL_REDUCE_US = {2: (6.0, 15.0), 4: (8.0, 25.0)}
+KERNEL_FLOOR_US = 10.0  # per block: ~8 kernels of ~1.2 µs that do not shrink with W (launch, tails, norms)
+
+
+def predict_multi_gpu(shape: dict = LLAMA3_8B, span: tuple[int, int] = (12, 28)) -> list[dict]:
+    """Predicted batch-1 decode ms per token: one GPU, TP over W, and CQIL + TP (groups of W over ``span``).
+
+    Per block a GPU streams its weights from HBM (``t_b`` whole, ``t_b / W`` as a TP shard) plus a
+    fixed per-block cost; TP adds 2 all-reduces per block, a CQIL group of W blocks costs one whole
+    block per GPU plus 1 all-reduce (the formula of docs/architecture.md, "Tensor parallelism"), the
+    LM head is split over the vocabulary (one all-gather, counted as one all-reduce's latency).
+    Compute per GPU is the same in both (a group's W blocks on W GPUs = W shards of each): CQIL + TP
+    saves (2W - 1) collectives and (W - 1) fixed block costs per group, no bandwidth.
+    """
+    h, kv, m = shape["hidden"], shape["kv_dim"], shape["intermediate"]
+    block_bytes = (2 * h * h + 2 * h * kv + 3 * h * m) * shape["bytes_per_param"]
+    head_bytes = shape["vocab"] * h * shape["bytes_per_param"]
+    t_b, t_head = block_bytes / HBM_BYTES_PER_US / 1e3, head_bytes / HBM_BYTES_PER_US / 1e3  # ms
+    floor = KERNEL_FLOOR_US / 1e3
+    n = shape["blocks"]
+    one = n * (t_b + floor) + t_head
+    rows = []
+    for world, latencies in ALL_REDUCE_US.items():
+        grouped = span[1] - span[0]
+        groups, outside = grouped // world, n - grouped
+        for ar_us in latencies:
+            ar = ar_us / 1e3
+            tp = n * (t_b / world + floor + 2 * ar) + t_head / world + ar
+            hybrid = outside * (t_b / world + floor + 2 * ar) + groups * (t_b + floor + ar) + t_head / world + ar
+            rows.append(dict(gpus=world, all_reduce_us=ar_us, plan=f"S{span[0]}-E{span[1]} P{world}",
+                             one_gpu_ms=round(one, 3), tp_ms=round(tp, 3), cqil_tp_ms=round(hybrid, 3),
+                             cqil_tp_vs_tp=round(1 - hybrid / tp, 3),
+                             collectives_tp=2 * n + 1, collectives_cqil_tp=groups + 2 * outside + 1))
+    return rows
 
 
 def released_bytes(model, config: CQILConfig) -> int:
@@ -531,7 +654,8 @@ def plot(rows: list[dict], path: Path) -> None:
         data = [r for r in rows if r["workload"] == workload and r["column"] in COLUMNS]
         labels = [r["column"] + (f"\n{r['plan']}" if r["plan"] else "") for r in data]
         colours = {"original-1t": "gray", "original-2t": "silver", "original-2t-cpp": "darkgray",
-                   "cqil-spmd": "tab:orange", "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue"}
+                   "cqil-spmd": "tab:orange", "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue",
+                   "tp-spmd": "tab:green", "cqil-tp-spmd": "tab:olive"}
         ax.bar(labels, [r.get("token_ms", r["median_ms"]) for r in data], color=[colours[r["column"]] for r in data])
         ax.set_title(workload)
         ax.set_ylabel("median ms per new token" if WORKLOADS[workload][1] else "median latency (ms)")

@@ -215,7 +215,14 @@ class CQILConfig:
     where it applies, else the process group).  ``cuda_graphs`` (concurrent
     mode on CUDA): capture each graph's whole concurrent program, member
     streams included, into one CUDA graph and replay it
-    (:class:`cqil_fx.graph.executor.CudaGraphProgram`).
+    (:class:`cqil_fx.graph.executor.CudaGraphProgram`).  ``tensor_parallel``
+    (mode "spmd"): the blocks outside groups and the LM head run split over
+    the ranks (heads and MLP columns, one all-reduce per half-block; the
+    vocabulary, one all-gather) instead of whole on every rank
+    (:mod:`cqil_fx.passes.tensor_parallel`); with no groups in the plan that
+    is plain tensor parallelism.  ``tp_fallback``: where a block's head counts
+    do not divide by the world size, keep its attention whole on every rank and
+    split only its MLP, instead of raising :class:`CQILPlanError`.
     """
 
     groups: Sequence[Sequence[int]] | None = None
@@ -230,6 +237,8 @@ class CQILConfig:
     collective_timeout: float = 300.0
     transport: str = "auto"
     cuda_graphs: bool = False
+    tensor_parallel: bool = False
+    tp_fallback: bool = False
     calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -259,6 +268,16 @@ class CQILConfig:
             raise CQILConfigError(
                 f"cuda_graphs=True applies to mode='concurrent'; with mode={self.mode!r} give an inner compiler "
                 "that uses CUDA graphs instead (e.g. Inductor with triton.cudagraphs, docs/user-guide.md)")
+        if not isinstance(self.tensor_parallel, bool):
+            raise CQILConfigError(f"tensor_parallel={self.tensor_parallel!r} must be True or False")
+        if self.tensor_parallel and self.mode not in ("spmd", "auto"):
+            raise CQILConfigError(
+                f"tensor_parallel=True splits blocks over the ranks of mode='spmd'; with mode={self.mode!r} "
+                "there is one process: use mode='spmd' under torchrun, or tensor_parallel=False")
+        if not isinstance(self.tp_fallback, bool):
+            raise CQILConfigError(f"tp_fallback={self.tp_fallback!r} must be True or False")
+        if self.tp_fallback and not self.tensor_parallel:
+            raise CQILConfigError("tp_fallback=True applies to tensor_parallel=True; set both or neither")
         if self.mode not in MODES:
             raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):

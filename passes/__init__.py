@@ -8,6 +8,7 @@ the repository). In pipeline order::
     add_bypass_edges(rewritten, D) -> RewrittenGraph             rewrite (D > 0)
     split_segments(rewritten) -> SplitGraph                      placement, mode="concurrent"
     place_members(rewritten, rank, W, group) -> RewrittenGraph   placement, mode="spmd"
+    shard_blocks(rewritten, rank, W, group) -> RewrittenGraph    placement, tensor_parallel=True
 
 :class:`RewrittenGraph` is the one value between the rewrite and the
 placements: the module, the blocks as they now are, what each group became,
@@ -22,6 +23,7 @@ from .module_stack import LayerRef, layer_of
 from .mutation import has_inplace_ops, mutates_in_place
 from .segments import Partition, PartitionAssignment, Segment, SplitGraph, assign_partitions, split_segments
 from .spmd import Placement, place_members
+from .tensor_parallel import Sharding, shard_blocks
 
 __all__ = [
     "Block",
@@ -32,6 +34,7 @@ __all__ = [
     "Placement",
     "RewrittenGraph",
     "Segment",
+    "Sharding",
     "SplitGraph",
     "add_bypass_edges",
     "assign_partitions",
@@ -41,5 +44,6 @@ __all__ = [
     "mutates_in_place",
     "place_members",
     "rewrite_groups",
+    "shard_blocks",
     "split_segments",
 ]

@@ -33,6 +33,7 @@ from .module_stack import layer_of
 
 if TYPE_CHECKING:
     from .spmd import Placement
+    from .tensor_parallel import Sharding
 
 _INPUTS_OUTPUT = ("placeholder", "get_attr", "output")
 
@@ -65,7 +66,8 @@ class RewrittenGraph:
     ``bypass``/``bypass_edges`` are set by
     :func:`~cqil_fx.passes.bypass.add_bypass_edges`, ``placement`` by
     :func:`~cqil_fx.passes.spmd.place_members` (whose graph then holds only the
-    blocks in ``blocks``: the other ranks' members are gone).
+    blocks in ``blocks``: the other ranks' members are gone), ``sharding`` by
+    :func:`~cqil_fx.passes.tensor_parallel.shard_blocks`.
     """
 
     gm: torch.fx.GraphModule
@@ -75,6 +77,7 @@ class RewrittenGraph:
     bypass: int = 0
     bypass_edges: int = 0
     placement: Placement | None = None
+    sharding: Sharding | None = None  # set by shard_blocks (tensor_parallel=True)
 
     def block(self, index: int) -> Block:
         return next(b for b in self.blocks if b.index == index)

@@ -46,8 +46,7 @@ def collectives(gm) -> dict[str, int]:
     """Collectives in a placed graph, whichever transport carries them."""
     names = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     kinds = dict(all_reduce=("_c10d_functional.all_reduce.", "cqil.shm_all_reduce.", "cqil.pg_all_reduce."),
-                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather.",
-                             "cqil.pg_all_gather."))
+                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather.", "cqil.pg_all_gather."))
     return {kind: sum(any(p in t for p in prefixes) for t in names) for kind, prefixes in kinds.items()}
 
 
@@ -81,11 +80,87 @@ def exactness(rank: int, world_size: int) -> dict:
     return results
 
 
+# (family, bypass D, inner compiler, transport, plan): tensor_parallel=True; "tp-only" is a plan without groups
+TP_CASES = [("llama", 1, "aot_eager", "shared_memory", "groups"), ("qwen2", 0, "aot_eager", "process_group", "groups"),
+            ("gemma2", 1, "aot_eager", "shared_memory", "groups"), ("phi", 0, "aot_eager", "process_group", "groups"),
+            ("mistral", 0, "aot_eager", "shared_memory", "tp-only")]
+
+
+def tensor_parallel(rank: int, world_size: int) -> dict:
+    """tensor_parallel=True: each case's logits, the reference's, and what the rank's graph holds."""
+    results = {}
+    ids = tokens(batch=2, length=9)
+    for family, bypass, inner, transport, plan in TP_CASES:
+        started = time.perf_counter()
+        torch._dynamo.reset()
+        model = copy.deepcopy(tiny_model(family))
+        config = CQILConfig(**SPAN, bypass=bypass) if plan == "groups" else CQILConfig(groups=[])
+        with torch.no_grad():
+            reference = cqil_reference(model, config, ids, use_cache=False).logits
+            graphs: list = []
+            backend = make_backend(config, mode="spmd", inner=recording(inner, graphs), transport=transport,
+                                   tensor_parallel=True)
+            spmd = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+        report = backend.reports[0]
+        results[(family, bypass, inner, transport, plan)] = dict(
+            spmd=spmd, reference=reference, collectives=collectives(graphs[0]), sharding=report.sharding,
+            placement=report.placement, reported=report.collectives, narrows=_narrowed(graphs[0]))
+        print(f"rank {rank}: TP {family} D{bypass} {inner} {transport} {plan} in "
+              f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+    # One token of batch 1 (a decode step without a cache): every traced size that is 1 must not be
+    # taken for the heads when the pass finds where a view splits them.
+    step = tokens(batch=1, length=1)
+    with torch.no_grad():
+        results["decode"] = dict(spmd=torch.compile(model, backend=backend)(step, use_cache=False).logits,
+                                 reference=cqil_reference(model, config, step, use_cache=False).logits)
+    # 6 heads and 3 KV heads over 2 ranks, tp_fallback=True: attention whole on every rank, MLP split.
+    torch._dynamo.reset()
+    model = _heads("llama", 6, 3)
+    config = CQILConfig(**SPAN)
+    graphs = []
+    fallback = make_backend(config, mode="spmd", inner=recording("aot_eager", graphs), tensor_parallel=True,
+                            tp_fallback=True)
+    with torch.no_grad():
+        results["fallback"] = dict(spmd=torch.compile(model, backend=fallback)(ids, use_cache=False).logits,
+                                   reference=cqil_reference(model, config, ids, use_cache=False).logits,
+                                   collectives=collectives(graphs[0]), sharding=fallback.reports[0].sharding)
+    results["weights"] = rank_weights(rank, world_size)  # in the same processes: one start-up fewer
+    return results
+
+
+def rank_weights(rank: int, world_size: int) -> dict:
+    """Each rank builds the model on the meta device and reads only its tensors from a safetensors file."""
+    from cqil_fx.graph.weights import load_rank_weights
+
+    out = {}
+    full = tiny_model("llama")
+    path = Path(os.environ["CQIL_TEST_DIR"]) / "llama"
+    if rank == 0:
+        full.save_pretrained(path)
+    dist.barrier()
+    ids = tokens(batch=2, length=9)
+    for tp in (True, False):
+        torch._dynamo.reset()
+        config = CQILConfig(**SPAN, bypass=1, mode="spmd", inner="aot_eager", tensor_parallel=tp)
+        model, loaded = load_rank_weights(full.config, path, config)
+        graphs: list = []
+        with torch.no_grad():
+            reference = cqil_reference(full, config, ids, use_cache=False).logits
+            spmd = torch.compile(model, backend=make_backend(config, inner=recording("aot_eager", graphs)))(
+                ids, use_cache=False).logits
+        out[tp] = dict(spmd=spmd, reference=reference, loaded=loaded, narrows=_narrowed(graphs[0]),
+                       collectives=collectives(graphs[0]))
+    return out
+
+
+def _narrowed(gm) -> dict[str, tuple]:
+    """Placeholder name -> (dim, start, length) of every weight slice in the graph."""
+    return {n.args[0].name: tuple(n.args[1:]) for n in gm.graph.nodes if n.target is torch.narrow}
+
+
 def _reads_collective(node) -> bool:
     """The group's output ``x + all_reduce(d)``: shared, though it carries the last member's stack."""
-    import cqil_fx.graph.shm  # noqa: F401 - registers torch.ops.cqil
-
-    import cqil_fx.graph.distributed  # noqa: F401 - registers torch.ops.cqil.pg_*
+    import cqil_fx.graph.distributed  # noqa: F401 - registers torch.ops.cqil (both transports)
 
     reduced = (torch.ops._c10d_functional.wait_tensor.default, torch.ops.cqil.shm_all_reduce.default,
                torch.ops.cqil.pg_all_reduce.default)
@@ -101,10 +176,41 @@ def _compile_error(config: CQILConfig) -> dict:
     return dict(error=None)
 
 
+def _heads(family: str, heads: int, kv_heads: int):
+    """``family``'s tiny model with other head counts (head_dim 8)."""
+    import transformers
+    from tiny_models import FAMILIES
+
+    config_cls, model_cls, kwargs, _ = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**dict(kwargs, hidden_size=8 * heads, num_attention_heads=heads,
+                                                      num_key_value_heads=kv_heads, vocab_size=96))
+    torch.manual_seed(0)
+    return getattr(transformers, model_cls)(config).eval().requires_grad_(False)
+
+
+def _tp_error(model, dynamic: bool = False) -> dict:
+    torch._dynamo.reset()  # each model's own graphs, with static shapes
+    try:
+        if dynamic:  # a second shape: Dynamo compiles a dynamic graph
+            torch.compile(model, backend=make_backend(groups=[], mode="spmd", inner="eager", collective_timeout=20,
+                                                      tensor_parallel=True))(tokens(length=7), use_cache=False)
+        torch.compile(model, backend=make_backend(groups=[], mode="spmd", inner="eager", tensor_parallel=True,
+                                                  collective_timeout=20))(tokens(), use_cache=False)
+    except Exception as e:  # noqa: BLE001 - the test asserts on what came out
+        return dict(error=_unwrap(e))
+    return dict(error=None)
+
+
 def compile_errors(rank: int, world_size: int) -> dict:
-    """A plan whose groups do not have one member per rank; then ranks with different plans."""
+    """A plan whose groups do not have one member per rank; then ranks with different plans;
+    tensor parallelism over head counts that do not divide by the world size, and over GPT-2's Conv1D."""
     start = 2 if rank == 0 else 4
     return dict(
+        ranks_disagree=ranks_disagree(rank, world_size),
+        kv_heads_3=_tp_error(_heads("llama", 6, 3)),
+        heads_3=_tp_error(_heads("qwen2", 3, 3)),
+        conv1d=_tp_error(copy.deepcopy(tiny_model("gpt2"))),
+        dynamic=_tp_error(copy.deepcopy(tiny_model("llama")), dynamic=True),
         parallel_not_world=_compile_error(CQILConfig(start=2, end=5, parallel=3, mode="spmd", collective_timeout=20)),
         plans_disagree=_compile_error(CQILConfig(start=start, end=start + 2, mode="spmd", collective_timeout=20)),
     )
@@ -126,6 +232,29 @@ def _first_call_then(rank: int, then_on_rank1, transport: str) -> dict:
     return dict(error=None, seconds=time.perf_counter() - started)
 
 
+def ranks_disagree(rank: int, world_size: int) -> dict:
+    """Rank 0 passes 16 tokens, rank 1 20: at compile time (static shapes), and at a shared-memory collective."""
+    from cqil_fx.graph import shm
+
+    out = {}
+    model = copy.deepcopy(tiny_model("llama"))
+    fast = torch.compile(model, backend=make_backend(**SPAN, mode="spmd", inner="eager", collective_timeout=20,
+                                                     tensor_parallel=True))
+    try:
+        fast(tokens(batch=1, length=16 + 4 * rank), use_cache=False)
+        out["compile"] = dict(error=None)
+    except Exception as e:  # noqa: BLE001
+        out["compile"] = dict(error=_unwrap(e))
+    channel = shm.open_channel(dist.group.WORLD, rank, world_size, shm.capacity_for(4096), timeout=20)
+    try:
+        shm.shm_all_reduce(torch.ones(1, 16 + 4 * rank, 8), channel)
+        out["collective"] = dict(error=None)
+    except Exception as e:  # noqa: BLE001
+        out["collective"] = dict(error=_unwrap(e))
+    out["after"] = shm.shm_all_reduce(torch.ones(2, 3), channel)  # the channel still works afterwards
+    return out
+
+
 def rank_dies(rank: int, world_size: int) -> dict:
     return _first_call_then(rank, lambda: os._exit(3), "process_group")
 
@@ -141,6 +270,7 @@ def _unwrap(e: BaseException) -> tuple[str, str]:
 
 def main(rank: int, world_size: int, scenario: str, out_dir: str) -> None:
     torch.set_num_threads(1)
+    os.environ["CQIL_TEST_DIR"] = out_dir
     dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world_size)
     try:
         result = globals()[scenario](rank, world_size)

@@ -31,6 +31,10 @@ from cqil_fx.config import default_span
         (dict(collective_timeout=0), "collective_timeout=0 must be a positive number of seconds"),
         (dict(cuda_graphs=1), "cuda_graphs=1 must be True or False"),
         (dict(cuda_graphs=True), "cuda_graphs=True applies to mode='concurrent'; with mode='auto'"),
+        (dict(tensor_parallel=1), "tensor_parallel=1 must be True or False"),
+        (dict(tp_fallback=True), "tp_fallback=True applies to tensor_parallel=True"),
+        (dict(tensor_parallel=True, mode="concurrent"), "tensor_parallel=True splits blocks over the ranks of "
+                                                        "mode='spmd'; with mode='concurrent'"),
     ],
 )
 def test_bad_config_raises_naming_the_field(fields, message):

@@ -66,3 +66,23 @@ def test_spmd_on_two_ranks_beats_the_one_thread_original(tmp_path):
     comparisons = run_ranks("latency", tmp_path, timeout=600)[0]["comparisons"]
     print("SPMD vs one thread:", "; ".join(map(str, comparisons)))  # shown with pytest -s
     assert comparisons[-1].reduction >= spmd_worker.LATENCY_MIN_REDUCTION, [str(c) for c in comparisons]
+
+
+def test_multi_gpu_prediction_follows_the_collective_formula():
+    """benchmarks/latency.py's latency model (a prediction from published figures, not a measurement)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "latency.py"
+    spec = importlib.util.spec_from_file_location("latency_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.predict_multi_gpu()
+    assert {r["gpus"] for r in rows} == {2, 4}
+    for r in rows:
+        groups, outside = 16 // r["gpus"], 32 - 16
+        assert r["collectives_tp"] == 2 * 32 + 1
+        assert r["collectives_cqil_tp"] == groups + 2 * outside + 1
+        assert r["one_gpu_ms"] > r["tp_ms"] > r["cqil_tp_ms"]  # TP helps; CQIL + TP saves collectives on top
+    cheap, costly = [r for r in rows if r["gpus"] == 2]  # a costlier all-reduce widens the lead of CQIL + TP
+    assert cheap["cqil_tp_vs_tp"] < costly["cqil_tp_vs_tp"]

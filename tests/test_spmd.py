@@ -76,6 +76,84 @@ def test_each_rank_keeps_only_its_members_weights(exactness):
 
 
 @pytest.fixture(scope="module")
+def tensor_parallel(tmp_path_factory):
+    return run_ranks("tensor_parallel", tmp_path_factory.mktemp("spmd"))
+
+
+def _tp_id(case) -> str:
+    return "-".join(map(str, case))
+
+
+@pytest.mark.parametrize("case", spmd_worker.TP_CASES, ids=_tp_id)
+def test_tensor_parallel_ranks_equal_the_reference(tensor_parallel, case):
+    for rank, results in enumerate(tensor_parallel):
+        assert relative_error(results[case]["spmd"], results[case]["reference"]) < TOLERANCE, rank
+    assert torch.equal(tensor_parallel[0][case]["spmd"], tensor_parallel[1][case]["spmd"])
+
+
+def test_tensor_parallel_one_token_of_batch_one_equals_the_reference(tensor_parallel):
+    for rank, results in enumerate(tensor_parallel):
+        assert relative_error(results["decode"]["spmd"], results["decode"]["reference"]) < TOLERANCE, rank
+
+
+def test_tensor_parallel_fallback_keeps_attention_whole_where_heads_do_not_divide(tensor_parallel):
+    for rank, results in enumerate(tensor_parallel):
+        r = results["fallback"]
+        assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, rank
+        assert r["sharding"].whole_branches == (0, 1, 6, 7)  # their attention: 3 KV heads over 2 ranks
+        assert r["collectives"] == {"all_reduce": 2 + 4, "all_gather": 1}  # groups, one MLP per block, LM head
+
+
+def expected_collectives(groups: int, bypass: int, blocks: int, world: int = WORLD, vocab_splits: bool = True):
+    """The formula of docs/architecture.md ("Tensor parallelism"): per forward, on every rank,
+    all_reduce = G + 2 S (S = blocks outside groups), all_gather = G [D > 0] + [LM head split]."""
+    outside = blocks - world * groups
+    return {"all_reduce": groups + 2 * outside, "all_gather": groups * (bypass > 0) + int(vocab_splits)}
+
+
+@pytest.mark.parametrize("case", spmd_worker.TP_CASES, ids=_tp_id)
+def test_tensor_parallel_graph_holds_the_formula_of_collectives_and_weight_slices(tensor_parallel, case):
+    family, bypass, _, _, plan = case
+    groups = [[2, 3], [4, 5]] if plan == "groups" else []
+    outside = [i for i in range(8) if not any(i in g for g in groups)]
+    expected = expected_collectives(len(groups), bypass, 8)
+    for rank, results in enumerate(tensor_parallel):
+        r = results[case]
+        assert r["collectives"] == expected, (rank, r["collectives"])
+        assert r["reported"] == sum(expected.values())
+        assert r["sharding"].blocks == tuple(outside) and r["sharding"].lm_head
+        assert r["sharding"].row_linears == 2 * len(outside)  # o_proj / dense and down_proj / fc2
+        # q, k, v and the MLP's input linears (gate + up; Phi: fc1) column-parallel, the LM head by vocabulary
+        assert r["sharding"].column_linears == (5 if family != "phi" else 4) * len(outside)
+        assert r["narrows"]  # the weights are read as slices: this rank's half of the LM head's rows
+        head = [v for k, v in r["narrows"].items() if "lm_head" in k and "weight" in k]
+        assert head == [(0, rank * 48, 48)], r["narrows"]
+
+
+def test_each_rank_reads_only_its_members_and_shards_from_safetensors(tensor_parallel):
+    from tiny_models import tiny_model
+
+    results = [r["weights"] for r in tensor_parallel]
+    full = tiny_model("llama")
+    whole = sum(p.numel() * 4 for p in full.parameters())
+    layer = sum(p.numel() * 4 for p in full.model.layers[0].parameters())
+    linears = sum(p.numel() * 4 for n, p in full.model.layers[0].named_parameters() if "proj" in n)
+    head = full.lm_head.weight.numel() * 4
+    for rank, by_tp in enumerate(results):
+        for tp, r in by_tp.items():
+            assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, (rank, tp)
+            plain = {"all_reduce": 2, "all_gather": 2}  # G all-reduces, G all-gathers (D = 1)
+            assert r["collectives"] == (expected_collectives(2, 1, 8) if tp else plain), (rank, tp)
+            assert not r["narrows"]  # the parameters are this rank's slices: the graph reads them whole
+            loaded = r["loaded"]
+            # Two other members released; with TP the 4 blocks outside groups and the LM head hold halves.
+            # (a released parameter keeps one element: 4 bytes)
+            expected = whole - 2 * layer + 4 * len(loaded.released) - (4 * linears // 2 + head // 2 if tp else 0)
+            assert loaded.bytes_loaded == expected and loaded.bytes_whole == whole, (rank, tp, loaded)
+        assert by_tp[True]["loaded"].fraction < 0.6
+
+
+@pytest.fixture(scope="module")
 def compile_errors(tmp_path_factory):
     return run_ranks("compile_errors", tmp_path_factory.mktemp("spmd"))
 
@@ -87,11 +165,54 @@ def test_parallel_different_from_world_size_is_an_error_on_every_rank(compile_er
         assert f"rank {rank}" in message and "3 members" in message and "parallel=2" in message
 
 
+def test_tensor_parallel_head_counts_that_do_not_divide_are_an_error_naming_them(compile_errors):
+    for results in compile_errors:
+        kind, message = results["kv_heads_3"]["error"]
+        assert kind == "CQILPlanError", results
+        assert "3 heads" in message and "world size 2" in message
+        kind, message = results["heads_3"]["error"]
+        assert kind == "CQILPlanError", results
+        assert "3 heads" in message and "world size 2" in message
+        kind, message = results["conv1d"]["error"]
+        assert kind == "CQILUnsupportedError" and "Conv1D" in message, results
+        kind, message = results["dynamic"]["error"]
+        assert kind == "CQILUnsupportedError" and "dynamic=False" in message, results
+
+
+def test_load_rank_weights_keeps_attention_whole_only_with_tp_fallback(tmp_path):
+    from spmd_worker import _heads
+
+    from cqil_fx import CQILConfig, CQILPlanError
+    from cqil_fx.graph.weights import load_rank_weights
+
+    model = _heads("llama", 6, 3)
+    model.save_pretrained(tmp_path)
+    config = CQILConfig(start=2, end=6, mode="spmd", tensor_parallel=True)
+    with pytest.raises(CQILPlanError, match="6 attention heads and 3 key/value heads .* world size 2"):
+        load_rank_weights(model.config, tmp_path, config, rank=0, world_size=2)
+    mine, loaded = load_rank_weights(model.config, tmp_path, CQILConfig(start=2, end=6, mode="spmd",
+                                                                       tensor_parallel=True, tp_fallback=True), 1, 2)
+    assert mine.model.layers[0].self_attn.k_proj.weight.shape == (24, 48)  # whole: 3 KV heads of 8
+    assert torch.equal(mine.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight[32:])
+    assert all("self_attn" not in name for name in loaded.sharded) and loaded.sharded
+
+
 def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors):
     for results in compile_errors:
         kind, message = results["plans_disagree"]["error"]
         assert kind == "CQILDistributedError", results
         assert "disagree" in message and "[2-3]" in message and "[4-5]" in message
+
+
+def test_ranks_called_with_different_shapes_raise_on_every_rank_naming_them(compile_errors):
+    for rank, r in enumerate(r["ranks_disagree"] for r in compile_errors):
+        kind, message = r["compile"]["error"]
+        assert kind == "CQILDistributedError" and "disagree" in message, r
+        assert "[1, 16]" in message and "[1, 20]" in message  # the token ids' shapes on each rank
+        kind, message = r["collective"]["error"]
+        assert kind == "CQILDistributedError", r
+        assert f"rank {rank}" in message and "rank 0: [1, 16, 8], rank 1: [1, 20, 8]" in message
+        assert torch.equal(r["after"], torch.full((2, 3), 2.0))
 
 
 @pytest.mark.parametrize("scenario", ["rank_dies", "rank_hangs"])  # over gloo, over shared memory

@@ -34,11 +34,12 @@ from typing import Any
 
 import torch
 import torch.fx
+from torch import nn
 from torch._dynamo.utils import counters
 
 from ..config import CQILConfig, Plan
 from ..errors import CQILPlanError, SpmdPlacementError
-from ..passes import Block, GroupRewrite, Placement, RewrittenGraph
+from ..passes import Block, GroupRewrite, Placement, RewrittenGraph, Sharding
 from .rewrite import Planned, Unchanged, apply_plan, plan_graph
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class CompileReport:
     fallback: str | None  # why the graph was compiled unchanged, or None
     placement: Placement | None = None  # mode="spmd": what this rank kept
     transport: str | None = None  # mode="spmd": what carries the collectives
+    sharding: Sharding | None = None  # mode="spmd", tensor_parallel=True: what this rank split
     mode: str | None = None  # the execution mode the graph was compiled for
     source: str | None = None  # where the plan came from: "given", "searched", "cached", ...
     cost: float | None = None  # the plan's promised relative perplexity increase, when measured
@@ -71,7 +73,14 @@ class CompileReport:
     def rewritten(cls, nodes_before: int, planned: Planned, rewritten: RewrittenGraph, mode: str,
                   transport: str | None = None) -> CompileReport:
         return cls(nodes_before, len(rewritten.gm.graph.nodes), rewritten.blocks, planned.plan, rewritten.rewrites,
-                   rewritten.bypass_edges, None, rewritten.placement, transport, mode, planned.source, planned.cost)
+                   rewritten.bypass_edges, None, rewritten.placement, transport, rewritten.sharding, mode,
+                   planned.source, planned.cost)
+
+    @property
+    def collectives(self) -> int:
+        """Collectives per forward of this rank's graph (groups, bypass, tensor parallelism)."""
+        tp = self.sharding.all_reduces + self.sharding.all_gathers if self.sharding else 0
+        return (self.placement.collectives if self.placement else 0) + tp
 
     def __repr__(self) -> str:
         if self.fallback:
@@ -79,7 +88,8 @@ class CompileReport:
         where = ""
         if self.placement is not None:
             p = self.placement
-            where = (f", rank {p.rank}/{p.world_size} keeps {list(p.kept)}, {p.collectives} collectives "
+            split = f", splits blocks {list(self.sharding.blocks)}" if self.sharding else ""
+            where = (f", rank {p.rank}/{p.world_size} keeps {list(p.kept)}{split}, {self.collectives} collectives "
                      f"over {self.transport}")
         cost = f", promised cost {self.cost:+.1%} on its calibration text" if self.cost is not None else ""
         return (
@@ -129,7 +139,7 @@ class CQILBackend:
 
     def _compile_spmd(self, gm: torch.fx.GraphModule, example_inputs: list) -> Callable[..., Any]:
         """Rewrite, agree with the other ranks, keep this rank's members, compile."""
-        from ..passes import place_members
+        from ..passes import place_members, shard_blocks
         from ..passes.spmd import check_placeable
         from .distributed import agree, choose_transport, guard_collectives, spmd_world
 
@@ -137,8 +147,12 @@ class CQILBackend:
         nodes = len(gm.graph.nodes)
         counters["cqil"]["graphs"] += 1
         outcome = plan_graph(gm, self.config, example_inputs)
+        tensor_parallel = self.config.tensor_parallel and world.world_size > 1
+        if isinstance(outcome, Unchanged) and tensor_parallel and outcome.blocks and outcome.plan is not None:
+            outcome = Planned(list(outcome.blocks), outcome.plan)  # no groups: plain tensor parallelism
+        shapes = input_shapes(gm, example_inputs)  # ranks called with other shapes raise here, naming them
         if isinstance(outcome, Unchanged):
-            agree(world, f"unchanged ({outcome.why})")
+            agree(world, f"unchanged ({outcome.why}); inputs {shapes}")
             report = _fallback(nodes, outcome)
         else:
             plan = outcome.plan
@@ -147,11 +161,14 @@ class CQILBackend:
                 check_placeable(rewritten.rewrites, world.world_size)
             except SpmdPlacementError as e:
                 raise CQILPlanError(f"rank {world.rank}: {e}") from e
-            agree(world, repr(plan))
+            agree(world, repr(plan) + (", tensor parallel" if tensor_parallel else "") + f"; inputs {shapes}")
             rewritten = place_members(rewritten, world.rank, world.world_size, world.group_name)
+            if tensor_parallel:
+                rewritten = shard_blocks(rewritten, world.rank, world.world_size, world.group_name,
+                                         presharded_weights(gm, example_inputs), fallback=self.config.tp_fallback)
             transport = choose_transport(gm, world, self.config.transport)
-            counters["cqil"]["collectives"] += rewritten.placement.collectives
             report = CompileReport.rewritten(nodes, outcome, rewritten, "spmd", transport)
+            counters["cqil"]["collectives"] += report.collectives
             log.info("cqil: %s", report)
             if rewritten.constants:
                 compiled = self.inner(gm, [*example_inputs, *rewritten.constants])
@@ -197,6 +214,25 @@ def with_constants(fn: Callable[..., Any], constants: Sequence[torch.Tensor]) ->
         return fn(*args, *constants)
 
     return run
+
+
+def input_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence) -> str:
+    """The shapes of the graph's inputs that are not parameters or buffers (token ids, masks, positions)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    shown = [f"{p.target}: {list(x.shape)}" for p, x in zip(placeholders, example_inputs)
+             if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter)
+             and "_parameters_" not in p.target and "_buffers_" not in p.target]
+    return ", ".join(shown)
+
+
+def presharded_weights(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[str, str]:
+    """Placeholder name -> "colwise"/"rowwise" for weights a per-rank loader left holding only a slice
+    (:func:`cqil_fx.graph.weights.load_rank_weights` marks them)."""
+    from .weights import SHARD_ATTRIBUTE
+
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {p.name: getattr(x, SHARD_ATTRIBUTE) for p, x in zip(placeholders, example_inputs)
+            if hasattr(x, SHARD_ATTRIBUTE)}
 
 
 def make_backend(config: CQILConfig | Plan | None = None, **fields: Any) -> CQILBackend:

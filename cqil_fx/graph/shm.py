@@ -42,6 +42,8 @@ import torch.distributed as dist
 from ..errors import CQILDistributedError
 
 _FLAG_STRIDE = 8  # int64 per flag, padded to one 64-byte cache line each
+_HEADER = 64  # bytes at the start of each data slot: the tensor's rank and sizes (int64), for the shape check
+_MAX_DIMS = _HEADER // 8 - 1
 _SPIN_POLLS = 2000  # polls without pausing (each a few hundred ns of Python),
 _YIELD_SECONDS = 0.005  # then polls that yield the core, up to 5 ms,
 _SLEEP_SECONDS = 0.0005  # then polls 0.5 ms apart until the collective timeout
@@ -62,6 +64,7 @@ class Channel:
 
     def __post_init__(self) -> None:
         self.flags = memoryview(self.buffer)[: self._data_offset].cast("q")
+        self.words = memoryview(self.buffer).cast("q")  # the slots' headers, as int64
         self.data = torch.frombuffer(self.buffer, dtype=torch.uint8, offset=self._data_offset,
                                      count=2 * self.world_size * self.capacity)
 
@@ -69,25 +72,60 @@ class Channel:
     def _data_offset(self) -> int:
         return self.world_size * _FLAG_STRIDE * 8
 
+    def _slot_start(self, j: int) -> int:
+        return ((self.sequence % 2) * self.world_size + j) * self.capacity
+
     def _slots(self, nbytes: int) -> list[torch.Tensor]:
-        base = (self.sequence % 2) * self.world_size
-        return [self.data[(base + j) * self.capacity:(base + j) * self.capacity + nbytes]
+        return [self.data[self._slot_start(j) + _HEADER:self._slot_start(j) + _HEADER + nbytes]
                 for j in range(self.world_size)]
 
     def exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's ``x`` (same shape and dtype on all ranks), as views of the shared slots."""
+        """Every rank's ``x``, as views of the shared slots.
+
+        Every rank publishes its tensor's sizes with it; ranks that reach the same
+        collective with different shapes all raise :class:`CQILDistributedError`
+        naming every rank's shape (the sizes are checked, not the values).
+        """
         x = x.contiguous()
         nbytes = x.numel() * x.element_size()
-        if nbytes > self.capacity:
+        if nbytes + _HEADER > self.capacity:
             raise CQILDistributedError(
                 f"a {nbytes}-byte tensor does not fit the shared-memory channel ({self.capacity} bytes); "
                 "use transport='process_group'")
         self.sequence += 1
+        self._write_shape(x.shape)
         slots = self._slots(nbytes)
         slots[self.rank].copy_(x.view(-1).view(torch.uint8))
         self.flags[self.rank * _FLAG_STRIDE] = self.sequence
         self._wait_for_all()
+        self._check_shapes(tuple(x.shape))
         return [s.view(x.dtype).view(x.shape) for s in slots]
+
+    def _write_shape(self, shape: torch.Size) -> None:
+        word = (self._data_offset + self._slot_start(self.rank)) // 8
+        sizes = list(shape) if len(shape) <= _MAX_DIMS else [-1] * _MAX_DIMS  # rank > 7: numel only
+        self.words[word] = len(shape) if len(shape) <= _MAX_DIMS else -shape.numel()
+        for i, size in enumerate(sizes):
+            self.words[word + 1 + i] = size
+
+    def _shape_of(self, j: int) -> tuple[int, ...] | str:
+        word = (self._data_offset + self._slot_start(j)) // 8
+        ndim = self.words[word]
+        if ndim < 0:
+            return f"{-ndim} elements"
+        return tuple(self.words[word + 1 + i] for i in range(ndim))
+
+    def _check_shapes(self, mine: tuple[int, ...]) -> None:
+        shapes = [self._shape_of(j) for j in range(self.world_size)]
+        if len(mine) <= _MAX_DIMS and all(s == mine for s in shapes):
+            return
+        if len(mine) > _MAX_DIMS and len(set(map(str, shapes))) == 1:
+            return
+        listing = ", ".join(f"rank {j}: {list(s) if isinstance(s, tuple) else s}" for j, s in enumerate(shapes))
+        raise CQILDistributedError(
+            f"rank {self.rank}: the ranks reached shared-memory collective {self.sequence} with tensors of "
+            f"different shapes ({listing}); every rank must call the compiled model with inputs of the "
+            "same shape (the same batch size and prompt length)")
 
     def _wait_for_all(self) -> None:
         flags, seq, stride = self.flags, self.sequence, _FLAG_STRIDE
@@ -182,5 +220,5 @@ def _(x: torch.Tensor, channel: str, after: torch.Tensor | None = None) -> torch
 
 
 def capacity_for(nbytes: int) -> int:
-    """Slot size for collectives of up to ``nbytes``: a power of two, at least 64 KiB."""
-    return max(1 << 16, 1 << (max(nbytes, 1) - 1).bit_length())
+    """Slot size for collectives of up to ``nbytes`` (and the slot's header): a power of two, at least 64 KiB."""
+    return max(1 << 16, 1 << (nbytes + _HEADER - 1).bit_length())

@@ -1,0 +1,213 @@
+"""Weights per SPMD rank: build the model on the meta device, read only this rank's tensors.
+
+    # torchrun --nproc-per-node 2 script.py
+    model, loaded = load_rank_weights(config, "model.safetensors", CQILConfig(start=12, end=28, mode="spmd",
+                                                                              tensor_parallel=True))
+    print(loaded)            # RankWeights(rank 0: 61.2 MB of 134.5 MB, ...)
+    fast = torch.compile(model, backend=make_backend(loaded.config))
+
+The model is built under accelerate's ``init_empty_weights`` (no memory) and
+each parameter is materialised with ``set_module_tensor_to_device`` from the
+safetensors file, read through ``safe_open(...).get_slice`` so that a rank
+reads only the rows or columns it keeps:
+
+* the members of its own groups: whole;
+* the members other ranks compute: a zero-stride view of one element (no
+  memory; Dynamo still sees the parameter's shape, the placed graph never
+  reads it), as :func:`~cqil_fx.graph.distributed.release_other_members` does;
+* with ``tensor_parallel``, the linears of the blocks outside groups and the
+  LM head: the rank's slice, as the model's own transformers tensor-parallel
+  plan (``model._tp_plan``: ``colwise``, ``rowwise``, ``colwise_gather_output``)
+  names them; the parameter *is* the slice, and carries ``_cqil_shard`` so
+  :func:`~cqil_fx.passes.tensor_parallel.shard_blocks` adds the collectives
+  without slicing it again.  A row-parallel bias stays whole (added once,
+  after the all-reduce); an LM head tied to the embedding stays whole;
+* everything else (embeddings, norms): whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import CQILConfig, Plan
+from ..errors import CQILConfigError, CQILPlanError
+from ..stack import decoder_layers
+from .distributed import parameter_bytes
+
+log = logging.getLogger(__name__)
+
+SHARD_ATTRIBUTE = "_cqil_shard"  # "colwise" | "rowwise" on a parameter that holds only this rank's slice
+_SPLITS = {"colwise": 0, "colwise_gather_output": 0, "rowwise": 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class RankWeights:
+    """What :func:`load_rank_weights` materialised on one rank."""
+
+    rank: int
+    world_size: int
+    config: CQILConfig
+    bytes_loaded: int  # bytes this rank's parameters hold
+    bytes_whole: int  # bytes of the whole model's parameters
+    sharded: tuple[str, ...]  # parameters holding only this rank's slice
+    released: tuple[str, ...]  # parameters of other ranks' members (no memory)
+
+    @property
+    def fraction(self) -> float:
+        return self.bytes_loaded / self.bytes_whole
+
+    def __repr__(self) -> str:
+        return (f"RankWeights(rank {self.rank}/{self.world_size}: {self.bytes_loaded / 2**20:.2f} MB of "
+                f"{self.bytes_whole / 2**20:.2f} MB ({self.fraction:.0%}), {len(self.sharded)} sharded, "
+                f"{len(self.released)} released)")
+
+
+def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
+                      rank: int | None = None, world_size: int | None = None) -> tuple[nn.Module, RankWeights]:
+    """Build ``model_config``'s causal LM on the meta device and load this rank's weights from ``path``.
+
+    ``path`` is a safetensors file (or a directory holding ``model.safetensors``).
+    ``config`` must name its plan explicitly (groups, span or Plan): the weights
+    to read depend on it.  Returns the model (eval mode, no grad) and what it holds.
+    """
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    if rank is None or world_size is None:
+        ready = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+    if config.wants_auto_plan:
+        raise CQILConfigError("load_rank_weights needs the plan before the model exists: give groups=, "
+                              "start=/end= or plan=, not an automatic plan")
+    path = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config)
+    layers = decoder_layers(model)
+    plan = config.plan_for(len(layers))
+    owner = _layer_owner(model, layers)
+    others = _other_members(plan, rank)
+    tp_plan = _tp_plan(model) if config.tensor_parallel and world_size > 1 else {}
+    if tp_plan and not _heads_divide(model_config, world_size, config.tp_fallback):
+        tp_plan = {k: v for k, v in tp_plan.items() if "attn" not in k}  # tp_fallback: attention whole
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    grouped = {i for g in plan.groups for i in g}
+    sharded, released = [], []
+    with safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        for name, param in list(model.named_parameters()):
+            key = _stored_name(name, names)
+            layer = owner.get(name)
+            if layer in others:
+                value = torch.zeros((), dtype=param.dtype).expand(param.shape)
+                released.append(name)
+            else:
+                split = None if layer in grouped else _split_of(name, tp_plan, model)
+                value = _read(f, key, split, rank, world_size, name)
+                if split is not None:
+                    sharded.append(name)
+            _set(model, name, value, split)
+    model.eval().requires_grad_(False)
+    loaded = RankWeights(rank, world_size, config, parameter_bytes(model), whole, tuple(sharded), tuple(released))
+    log.info("cqil: %s", loaded)
+    return model, loaded
+
+
+def _layer_owner(model: nn.Module, layers) -> dict[str, int]:
+    index = {id(p): i for i, layer in enumerate(layers) for p in layer.parameters()}
+    return {name: index[id(p)] for name, p in model.named_parameters() if id(p) in index}
+
+
+def _other_members(plan: Plan, rank: int) -> set[int]:
+    out = set()
+    for group in plan.groups:
+        if rank >= len(group):
+            raise CQILPlanError(f"rank {rank} has no member in group {list(group)}")
+        out |= {i for k, i in enumerate(group) if k != rank}
+    return out
+
+
+def _heads_divide(model_config, world_size: int, fallback: bool) -> bool:
+    heads = getattr(model_config, "num_attention_heads", None)
+    kv_heads = getattr(model_config, "num_key_value_heads", None) or heads
+    if heads is None or (heads % world_size == 0 and kv_heads % world_size == 0):
+        return True
+    if fallback:
+        return False
+    raise CQILPlanError(
+        f"tensor_parallel=True: {heads} attention heads and {kv_heads} key/value heads do not both divide by "
+        f"the world size {world_size}; launch a world size that divides them, set tp_fallback=True (attention "
+        "whole on every rank), or use tensor_parallel=False")
+
+
+def _tp_plan(model: nn.Module) -> dict[str, str]:
+    plan = dict(getattr(model, "_tp_plan", None) or {})
+    if not plan:
+        raise CQILConfigError(f"{type(model).__name__} has no transformers tensor-parallel plan (_tp_plan) "
+                              "to read sharded weights by; load it whole (tensor_parallel still splits it in "
+                              "the graph, from the whole weights)")
+    return plan
+
+
+def _split_of(name: str, tp_plan: dict[str, str], model: nn.Module) -> str | None:
+    module, _, kind = name.rpartition(".")
+    for pattern, style in tp_plan.items():
+        if style in _SPLITS and fnmatch.fnmatchcase(module, pattern):
+            if style == "rowwise" and kind == "bias":
+                return None  # added once, after the all-reduce
+            if style == "colwise_gather_output" and _tied(model, name):
+                return None  # the LM head shares the embedding: both stay whole
+            return "rowwise" if style == "rowwise" else "colwise"
+    return None
+
+
+def _tied(model: nn.Module, name: str) -> bool:
+    embeddings = model.get_input_embeddings()
+    return embeddings is not None and name.endswith("weight") and bool(
+        getattr(model.config, "tie_word_embeddings", False))
+
+
+def _stored_name(name: str, names: set[str]) -> str:
+    if name in names:
+        return name
+    tail = [n for n in names if n.endswith("." + name) or name.endswith("." + n)]
+    if len(tail) != 1:
+        raise CQILConfigError(f"parameter {name} is not in the safetensors file (or is ambiguous: {tail})")
+    return tail[0]
+
+
+def _read(f, key: str, split: str | None, rank: int, world_size: int, name: str) -> torch.Tensor:
+    if split is None:
+        return f.get_tensor(key)
+    stored = f.get_slice(key)
+    shape = stored.get_shape()
+    dim = _SPLITS[split] if len(shape) > 1 else 0
+    if shape[dim] % world_size:
+        raise CQILPlanError(f"tensor_parallel=True: {name} has {shape[dim]} rows/columns along the split "
+                            f"dimension, which do not divide by the world size {world_size}")
+    size = shape[dim] // world_size
+    part = slice(rank * size, (rank + 1) * size)
+    value = stored[part] if dim == 0 else stored[:, part]
+    return value.clone(memory_format=torch.contiguous_format)  # its own storage, not a view of the whole
+
+
+def _set(model: nn.Module, name: str, value: torch.Tensor, split: str | None) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    module_name, _, tensor_name = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if split is None and value.stride() != (0,) * value.dim():
+        set_module_tensor_to_device(model, name, "cpu", value=value)
+        return
+    # A slice (or a zero-stride stand-in) has another shape than the meta parameter: replace it.
+    param = nn.Parameter(value, requires_grad=False)
+    if split is not None:
+        setattr(param, SHARD_ATTRIBUTE, split)
+    setattr(module, tensor_name, param)
