@@ -131,10 +131,12 @@ def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def self_generated_text(model: nn.Module, tokens: int | None = None, window: int | None = None,
-                        seed: int = 0, batch: int = 4, progress: bool = False) -> list[torch.Tensor]:
+                        seed: int = 0, batch: int | None = None, progress: bool = False) -> list[torch.Tensor]:
     """``tokens`` tokens the model writes itself, from its BOS token, as (1, window) batches of ids.
 
-    Sampled at temperature 1 with top-p 0.95, ``batch`` sequences at a time,
+    Sampled at temperature 1 with top-p 0.95, ``batch`` sequences at a time
+    (default: one sequence per window, at most 16 at a time, so each window is
+    a text from its start and the steps of generation are few),
     with a private random generator seeded by ``seed`` (the same text for the
     same model and seed). Text the model writes is text of its own
     distribution, so the plan search needs no data from the user (the
@@ -143,6 +145,7 @@ def self_generated_text(model: nn.Module, tokens: int | None = None, window: int
     """
     tokens = SELF_TOKENS if tokens is None else tokens
     window = SELF_WINDOW if window is None else window
+    batch = batch or max(1, min(16, tokens // max(window, 1)))
     if tokens < window or window < 2:
         raise CQILConfigError(f"tokens={tokens} and window={window}: need at least one window of two or more tokens")
     start = _start_token(model)
