@@ -232,3 +232,18 @@ def test_inspect_shows_the_default_plan_and_where_it_came_from(small_self_text):
     assert "plan source: default plan, searched" in str(report)
     again = inspect_model(tiny_model("llama"), tokens(batch=1))
     assert "plan source: default plan, cached" in str(again) and again.plan == report.plan
+
+
+def test_a_decode_graph_reuses_the_prefill_graphs_plan(small_self_text):
+    """Static-cache generate: the decode graph takes the KV caches as inputs; the plan key reads weights only."""
+    from cqil_fx.tools.generation import compiled_twin
+
+    model = tiny_model("llama")
+    backend = make_backend(inner="eager")
+    twin = compiled_twin(model, backend)
+    ids = tokens(batch=1, length=8)
+    with torch.no_grad():
+        twin.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                      cache_implementation="static", pad_token_id=0)
+    sources = [r.source for r in backend.reports if r.fallback is None]
+    assert sources[0] == "searched" and len(sources) >= 2 and set(sources[1:]) == {"cached"}

@@ -98,8 +98,9 @@ def graph_plan_key(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: S
                    config: CQILConfig) -> plan_cache.PlanKey:
     """The cache key of the default plan, from the graph's blocks and their weights."""
     index = {node: i for i, node in enumerate(gm.graph.find_nodes(op="placeholder"))}
+    # Parameters only: a decode graph also takes the layers' KV caches, whose contents change every step.
     weights = [[example_inputs[index[p]] for p in b.params if p in index
-                and isinstance(example_inputs[index[p]], torch.Tensor)] for b in blocks]
+                and isinstance(example_inputs[index[p]], nn.Parameter)] for b in blocks]
     return plan_cache.PlanKey.of([b.kind for b in blocks], weights, config.budget, config.parallel)
 
 
