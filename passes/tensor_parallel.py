@@ -33,6 +33,7 @@ import logging
 import operator
 from collections.abc import Iterable, Mapping, Sequence
 
+import networkx as nx
 import torch
 import torch.fx
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -128,25 +129,23 @@ def _branch_regions(block: Block) -> list[set[torch.fx.Node]]:
 
 
 def _descendants(roots: Iterable[torch.fx.Node], within: set) -> set[torch.fx.Node]:
-    seen: set = set()
-    stack = list(roots)
-    while stack:
-        for user in stack.pop().users:
-            if user in within and user not in seen:
-                seen.add(user)
-                stack.append(user)
-    return seen
+    """Nodes of ``within`` reachable from ``roots`` along data flow, through nodes of ``within`` only."""
+    roots = list(roots)
+    dag = _dataflow(within, roots)
+    return set().union(*(nx.descendants(dag, r) for r in roots)) & within
 
 
 def _ancestors(node: torch.fx.Node, within: set) -> set[torch.fx.Node]:
-    seen: set = set()
-    stack = [node]
-    while stack:
-        for arg in stack.pop().all_input_nodes:
-            if arg in within and arg not in seen:
-                seen.add(arg)
-                stack.append(arg)
-    return seen
+    """Nodes of ``within`` that ``node`` reads, directly or through nodes of ``within`` only."""
+    return nx.ancestors(_dataflow(within, [node]), node) & within
+
+
+def _dataflow(within: set, ends: list) -> nx.DiGraph:
+    """Data-flow edges among ``within`` and from/to ``ends`` (a DiGraph view for reachability)."""
+    dag = nx.DiGraph()
+    dag.add_nodes_from(ends)
+    dag.add_edges_from((n, u) for n in within | set(ends) for u in n.users if u in within or u in ends)
+    return dag
 
 
 def _is_linear(node: torch.fx.Node) -> bool:
