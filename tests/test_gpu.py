@@ -57,6 +57,31 @@ def test_cuda_graph_replays_match_reference(family, bypass):
     assert counters["cqil"]["cuda_graph_captures"] == 1
 
 
+def test_cuda_graph_replays_after_cublas_workspaces_are_cleared():
+    """Inductor's CUDA graph trees clear cuBLAS's workspaces around each recording and torch frees a
+    stream's workspaces when a graph captured on it dies (pytorch/pytorch#193402): our graph must not
+    depend on them. Captured, then the workspaces cleared, the cache emptied and refilled with NaN,
+    a replay still equals the reference."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = copy.deepcopy(tiny_model("llama")).to("cuda")
+    config = CQILConfig(start=2, end=6, parallel=4, mode="concurrent", cuda_graphs=True)
+    compiled = torch.compile(model, backend=make_backend(config), dynamic=False)
+    counters.clear()
+    with torch.no_grad():
+        for seed in range(2):  # warm-up, capture
+            compiled(tokens(seed=seed).cuda(), use_cache=False)
+        torch._C._cuda_clearCublasWorkspaces()
+        torch.cuda.empty_cache()
+        filler = torch.full((64, 1 << 20), float("nan"), device="cuda")  # takes what was freed
+        ids = tokens(seed=5).cuda()
+        actual = compiled(ids, use_cache=False).logits
+        torch.cuda.synchronize()
+        del filler
+        expected = cqil_reference(model, config, ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= TOLERANCE[torch.float32]
+    assert counters["cqil"]["cuda_graph_captures"] == 1
+
+
 def test_cuda_graph_static_cache_generate():
     """Decode steps replay one graph that writes the static KV cache in place; tokens equal the reference's."""
     torch.backends.cuda.matmul.allow_tf32 = False
