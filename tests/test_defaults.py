@@ -86,6 +86,22 @@ def test_corrected_plans_compile_to_the_corrected_reference(family, bypass, mode
     assert backend.reports[-1].mode == mode
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", "concurrent"])
+def test_corrected_plans_compile_to_the_corrected_reference_with_inductor(mode):
+    """Inductor's result is called with the inputs unpacked, the corrections' constants after them
+    (it carries a ``_boxed_call`` flag that is not true of it: the default backend in local mode,
+    i.e. on one CPU thread or on CUDA without reduce-overhead, once passed them as one list)."""
+    model = tiny_model("llama")
+    plan = fit_corrections(model, Plan(LAYERS, ((1, 2), (3, 4)), 0), CALIBRATION[:2])
+    ids = tokens(seed=5)
+    backend = make_backend(plan, mode=mode)
+    actual = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+    expected = cqil_reference(model, plan, ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+    assert backend.reports[-1].mode == mode
+
+
 def test_a_corrected_plan_round_trips_through_json(tmp_path):
     plan = fit_corrections(tiny_model("llama"), Plan(LAYERS, ((2, 3),), 0), CALIBRATION[:1])
     plan.save(tmp_path / "plan.json")

@@ -194,25 +194,20 @@ def own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def with_constants(fn: Callable[..., Any], constants: Sequence[torch.Tensor]) -> Callable[..., Any]:
     """``fn`` called with ``constants`` after the caller's arguments (the inputs the rewrite appended).
 
-    Keeps Dynamo's boxed calling convention: a boxed ``fn`` (``_boxed_call``,
-    as Inductor returns) takes one list of inputs, which it may clear.
+    ``fn`` is what a Dynamo backend returned, and Dynamo calls that with the inputs unpacked,
+    so this does too. (Inductor's result carries ``_boxed_call = True`` all the same: AOT
+    autograd's unboxed ``forward`` is ``functools.wraps`` of a boxed function, which copies its
+    ``__dict__``. Taking that flag at its word passed the inputs as one list.)
     """
     if not constants:
         return fn
     constants = tuple(constants)
-    if getattr(fn, "_boxed_call", False):
-        def run_boxed(args: list):
-            inputs = [*args, *constants]
-            args.clear()
-            return fn(inputs)
-
-        run_boxed._boxed_call = True  # type: ignore[attr-defined]
-        return run_boxed
 
     @functools.wraps(fn)
     def run(*args):
         return fn(*args, *constants)
 
+    run.__dict__.pop("_boxed_call", None)  # see above: copied by wraps, and untrue of ``run``
     return run
 
 
