@@ -164,13 +164,29 @@ def _sample(model: nn.Module, ids: torch.Tensor, new_tokens: int, progress: bool
     generate = getattr(type(model), "generate", None)
     if generate is not None:
         plain = _uncompiled(model)
-        return plain.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
-                              top_p=0.95, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                              pad_token_id=_start_token(model), use_cache=True)
+        steps = iter(_progress(range(new_tokens), progress, "self-generated text"))
+        out = plain.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                             top_p=0.95, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             pad_token_id=_start_token(model), use_cache=True,
+                             stopping_criteria=[_StepCounter(steps)])
+        for _ in steps:  # closes the bar
+            pass
+        return out
     for _ in _progress(range(new_tokens), progress, "self-generated text"):  # any causal LM: no cache
         logits = model(ids).logits[:, -1].float()
         ids = torch.cat([ids, _top_p(logits, 0.95)], dim=1)
     return ids
+
+
+class _StepCounter:
+    """A ``generate`` stopping criterion that never stops and advances ``steps`` once per token."""
+
+    def __init__(self, steps):
+        self.steps = steps
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        next(self.steps, None)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
