@@ -23,7 +23,6 @@ first compile of each column is timed.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -32,22 +31,11 @@ from pathlib import Path
 import torch
 
 from cqil_fx import cqil_backend
-from cqil_fx.stack import decoder_layers
+from cqil_fx.stack import without_blocks
 from cqil_fx.tools.generation import compiled_twin
 from cqil_fx.tools.models import load_smollm2
 
 WORKLOADS = {"prefill-256": 256, "decode-1": 1}
-
-
-def without_blocks(model, removed):
-    """A copy of ``model`` (weights shared) without the decoder blocks in ``removed``."""
-    short = copy.copy(model)
-    short.model = copy.copy(model.model)
-    layers = decoder_layers(model)
-    short.model.layers = torch.nn.ModuleList([layer for i, layer in enumerate(layers) if i not in set(removed)])
-    short.config = copy.deepcopy(model.config)
-    short.config.num_hidden_layers = len(short.model.layers)
-    return short
 
 
 def inductor(cpp_wrapper: bool):

@@ -72,7 +72,6 @@ decode, reduction_vs_inductor), ``cells`` (columns, seconds, counters), ``skippe
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import importlib.util
 import inspect
@@ -102,7 +101,7 @@ import transformers  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 from cqil_fx import CQILConfig, Plan, make_backend  # noqa: E402
-from cqil_fx.stack import decoder_layers  # noqa: E402
+from cqil_fx.stack import decoder_layers, without_blocks  # noqa: E402
 from cqil_fx.tools.generation import TokenClock, compiled_twin  # noqa: E402
 
 
@@ -200,23 +199,8 @@ def plan_label(plan: Plan) -> str:
 
 
 def without_saved_blocks(model: torch.nn.Module, plan: Plan) -> torch.nn.Module:
-    """The ideal for ``plan``: ``model`` without each group's members after the first, weights shared.
-
-    Shallow copies along the path to the decoder-layer list, so ``model`` keeps all of its blocks. The
-    kept blocks keep their layer index, hence their slot in a static cache made from the shared config.
-    """
-    layers = decoder_layers(model)
-    path = next(name for name, module in model.named_modules() if module is layers)
-    drop = {i for group in plan.groups for i in group[1:]}
-    kept = torch.nn.ModuleList(layer for i, layer in enumerate(layers) if i not in drop)
-    return _with_module(model, path.split("."), kept)
-
-
-def _with_module(root: torch.nn.Module, path: list[str], new: torch.nn.Module) -> torch.nn.Module:
-    twin = copy.copy(root)
-    twin._modules = dict(root._modules)  # noqa: SLF001 - a copy of the child table, so ``root`` is untouched
-    twin._modules[path[0]] = new if len(path) == 1 else _with_module(root._modules[path[0]], path[1:], new)
-    return twin
+    """The ideal for ``plan``: ``model`` without each group's members after the first, weights shared."""
+    return without_blocks(model, [i for group in plan.groups for i in group[1:]])
 
 
 # ------------------------------------------------------------------------------------------------ parts

@@ -7,7 +7,8 @@ from cqil_fx.errors import UnrecognisedBlockError
 from cqil_fx.passes import find_blocks
 from cqil_fx.passes.module_stack import LayerRef, layer_of, normalise_path
 from cqil_fx.tools.inspect import capture_graph
-from cqil_fx.stack import decoder_layers
+from cqil_fx.stack import decoder_layers, without_blocks
+from cqil_fx.tools.generation import compiled_twin
 
 from tiny_models import FAMILIES, LAYERS, tiny_model, tokens
 
@@ -140,3 +141,30 @@ def test_cache_writes_belong_to_their_block():
 def test_a_cache_written_by_one_block_and_read_by_another_is_refused():
     with pytest.raises(UnrecognisedBlockError, match=r"block 0 writes .* in place .* blocks \[1, 2\] read it"):
         find_blocks(_cached_stack_graph(shared_cache=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_without_blocks_leaves_the_model_and_its_twins_whole(family):
+    """The benchmarks' ideal: the blocks removed from a copy only (a shallow copy of a module shares
+    its child table, and the first version of this helper removed them from every twin too)."""
+    model = tiny_model(family)
+    twin = compiled_twin(model, "eager")
+    ideal = without_blocks(model, [2, 5])
+    kept = decoder_layers(ideal)
+    assert len(kept) == LAYERS - 2 and len(decoder_layers(model)) == len(decoder_layers(twin)) == LAYERS
+    assert kept[2] is decoder_layers(model)[3]
+    ids = tokens()
+    with torch.no_grad():
+        short = ideal(ids, use_cache=False).logits
+        whole = model(ids, use_cache=False).logits
+    assert not torch.allclose(short, whole)
+    layers = decoder_layers(model)
+    removed = [layers[2], layers[5]]
+    try:  # the same model with the two blocks taken out by hand
+        del layers[5], layers[2]
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids, use_cache=False).logits, short)
+    finally:
+        layers.insert(2, removed[0])
+        layers.insert(5, removed[1])
+    assert len(decoder_layers(model)) == LAYERS
