@@ -10,8 +10,9 @@ Where: ``$CQIL_FX_PLAN_CACHE`` if set, else ``plans/`` under ``$CQIL_FX_CACHE``
 by the key's digest: plain data, never pickle, because a cache directory is
 not trusted code. The key holds what determines the answer: the decoder
 stack's structure (number of blocks and their kinds), a fingerprint of every
-block's weights, the budget, the group size, the measure and this package's
-version. An entry that does not parse, or was written for another key, is
+block's weights, the budget, the group size, the measure, this package's
+version and the search's own settings (the self-written text's size, the safety
+factor, the correction's ridge...), so a change to the search is a miss. An entry that does not parse, or was written for another key, is
 ignored with a warning; a directory that cannot be written means no cache
 (one warning), never a failure. Writes go to a temporary file in the same
 directory and are renamed into place, so two processes writing the same entry
@@ -87,11 +88,15 @@ class PlanKey:
     parallel: int
     measure: str = "kl"
     version: str = dataclasses.field(default_factory=package_version)
+    search: str = ""  # the search's own settings (eager.planner.default_search_settings), as sorted JSON
 
     @classmethod
     def of(cls, kinds: Sequence[str], block_weights: Sequence[Iterable[torch.Tensor]], budget: float,
            parallel: int, measure: str = "kl") -> PlanKey:
-        return cls(tuple(kinds), weights_fingerprint(block_weights), float(budget), int(parallel), measure)
+        from .eager.planner import default_search_settings
+
+        return cls(tuple(kinds), weights_fingerprint(block_weights), float(budget), int(parallel), measure,
+                   search=json.dumps(default_search_settings(), sort_keys=True))
 
     @property
     def digest(self) -> str:

@@ -117,7 +117,7 @@ def _key(model, budget=0.1):
     return plan_cache.PlanKey.of(["sequential"] * len(layers), [list(l.parameters()) for l in layers], budget, 2)
 
 
-def test_plan_cache_hits_and_misses(tmp_path):
+def test_plan_cache_hits_and_misses(tmp_path, monkeypatch):
     model = tiny_model("llama")
     plan = Plan(LAYERS, ((2, 3),), 0)
     assert plan_cache.load_plan(_key(model), tmp_path) is None
@@ -126,6 +126,8 @@ def test_plan_cache_hits_and_misses(tmp_path):
     assert plan_cache.load_plan(_key(model, budget=0.2), tmp_path) is None  # another budget
     changed = tiny_model("llama", seed=1)  # another model of the same shape
     assert plan_cache.load_plan(_key(changed), tmp_path) is None
+    monkeypatch.setattr(planner, "SAFETY", 0.8)  # the search changed: its old answers do not count
+    assert plan_cache.load_plan(_key(model), tmp_path) is None
 
 
 def test_plan_cache_ignores_corrupt_and_foreign_entries_with_a_warning(tmp_path, caplog):

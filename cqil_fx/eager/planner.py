@@ -219,6 +219,18 @@ def _start_token(model: nn.Module) -> int:
     return 0
 
 
+def default_search_settings() -> dict[str, object]:
+    """What :func:`plan_default` searches with besides the model, the budget and P: part of the
+    plan cache's key, so that a change to any of them searches again instead of reusing a plan
+    found under other settings."""
+    from ..planning import GROW_PATIENCE
+    from .correction import DEFAULT_RIDGE
+
+    return {"self_tokens": SELF_TOKENS, "self_window": SELF_WINDOW, "seed": 0, "safety": SAFETY,
+            "measure": "kl", "bypass": [0], "correct": True, "ridge": DEFAULT_RIDGE,
+            "grow_patience": GROW_PATIENCE}
+
+
 def plan_default(model: nn.Module, parallel: int = 2, budget: float = DEFAULT_BUDGET, seed: int = 0,
                  tokens: int | None = None, progress: bool = True) -> PlanSearch:
     """The plan ``backend="cqil"`` uses with no arguments: measured on text the model writes itself.
