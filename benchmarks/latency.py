@@ -145,35 +145,30 @@ def inductor_with_threads(threads: int, cpp_wrapper: bool = False):
 
 def without_collectives(inner):
     """``inner`` applied to a placed SPMD graph whose collectives became local stand-ins (compute only)."""
-    functional = torch.ops._c10d_functional
+    functional, cqil = torch.ops._c10d_functional, torch.ops.cqil
 
     def backend(gm, example_inputs):
-        for node in list(gm.graph.nodes):
-            if node.target is functional.wait_tensor.default:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-        for node in list(gm.graph.nodes):
-            if node.target is functional.all_reduce.default:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-            elif node.target is functional.all_gather_into_tensor.default:
-                with gm.graph.inserting_before(node):
-                    cat = gm.graph.call_function(torch.cat, ([node.args[0]] * node.args[1],))
-                node.replace_all_uses_with(cat)
-                gm.graph.erase_node(node)
+        world = dist.get_world_size()
         # The process-group transport has already swapped the functional pairs for cqil's ops
         # (choose_transport runs before the inner compiler): stand in for those too, or rank 0
-        # alone would wait in them for rank 1.
-        cqil = torch.ops.cqil
+        # alone would wait in them for rank 1.  op -> copies of its input a stand-in concatenates
+        # (0: the input itself).
+        stand_ins = {functional.wait_tensor.default: lambda node: 0,
+                     functional.all_reduce.default: lambda node: 0,
+                     cqil.pg_all_reduce.default: lambda node: 0,
+                     functional.all_gather_into_tensor.default: lambda node: node.args[1],  # group size
+                     cqil.pg_all_gather.default: lambda node: world}
         for node in list(gm.graph.nodes):
-            if node.target is cqil.pg_all_reduce.default:
-                node.replace_all_uses_with(node.args[0])
-                gm.graph.erase_node(node)
-            elif node.target is cqil.pg_all_gather.default:
+            if node.target not in stand_ins:
+                continue
+            copies = stand_ins[node.target](node)
+            if copies:
                 with gm.graph.inserting_before(node):
-                    cat = gm.graph.call_function(torch.cat, ([node.args[0]] * dist.get_world_size(),))
-                node.replace_all_uses_with(cat)
-                gm.graph.erase_node(node)
+                    replacement = gm.graph.call_function(torch.cat, ([node.args[0]] * copies,))
+            else:
+                replacement = node.args[0]
+            node.replace_all_uses_with(replacement)
+            gm.graph.erase_node(node)
         gm.recompile()
         return inner(gm, example_inputs)
 
