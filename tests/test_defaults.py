@@ -34,6 +34,15 @@ def test_self_generated_text_is_windows_of_the_model_and_deterministic_for_a_see
     assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
+def test_more_windows_than_sequences_at_a_time_are_written_in_rounds_of_one_window_each():
+    model = tiny_model("llama")
+    written = self_generated_text(model, tokens=96, window=16, seed=3, batch=2)  # 6 windows, 3 rounds
+    assert [w.shape for w in written] == [torch.Size([1, 16])] * 6
+    assert all(torch.equal(a, b) for a, b in zip(written, self_generated_text(model, tokens=96, window=16,
+                                                                                seed=3, batch=2)))
+    assert len({tuple(w.flatten().tolist()) for w in written}) == 6  # each round samples anew
+
+
 @pytest.mark.parametrize(("measure", "correct"), [("kl", True), ("kl", False), ("perplexity", True)])
 def test_the_search_keeps_its_budget_on_what_it_measured(measure, correct):
     model = tiny_model("qwen2")

@@ -146,17 +146,24 @@ def self_generated_text(model: nn.Module, tokens: int | None = None, window: int
     """
     tokens = SELF_TOKENS if tokens is None else tokens
     window = SELF_WINDOW if window is None else window
-    batch = batch or max(1, min(16, tokens // max(window, 1)))
+    windows = tokens // max(window, 1)
+    batch = batch or max(1, min(16, windows))
     if tokens < window or window < 2:
         raise CQILConfigError(f"tokens={tokens} and window={window}: need at least one window of two or more tokens")
     start = _start_token(model)
-    per_sequence = -(-tokens // batch)
     device = next(model.parameters()).device
     ids = torch.full((batch, 1), start, dtype=torch.long, device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
-        out = _sample(model, ids, per_sequence, progress)
-    return token_windows(out[:, 1:].cpu(), window, tokens // window)
+        if windows <= batch:  # one round of sequences long enough for every window
+            out = _sample(model, ids, -(-tokens // batch), progress)
+            return token_windows(out[:, 1:].cpu(), window, windows)
+        # Rounds of ``batch`` sequences of one window each: a generation step costs the same for a
+        # window's worth of cache, and each window is a text from its start (16 sequences of
+        # thousands of tokens took half an hour on 2 cores, mostly in the growing cache).
+        rounds = [_sample(model, ids, window, False)[:, 1:].cpu()
+                  for _ in _progress(range(-(-windows // batch)), progress, "self-generated text")]
+    return token_windows(torch.cat(rounds), window, windows)
 
 
 def _sample(model: nn.Module, ids: torch.Tensor, new_tokens: int, progress: bool) -> torch.Tensor:
