@@ -291,7 +291,9 @@ class _Shard:
     # -- the values between: fix traced sizes, re-run on fake tensors, check the split
     def _propagate(self, node: torch.fx.Node, block: Block, region: set, split: dict) -> None:
         where = f"block {block.index}'s {node.name} ({node.target})"
-        if node not in region or node.op == "output" or mutates_in_place(node):
+        writes = mutates_in_place(node)  # a cache write is not on the block's data path: not in region
+        if node.op == "output" or (node not in region and not writes) or (
+                writes and not self._shard_written_input(node, region, split)):
             raise CQILUnsupportedError(
                 f"tensor_parallel=True: a split value leaves its branch at {where} (a KV cache written "
                 "or returned by the graph?); call the model with use_cache=False, or tensor_parallel=False")
@@ -318,6 +320,37 @@ class _Shard:
                 f"tensor_parallel=True: {where} does not keep one dimension split over {self.world} ranks "
                 f"(shape {tuple(old.shape)} became {tuple(new.shape)}); use tensor_parallel=False")
         split[node] = changed[0]
+
+    def _shard_written_input(self, node: torch.fx.Node, region: set, split: dict) -> bool:
+        """A split value written in place into a whole tensor from outside the branch (a static KV
+        cache's ``index_copy_``): the branch reads and writes the rank's slice of that tensor instead,
+        a ``narrow`` view, so the write lands in place and the attention reads this rank's heads.
+        The tensor is a graph input (a cache made before) or made in this graph from nothing (the
+        cache transformers creates at its first update, which the graph returns whole: this rank
+        fills and reads only its heads of it). False (the caller raises) unless the tensor is
+        exactly the world size times the value's slice along the split dimension and nothing reads
+        it before this write. The write itself may be outside ``region``: its result is not on the
+        block's path to the residual."""
+        target = node.args[0] if node.args else None
+        made_here = isinstance(target, torch.fx.Node) and target.op == "call_function" and not target.all_input_nodes
+        if not isinstance(target, torch.fx.Node) or target in split or not (target.op == "placeholder" or made_here):
+            return False
+        source = next(a for a in node.all_input_nodes if a in split)
+        dim, whole, part = split[source], _value(target), _value(source)
+        if whole is None or part is None or whole.dim() != part.dim() or whole.shape[dim] != part.shape[dim] * self.world:
+            return False
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        uses = sorted((u for u in target.users if (u in region or u is node) and u.op != "output"),
+                      key=order.__getitem__)
+        if uses[0] is not node:
+            return False
+        with self.graph.inserting_before(node):
+            view = self._narrow(target, dim, part.shape[dim])
+        view.meta["cqil_old_shape"] = tuple(whole.shape)
+        for use in uses:
+            use.replace_input_with(target, view)
+        split[view] = dim
+        return True
 
     def _check_dim_argument(self, node: torch.fx.Node, dim: int, where: str, split: dict) -> None:
         name = _name(node)

@@ -321,7 +321,7 @@ def latency(rank: int, world_size: int) -> dict:
 LATENCY_MIN_REDUCTION = 0.15
 
 
-def generation(rank: int, world_size: int) -> dict:
+def generation(rank: int, world_size: int, tensor_parallel: bool = False) -> dict:
     """Greedy static-cache generate() through the SPMD backend; the oracle recomputes without a cache."""
     from test_generate import greedy_without_cache, left_padded, small_model
 
@@ -331,10 +331,16 @@ def generation(rank: int, world_size: int) -> dict:
     expected, _ = greedy_without_cache(model, config, ids, mask)
     release_other_members(model, config)
     model.generation_config.cache_implementation = "static"
-    backend = make_backend(config, mode="spmd", inner="aot_eager", collective_timeout=60)
+    backend = make_backend(config, mode="spmd", inner="aot_eager", collective_timeout=60,
+                           tensor_parallel=tensor_parallel)
     model.forward = torch.compile(model.forward, backend=backend)
     with torch.no_grad():
         tokens_ = model.generate(ids, attention_mask=mask, max_new_tokens=expected.shape[1] - ids.shape[1],
                                  do_sample=False, pad_token_id=0)
     return dict(tokens=tokens_, expected=expected, reports=[repr(r) for r in backend.reports],
                 placements=[r.placement for r in backend.reports])
+
+
+def tp_generation(rank: int, world_size: int) -> dict:
+    """:func:`generation` with the ungrouped blocks and the LM head tensor-parallel."""
+    return generation(rank, world_size, tensor_parallel=True)

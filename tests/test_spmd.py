@@ -235,8 +235,9 @@ def test_spmd_without_a_process_group_is_a_clear_error():
     assert "torchrun" in str(info.value)
 
 
-def test_static_cache_generation_on_two_ranks(tmp_path):
-    results = run_ranks("generation", tmp_path)
+@pytest.mark.parametrize("scenario", ["generation", "tp_generation"])
+def test_static_cache_generation_on_two_ranks(tmp_path, scenario):
+    results = run_ranks(scenario, tmp_path)
     for rank, r in enumerate(results):
         assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"])
         assert len(r["placements"]) == 2 and all(p is not None for p in r["placements"]), r["reports"]  # prefill, decode
