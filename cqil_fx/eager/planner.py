@@ -158,9 +158,9 @@ def self_generated_text(model: nn.Module, tokens: int | None = None, window: int
         if windows <= batch:  # one round of sequences long enough for every window
             out = _sample(model, ids, -(-tokens // batch), progress)
             return token_windows(out[:, 1:].cpu(), window, windows)
-        # Rounds of ``batch`` sequences of one window each: a generation step costs the same for a
-        # window's worth of cache, and each window is a text from its start (16 sequences of
-        # thousands of tokens took half an hour on 2 cores, mostly in the growing cache).
+        # Rounds of ``batch`` sequences of one window each, so each window is a text from its start
+        # and no cache grows past a window (16 sequences of 2,048 tokens took over half an hour on
+        # 2 cores, most of it copying the growing caches).
         rounds = [_sample(model, ids, window, False)[:, 1:].cpu()
                   for _ in _progress(range(-(-windows // batch)), progress, "self-generated text")]
     return token_windows(torch.cat(rounds), window, windows)
