@@ -195,6 +195,19 @@ def test_load_rank_weights_keeps_attention_whole_only_with_tp_fallback(tmp_path)
     assert mine.model.layers[0].self_attn.k_proj.weight.shape == (24, 48)  # whole: 3 KV heads of 8
     assert torch.equal(mine.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight[32:])
     assert all("self_attn" not in name for name in loaded.sharded) and loaded.sharded
+    assert loaded.peak_bytes is not None and "while loading" in repr(loaded)
+
+
+def test_peak_memory_sees_what_the_block_touched():
+    from cqil_fx.graph.weights import PeakMemory
+
+    with PeakMemory() as peak:
+        block = torch.ones(16 * 2**20)  # 64 MiB, written: resident while the block runs
+        del block
+    with PeakMemory() as idle:
+        pass
+    assert peak.bytes >= 48 * 2**20, peak.bytes
+    assert idle.bytes < 16 * 2**20, idle.bytes
 
 
 def test_ranks_that_disagree_on_the_plan_raise_instead_of_hanging(compile_errors):

@@ -31,6 +31,7 @@ import dataclasses
 import fnmatch
 import logging
 import os
+import threading
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,7 @@ class RankWeights:
     bytes_whole: int  # bytes of the whole model's parameters
     sharded: tuple[str, ...]  # parameters holding only this rank's slice
     released: tuple[str, ...]  # parameters of other ranks' members (no memory)
+    peak_bytes: int | None = None  # the process's peak resident memory above its level before the load
 
     @property
     def fraction(self) -> float:
@@ -66,7 +68,49 @@ class RankWeights:
     def __repr__(self) -> str:
         return (f"RankWeights(rank {self.rank}/{self.world_size}: {self.bytes_loaded / 2**20:.2f} MB of "
                 f"{self.bytes_whole / 2**20:.2f} MB ({self.fraction:.0%}), {len(self.sharded)} sharded, "
-                f"{len(self.released)} released)")
+                f"{len(self.released)} released"
+                + (f", peak {self.peak_bytes / 2**20:.2f} MB while loading" if self.peak_bytes is not None else "")
+                + ")")
+
+
+class PeakMemory:
+    """The peak of this process's resident memory above its level at entry, while the block runs.
+
+    Sampled every millisecond from ``/proc/self/statm`` by a daemon thread (so a spike shorter
+    than that can be missed); it counts the pages of a memory-mapped file the block touched as
+    well as its allocations. ``bytes`` is None where ``/proc`` is not there.
+    """
+
+    def __enter__(self) -> PeakMemory:
+        self.base = self.peak = _resident_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="cqil-peak-memory")
+        if self.base is not None:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, _resident_bytes() or 0)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self.base is not None:
+            self.peak = max(self.peak, _resident_bytes() or 0)
+
+    @property
+    def bytes(self) -> int | None:
+        return None if self.base is None else max(0, self.peak - self.base)
+
+
+def _resident_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
@@ -100,7 +144,7 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     grouped = {i for g in plan.groups for i in g}
     sharded, released = [], []
-    with safe_open(path, framework="pt") as f:
+    with PeakMemory() as peak, safe_open(path, framework="pt") as f:
         names = set(f.keys())
         for name, param in list(model.named_parameters()):
             key = _stored_name(name, names)
@@ -115,7 +159,8 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
                     sharded.append(name)
             _set(model, name, value, split)
     model.eval().requires_grad_(False)
-    loaded = RankWeights(rank, world_size, config, parameter_bytes(model), whole, tuple(sharded), tuple(released))
+    loaded = RankWeights(rank, world_size, config, parameter_bytes(model), whole, tuple(sharded), tuple(released),
+                         peak.bytes)
     log.info("cqil: %s", loaded)
     return model, loaded
 
