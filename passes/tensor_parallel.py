@@ -295,8 +295,9 @@ class _Shard:
         if node.op == "output" or (node not in region and not writes) or (
                 writes and not self._shard_written_input(node, region, split)):
             raise CQILUnsupportedError(
-                f"tensor_parallel=True: a split value leaves its branch at {where} (a KV cache written "
-                "or returned by the graph?); call the model with use_cache=False, or tensor_parallel=False")
+                f"tensor_parallel=True: a split value leaves its branch at {where} (a dynamic KV cache "
+                "written or returned by the graph?); use a static cache (cache_implementation=\"static\"), "
+                "call the model with use_cache=False, or use tensor_parallel=False")
         old = _value(node)
         dims = [split[a] for a in node.all_input_nodes if a in split]
         if len(set(dims)) != 1:
@@ -328,9 +329,10 @@ class _Shard:
         The tensor is a graph input (a cache made before) or made in this graph from nothing (the
         cache transformers creates at its first update, which the graph returns whole: this rank
         fills and reads only its heads of it). False (the caller raises) unless the tensor is
-        exactly the world size times the value's slice along the split dimension and nothing reads
-        it before this write. The write itself may be outside ``region``: its result is not on the
-        block's path to the residual."""
+        exactly the world size times the value's slice along the split dimension, nothing reads it
+        before this write, and nothing outside the branch reads it at all (the graph's output aside).
+        The write itself may be outside ``region``: its result is not on the block's path to the
+        residual."""
         target = node.args[0] if node.args else None
         made_here = isinstance(target, torch.fx.Node) and target.op == "call_function" and not target.all_input_nodes
         if not isinstance(target, torch.fx.Node) or target in split or not (target.op == "placeholder" or made_here):
@@ -342,7 +344,8 @@ class _Shard:
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         uses = sorted((u for u in target.users if (u in region or u is node) and u.op != "output"),
                       key=order.__getitem__)
-        if uses[0] is not node:
+        others = [u for u in target.users if u not in uses and u.op != "output"]
+        if uses[0] is not node or others:  # read before the write, or by another branch: left whole
             return False
         with self.graph.inserting_before(node):
             view = self._narrow(target, dim, part.shape[dim])
