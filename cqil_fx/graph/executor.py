@@ -414,14 +414,15 @@ class CudaGraphProgram:
             self.inputs[i] = args[i].clone()
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the clones above
         graph = torch.cuda.CUDAGraph()
-        # cuBLAS keeps one workspace per (handle, stream) outside any graph pool; a graph captured with
-        # the workspace our warm-up made would keep its raw address, and whoever clears the workspaces
-        # later (Inductor's CUDA graph trees do, around every recording; torch frees a stream's
-        # workspaces when a graph captured on it is destroyed, and streams come from a shared pool)
-        # leaves the replay writing freed memory (pytorch/pytorch#193402; the likely cause of the
-        # illegal memory access in docs/gpu-sweep.md's first run). Cleared before the capture, the captured matmuls allocate their workspace in
-        # this graph's private pool, which lives as long as the graph; cleared after, no eager matmul
-        # inherits it. Inductor's own graphs do the same.
+        # cuBLAS keeps one workspace per (handle, stream) outside any graph pool; a graph captured
+        # with the workspace our warm-up made would keep its raw address, and whoever clears the
+        # workspaces later (Inductor's CUDA graph trees do, around every recording; torch frees a
+        # stream's workspaces when a graph captured on it is destroyed, and streams come from a
+        # shared pool) leaves the replay writing freed memory (pytorch/pytorch#193402; the likely
+        # cause of the illegal memory access in docs/gpu-sweep.md's first run). Cleared before the
+        # capture, the captured matmuls allocate their workspace in this graph's private pool,
+        # which lives as long as the graph; cleared after, no eager matmul inherits it. Inductor's
+        # own graphs do the same.
         from torch._inductor.cudagraph_trees import clear_cublas_manager
 
         with clear_cublas_manager(), torch.cuda.graph(graph, stream=self.stream):
