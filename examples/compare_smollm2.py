@@ -96,7 +96,7 @@ def main() -> None:
         print(f"  {name:<9} {median:7.2f} ms  ({percentile(values, 0.1):.2f}-{percentile(values, 0.9):.2f})  "
               f"{len(PROMPTS) * 1e3 / median:6.1f} tokens/s")
     ratio = statistics.median(times["cqil"]) / statistics.median(times["plain"])
-    print(f"  cqil / plain = {ratio:.3f} ({1 - ratio:+.1%} time per token)")
+    print(f"  cqil / plain = {ratio:.3f} ({ratio - 1:+.1%} time per token)")
     for name, out in answers.items():
         print(f"  {name}:")
         for prompt, answer in zip(PROMPTS, tokenizer.batch_decode(out, skip_special_tokens=True)):
