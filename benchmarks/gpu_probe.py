@@ -98,6 +98,8 @@ def stage(key: str) -> None:
 
 def main() -> int:
     if len(sys.argv) > 1:
+        if sys.argv[1] not in STAGES:
+            sys.exit(f"gpu_probe.py: unknown stage {sys.argv[1]!r}; stages: {', '.join(STAGES)}")
         stage(sys.argv[1])
         return 0
     failed, started = [], time.perf_counter()
