@@ -92,6 +92,27 @@ def test_concurrent_with_inductor():
     assert torch._dynamo.utils.counters["cqil"]["segments"] == 2 + 2 * 2 * 2
 
 
+def test_segments_use_inductors_caches():
+    """Every segment goes through Inductor's FX graph cache: members of one shape compile once, and a
+    second compile of the same model (a second process, after a reset) compiles nothing."""
+    from torch._inductor.utils import fresh_cache
+
+    model, ids = tiny_model("llama"), tokens()
+    inductor = torch._dynamo.utils.counters["inductor"]
+    expected = cqil_reference(model, CQILConfig(groups=[[2, 3]]), ids, use_cache=False).logits
+    with fresh_cache():
+        first = compiled(model, groups=[[2, 3]])(ids, use_cache=False).logits
+        # shared, member 2, member 3 (the same graph as member 2: a hit), shared
+        assert (inductor["fxgraph_cache_bypass"], inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_hit"]) \
+            == (0, 3, 1)
+        torch._dynamo.reset()
+        inductor.clear()
+        second = compiled(model, groups=[[2, 3]])(ids, use_cache=False).logits
+        assert (inductor["fxgraph_cache_miss"], inductor["fxgraph_cache_hit"]) == (0, 4)
+    assert relative_error(first, expected) <= 1e-4
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("bypass", [0, 1])
 def test_segments_hold_one_member_each(bypass):
     model, ids = tiny_model("llama"), tokens()
@@ -185,11 +206,13 @@ def test_members_run_at_the_same_time_on_distinct_threads(runner):
 
 
 def test_segments_are_compiled_with_the_cpp_wrapper_members_single_threaded():
-    """segment_settings on CPU: every segment one C++ call that releases the GIL; members on one OpenMP thread."""
+    """segment_settings on CPU: every segment one C++ call that releases the GIL (the wrapper built apart from
+    the kernels, at a lower optimisation level); members on one OpenMP thread."""
     seen = []
 
     def inner(gm, example_inputs):
-        seen.append((torch._inductor.config.cpp.threads, torch._inductor.config.cpp_wrapper))
+        config = torch._inductor.config
+        seen.append((config.cpp.threads, config.cpp_wrapper and config.cpp_wrapper_build_separate))
         return gm.forward
 
     model, ids = tiny_model("qwen2"), tokens()
@@ -197,6 +220,7 @@ def test_segments_are_compiled_with_the_cpp_wrapper_members_single_threaded():
     threads = torch._inductor.config.cpp.threads
     assert seen == [(threads, True), (1, True), (1, True), (1, True), (threads, True)]
     assert not torch._inductor.config.cpp_wrapper  # patched only while compiling
+    assert not torch._inductor.config.cpp_wrapper_build_separate
 
 
 @pytest.mark.parametrize("threads", [2, 4, 16])

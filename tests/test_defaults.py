@@ -56,6 +56,37 @@ def test_the_search_keeps_its_budget_on_what_it_measured(measure, correct):
         search.cost, rel=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2", "phi"])
+def test_the_meter_starts_at_the_first_group_and_measures_what_a_full_forward_does(family):
+    """The blocks before a plan's first group replay the original's outputs: the values equal an
+    independent full forward (perplexity; KL against the reference logits), and those blocks compute nothing."""
+    from cqil_fx.eager.quality import perplexity
+
+    model = tiny_model(family)
+    first_block = decoder_layers(model)[0]
+    kl_meter, ppl_meter = DistortionMeter(model, CALIBRATION, "kl"), DistortionMeter(model, CALIBRATION, "perplexity")
+    calls = []
+    hook = next(first_block.children()).register_forward_hook(lambda *a: calls.append(1))
+    try:
+        for groups in [((2, 3),), ((5, 6), (3, 4)), ()]:
+            plan = Plan(LAYERS, groups, 0)
+            calls.clear()
+            kl, ppl = kl_meter.kl(plan), ppl_meter(plan)
+            assert not calls  # block 0's submodules never ran: no plan here starts there
+            assert ppl == pytest.approx(perplexity(model, CALIBRATION, plan=plan), rel=1e-6)
+            total = count = 0.0
+            with torch.no_grad():
+                for ids in CALIBRATION:
+                    p = torch.log_softmax(model(ids, use_cache=False).logits.float(), -1)
+                    q = torch.log_softmax(cqil_reference(model, plan, ids, use_cache=False).logits.float(), -1)
+                    total, count = total + float((p.exp() * (p - q)).sum()), count + p[..., 0].numel()
+            assert kl == pytest.approx(total / count, rel=1e-5, abs=1e-9)
+            assert (kl == 0) == (not groups)
+    finally:
+        hook.remove()
+    assert not any("forward" in vars(layer) for layer in decoder_layers(model))  # the stand-ins are gone
+
+
 def test_a_correction_brings_the_group_closer_to_the_blocks_one_after_the_other():
     model = tiny_model("llama")
     plan = Plan(LAYERS, ((2, 3), (5, 6)), 0)

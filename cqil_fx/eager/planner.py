@@ -33,9 +33,11 @@ outcome, docs/quality.md).
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -45,7 +47,7 @@ from ..errors import CQILConfigError
 from ..planning import Groups, PlanSearch, check_search_args, search_plan
 from ..progress import progress as _progress
 from ..stack import decoder_layers
-from ..tokens import token_windows
+from ..tokens import NextTokenLoss, token_windows
 from .correction import fit_corrections
 from .quality import perplexity
 from .reference import branches_of, cqil_semantics
@@ -100,31 +102,94 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
 
 
 class DistortionMeter:
-    """What a plan costs on fixed batches: perplexity, or exp(mean KL) to the original's distribution."""
+    """What a plan costs on fixed batches: perplexity, or exp(mean KL) to the original's distribution.
+
+    A plan changes nothing before its first group, so the meter keeps what
+    every decoder block of the original returned on each batch (one pass, when
+    it is built) and measures a plan from its first group on: the blocks before
+    it replay their recorded outputs (:func:`replayed_blocks`).  The values
+    are those of a full forward (the same eager ops on the same inputs); a
+    window late in the stack costs a fraction of one.  Memory: one residual
+    stream per block and calibration token.
+    """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], measure: str = "kl"):
         self.model, self.batches, self.measure = model, list(batches), measure
-        if measure == "kl":
-            with torch.no_grad():  # the original's log-probabilities, once
+        self.layers = decoder_layers(model)
+        with torch.no_grad(), _recording(self.layers) as self.outputs:  # the original, once
+            if measure == "kl":
                 self.reference = [_log_probs(model, ids) for ids in self.batches]
-            self.base = 1.0
-        else:
-            self.base = perplexity(model, self.batches)
+                self.base = 1.0
+            else:
+                self.base = perplexity(model, self.batches)
 
     def __call__(self, plan: Plan) -> float:
-        if self.measure != "kl":
-            return perplexity(self.model, self.batches, plan=plan)
-        return math.exp(self.kl(plan))
+        if self.measure == "kl":
+            return math.exp(self.kl(plan))
+        loss = NextTokenLoss()
+        with torch.no_grad(), cqil_semantics(self.model, plan):
+            for b, ids in enumerate(self.batches):
+                with replayed_blocks(self.layers, self.outputs[b], _first_changed(plan)):
+                    loss.add(self.model(ids, use_cache=False).logits, ids)
+        return loss.perplexity
 
     def kl(self, plan: Plan) -> float:
         """Mean KL(original || plan) over every position of every batch."""
         total, count = 0.0, 0
         with torch.no_grad(), cqil_semantics(self.model, plan):
-            for ids, reference in zip(self.batches, self.reference):
-                logp = _log_probs(self.model, ids)
+            for b, (ids, reference) in enumerate(zip(self.batches, self.reference)):
+                with replayed_blocks(self.layers, self.outputs[b], _first_changed(plan)):
+                    logp = _log_probs(self.model, ids)
                 total += (reference.exp() * (reference - logp)).sum().item()
                 count += reference[..., 0].numel()
         return total / count
+
+
+def _first_changed(plan: Plan) -> int:
+    return min((group[0] for group in plan.groups), default=plan.num_blocks)
+
+
+@contextlib.contextmanager
+def _recording(layers: Sequence[nn.Module]) -> Iterator[list[list]]:
+    """Within the block, every call of the model appends the list of its blocks' outputs."""
+    calls: list[list] = []
+
+    def record(i, module, args, output):
+        if i == 0:
+            calls.append([])
+        calls[-1].append(_copied(output))  # a snapshot: later ops may write to the tensors they were given
+
+    handles = [layer.register_forward_hook(functools.partial(record, i)) for i, layer in enumerate(layers)]
+    try:
+        yield calls
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def replayed_blocks(layers: Sequence[nn.Module], outputs: Sequence, first: int) -> Iterator[None]:
+    """Within the block, blocks ``0 .. first-1`` return ``outputs`` (what they returned on the
+    original model, for the batch about to run) instead of computing it."""
+    for i in range(first):
+        layers[i].forward = functools.partial(_replay, outputs[i])
+    try:
+        yield
+    finally:
+        for i in range(first):
+            del layers[i].forward
+
+
+def _replay(output, *args, **kwargs):
+    return _copied(output)
+
+
+def _copied(output):
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return type(output)(_copied(o) for o in output) if type(output) is tuple else output
+    return output
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

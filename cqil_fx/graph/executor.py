@@ -48,7 +48,15 @@ the whole segment is one C++ call that releases the GIL on entry, and the
 shared segments lose the wrapper's per-kernel Python too.  A segment that
 fails to compile or run that way is compiled again without it (one WARNING,
 counter ``cpp_wrapper_fallbacks``).  docs/performance.md has the measured
-effect.
+effect.  The wrapper is built apart from the kernels
+(``cpp_wrapper_build_separate``): the kernels at -O3 as before, the wrapper's
+straight-line calls at -O1, which takes 30-40 % off a cold compile of
+SmolLM2 at no measured cost per call (docs/performance.md, "Compile time").
+
+Every segment is compiled under a tracing context of its own whose fake mode
+has a shape env, so Inductor's FX graph cache and AOTAutograd's cache serve
+it: the members of every group of one model share a graph and compile once,
+and a second process compiles nothing.
 
 On CUDA no worker threads are involved: kernel launches do not block, so the
 calling thread launches each member's segment on a stream of its own (one per
@@ -84,6 +92,7 @@ from typing import Any
 import torch
 import torch.fx
 from torch._dynamo.utils import counters
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from ..passes import Segment, SplitGraph
 
@@ -110,7 +119,7 @@ def segment_settings(shared: bool, device_type: str, threads: int = 1) -> dict[s
     """The Inductor settings a segment is compiled under; ``threads``: a member's (see the module docstring)."""
     settings: dict[str, Any] = {} if shared else {"cpp.threads": threads}
     if device_type == "cpu":
-        settings["cpp_wrapper"] = True
+        settings.update(cpp_wrapper=True, cpp_wrapper_build_separate=True)
     return settings
 
 
@@ -212,6 +221,7 @@ class ConcurrentProgram:
                 except Exception as error:
                     if not settings.pop("cpp_wrapper", False):
                         raise
+                    settings.pop("cpp_wrapper_build_separate", None)
                     value = self._compile_segment(call, inner, args, settings)
                     log.warning("cqil: segment %s failed with Inductor's cpp_wrapper (%s: %s); it runs with the "
                                 "Python wrapper, which holds the GIL", call.node.target, type(error).__name__, error)
@@ -223,7 +233,11 @@ class ConcurrentProgram:
         """Compile one segment under ``settings`` and run it once; returns its outputs."""
         # A fresh tracing context: the segments are compiled as graphs of their own, on
         # their real inputs, and must not add symbols to the enclosing Dynamo frame's guards.
-        with torch._guards.tracing(None), torch._inductor.config.patch(settings):
+        # Its fake mode has a shape env of its own: without one, Inductor's FX graph cache
+        # and AOTAutograd's cache bypass the segment, and every process compiles it afresh.
+        fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
+        context = torch._guards.TracingContext(fake_mode)
+        with torch._guards.tracing(context), torch._inductor.config.patch(settings):
             call.fn = inner(self.modules[call.node.target], list(args))
         with torch.no_grad():
             return call.fn(*args)
