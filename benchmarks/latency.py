@@ -604,7 +604,8 @@ def predict_multi_gpu(shape: dict = LLAMA3_8B, span: tuple[int, int] = (12, 28))
     Per block a GPU streams its weights from HBM (``t_b`` whole, ``t_b / W`` as a TP shard) plus a
     fixed per-block cost; TP adds 2 all-reduces per block, a CQIL group of W blocks costs one whole
     block per GPU plus 1 all-reduce (the formula of docs/architecture.md, "Tensor parallelism"), the
-    LM head is split over the vocabulary (one all-gather, counted as one all-reduce's latency).
+    LM head is split over the vocabulary (one all-gather, counted as one all-reduce's latency), and so
+    is the embedding (one all-reduce).
     Compute per GPU is the same in both (a group's W blocks on W GPUs = W shards of each): CQIL + TP
     saves (2W - 1) collectives and (W - 1) fixed block costs per group, no bandwidth.
     """
@@ -621,12 +622,13 @@ def predict_multi_gpu(shape: dict = LLAMA3_8B, span: tuple[int, int] = (12, 28))
         groups, outside = grouped // world, n - grouped
         for ar_us in latencies:
             ar = ar_us / 1e3
-            tp = n * (t_b / world + floor + 2 * ar) + t_head / world + ar
-            hybrid = outside * (t_b / world + floor + 2 * ar) + groups * (t_b + floor + ar) + t_head / world + ar
+            tp = n * (t_b / world + floor + 2 * ar) + t_head / world + 2 * ar
+            hybrid = (outside * (t_b / world + floor + 2 * ar) + groups * (t_b + floor + ar) + t_head / world
+                      + 2 * ar)
             rows.append(dict(gpus=world, all_reduce_us=ar_us, plan=f"S{span[0]}-E{span[1]} P{world}",
                              one_gpu_ms=round(one, 3), tp_ms=round(tp, 3), cqil_tp_ms=round(hybrid, 3),
                              cqil_tp_vs_tp=round(1 - hybrid / tp, 3),
-                             collectives_tp=2 * n + 1, collectives_cqil_tp=groups + 2 * outside + 1))
+                             collectives_tp=2 * n + 2, collectives_cqil_tp=groups + 2 * outside + 2))
     return rows
 
 

@@ -7,8 +7,11 @@ linears that read the branch input are column-parallel (rank r keeps output
 features ``[r*n/W, (r+1)*n/W)``: its heads, its MLP columns), the linear that
 ends the branch is row-parallel (the matching input features), and one
 all-reduce after it sums the partial outputs.  The LM head is column-parallel
-over the vocabulary and its logits are all-gathered.  The weights stay whole
-placeholders (Dynamo's calling convention); the graph reads slices of them::
+over the vocabulary and its logits are all-gathered; the input embedding is
+split over the vocabulary too (rank r looks up the ids in its rows, zeros the
+others, and one all-reduce sums the lookups), so that a tied table is held in
+parts.  The weights stay whole placeholders (Dynamo's calling convention);
+the graph reads slices of them::
 
     q = linear(h, Wq)                    q = linear(h, narrow(Wq, 0, r*32/W, 32/W))
     q = view(q, (2, 11, -1, 8))   ==>    q = view(q, (2, 11, -1, 8))             # -1: nothing to fix
@@ -67,10 +70,11 @@ class Sharding:
     row_linears: int  # one all-reduce each
     lm_head: bool  # the LM head split over the vocabulary (one all-gather)
     whole_branches: tuple[int, ...] = ()  # with fallback: blocks of a branch left whole (heads do not divide)
+    embedding: bool = False  # the input embedding split over the vocabulary (one all-reduce)
 
     @property
     def all_reduces(self) -> int:
-        return self.row_linears
+        return self.row_linears + int(self.embedding)
 
     @property
     def all_gathers(self) -> int:
@@ -101,9 +105,12 @@ def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_na
             sharded.append(block.index)
     lm_head = _lm_head(gm.graph, rewritten.blocks)
     split_head = lm_head is not None and shard.lm_head(lm_head)
+    embedding = _input_embedding(gm.graph, rewritten.blocks)
+    split_embedding = embedding is not None and shard.embedding(embedding)
     gm.graph.lint()
     gm.recompile()
-    sharding = Sharding(rank, world_size, tuple(sharded), shard.columns, shard.rows, split_head, tuple(whole))
+    sharding = Sharding(rank, world_size, tuple(sharded), shard.columns, shard.rows, split_head, tuple(whole),
+                        split_embedding)
     return dataclasses.replace(rewritten, sharding=sharding)
 
 
@@ -166,6 +173,18 @@ def _lm_head(graph: torch.fx.Graph, blocks: Sequence[Block]) -> torch.fx.Node | 
     heads = [n for n in graph.nodes if n in after and _is_linear(n) and layer_of(n) is None
              and _descendants([n], set(graph.nodes)) & outputs]
     return heads[-1] if heads else None
+
+
+def _input_embedding(graph: torch.fx.Graph, blocks: Sequence[Block]) -> torch.fx.Node | None:
+    """The embedding lookup outside the blocks whose output the first block reads (its weight a graph input)."""
+    first = set(blocks[0].nodes)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.nn.functional.embedding and layer_of(node) is None:
+            weight = _arg(node, 1, "weight")
+            if isinstance(weight, torch.fx.Node) and weight.op == "placeholder" and (
+                    _descendants([node], set(graph.nodes)) & first):
+                return node
+    return None
 
 
 def _value(node) -> torch.Tensor | None:
@@ -267,21 +286,25 @@ class _Shard:
         linear.args = (linear.args[0], _arg(linear, 1, "weight"), None)
         linear.kwargs = {}
         self._refresh(linear)
-        users = list(linear.users)
-        with self.graph.inserting_after(linear):
-            reduced = self.graph.call_function(_functional.all_reduce.default, (linear, "sum", self.group))
+        self._sum_over_ranks(linear, bias)
+        self.rows += 1
+
+    def _sum_over_ranks(self, partial: torch.fx.Node, bias=None) -> None:
+        """Every user of ``partial`` reads its all-reduced sum instead (plus ``bias``, once)."""
+        users = list(partial.users)
+        with self.graph.inserting_after(partial):
+            reduced = self.graph.call_function(_functional.all_reduce.default, (partial, "sum", self.group))
         with self.graph.inserting_after(reduced):
             total = self.graph.call_function(_functional.wait_tensor.default, (reduced,))
         for n in (reduced, total):
-            n.meta = dict(linear.meta)
+            n.meta = dict(partial.meta)
         out = total
         if isinstance(bias, torch.fx.Node):
             with self.graph.inserting_after(total):
                 out = self.graph.call_function(operator.add, (total, bias))
-            out.meta = dict(linear.meta)
+            out.meta = dict(partial.meta)
         for user in users:
-            user.replace_input_with(linear, out)
-        self.rows += 1
+            user.replace_input_with(partial, out)
 
     def _narrow(self, tensor: torch.fx.Node, dim: int, size: int) -> torch.fx.Node:
         node = self.graph.call_function(torch.narrow, (tensor, dim, self.rank * size, size))
@@ -495,6 +518,43 @@ class _Shard:
         for user in users:
             user.replace_input_with(linear, logits)
         return True
+
+
+    # -- the input embedding: vocabulary split, the lookups all-reduced
+    def embedding(self, lookup: torch.fx.Node) -> bool:
+        """Rank r looks up the ids in its rows ``[r V/W, (r+1) V/W)`` and zeros the others; the sum over
+        the ranks is the whole lookup (Megatron's vocabulary-parallel embedding). False: left whole."""
+        ids, weight = lookup.args[0], _arg(lookup, 1, "weight")
+        if _arg(lookup, 3, "max_norm") is not None:
+            return False  # max_norm renormalises the rows it reads, in place: keep the table whole
+        rows = _value(weight).shape[0]
+        if self.presharded.get(weight.name) == "colwise":
+            size, table = rows, weight  # traced with this rank's rows
+        elif rows % self.world:
+            return False  # documented: a vocabulary that does not divide stays whole on every rank
+        else:
+            size = rows // self.world
+            with self.graph.inserting_before(lookup):
+                table = self._narrow(weight, 0, size)
+        users = list(lookup.users)
+        with self.graph.inserting_before(lookup):
+            local = self._call(operator.sub, ids, self.rank * size)
+            outside = self._call(torch.logical_or, self._call(torch.lt, local, 0), self._call(torch.ge, local, size))
+            local = self._call(torch.masked_fill, local, outside, 0)
+        # padding_idx only shapes gradients, and names a row of the whole table: dropped
+        lookup.args, lookup.kwargs = (local, table), {}
+        self._refresh(lookup)
+        with self.graph.inserting_before(lookup.next):
+            mine = self._call(torch.masked_fill, lookup, self._call(torch.unsqueeze, outside, -1), 0.0)
+        for user in users:
+            user.replace_input_with(lookup, mine)
+        self._sum_over_ranks(mine)
+        return True
+
+    def _call(self, target, *args) -> torch.fx.Node:
+        node = self.graph.call_function(target, args)
+        self._refresh(node)
+        return node
 
 
 def _fake_like(mode: FakeTensorMode, value: torch.Tensor, dim: int, factor: int) -> torch.Tensor:

@@ -150,6 +150,26 @@ def rank_weights(rank: int, world_size: int) -> dict:
                 ids, use_cache=False).logits
         out[tp] = dict(spmd=spmd, reference=reference, loaded=loaded, narrows=_narrowed(graphs[0]),
                        collectives=collectives(graphs[0]))
+    # The embedding tied to the LM head (SmolLM2, Qwen2.5-0.5B): one table, split once, read by both.
+    torch.manual_seed(0)
+    tied_config = copy.deepcopy(full.config)
+    tied_config.tie_word_embeddings = True
+    tied = type(full)(tied_config).eval()
+    path = Path(os.environ["CQIL_TEST_DIR"]) / "llama-tied"
+    if rank == 0:
+        tied.save_pretrained(path)
+    dist.barrier()
+    torch._dynamo.reset()
+    config = CQILConfig(**SPAN, bypass=1, mode="spmd", inner="aot_eager", tensor_parallel=True)
+    model, loaded = load_rank_weights(tied_config, path, config)
+    graphs = []
+    with torch.no_grad():
+        reference = cqil_reference(tied, config, ids, use_cache=False).logits
+        spmd = torch.compile(model, backend=make_backend(config, inner=recording("aot_eager", graphs)))(
+            ids, use_cache=False).logits
+    out["tied"] = dict(spmd=spmd, reference=reference, loaded=loaded, collectives=collectives(graphs[0]),
+                       same=model.lm_head.weight is model.get_input_embeddings().weight,
+                       rows=model.lm_head.weight.shape[0], whole=sum(p.numel() * 4 for p in tied.parameters()))
     return out
 
 

@@ -101,14 +101,16 @@ def test_tensor_parallel_fallback_keeps_attention_whole_where_heads_do_not_divid
         r = results["fallback"]
         assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, rank
         assert r["sharding"].whole_branches == (0, 1, 6, 7)  # their attention: 3 KV heads over 2 ranks
-        assert r["collectives"] == {"all_reduce": 2 + 4, "all_gather": 1}  # groups, one MLP per block, LM head
+        # groups, one MLP per block, the embedding; the LM head
+        assert r["collectives"] == {"all_reduce": 2 + 4 + 1, "all_gather": 1}
 
 
 def expected_collectives(groups: int, bypass: int, blocks: int, world: int = WORLD, vocab_splits: bool = True):
     """The formula of docs/architecture.md ("Tensor parallelism"): per forward, on every rank,
-    all_reduce = G + 2 S (S = blocks outside groups), all_gather = G [D > 0] + [LM head split]."""
+    all_reduce = G + 2 S + [embedding split] (S = blocks outside groups), all_gather = G [D > 0] + [LM head split]."""
     outside = blocks - world * groups
-    return {"all_reduce": groups + 2 * outside, "all_gather": groups * (bypass > 0) + int(vocab_splits)}
+    return {"all_reduce": groups + 2 * outside + int(vocab_splits),
+            "all_gather": groups * (bypass > 0) + int(vocab_splits)}
 
 
 @pytest.mark.parametrize("case", spmd_worker.TP_CASES, ids=_tp_id)
@@ -121,13 +123,15 @@ def test_tensor_parallel_graph_holds_the_formula_of_collectives_and_weight_slice
         r = results[case]
         assert r["collectives"] == expected, (rank, r["collectives"])
         assert r["reported"] == sum(expected.values())
-        assert r["sharding"].blocks == tuple(outside) and r["sharding"].lm_head
+        assert r["sharding"].blocks == tuple(outside) and r["sharding"].lm_head and r["sharding"].embedding
         assert r["sharding"].row_linears == 2 * len(outside)  # o_proj / dense and down_proj / fc2
         # q, k, v and the MLP's input linears (gate + up; Phi: fc1) column-parallel, the LM head by vocabulary
         assert r["sharding"].column_linears == (5 if family != "phi" else 4) * len(outside)
         assert r["narrows"]  # the weights are read as slices: this rank's half of the LM head's rows
         head = [v for k, v in r["narrows"].items() if "lm_head" in k and "weight" in k]
         assert head == [(0, rank * 48, 48)], r["narrows"]
+        table = [v for k, v in r["narrows"].items() if "embed" in k and "weight" in k]
+        assert table == [(0, rank * 48, 48)], r["narrows"]  # the embedding's rows: this rank's half too
 
 
 def test_each_rank_reads_only_its_members_and_shards_from_safetensors(tensor_parallel):
@@ -139,16 +143,22 @@ def test_each_rank_reads_only_its_members_and_shards_from_safetensors(tensor_par
     layer = sum(p.numel() * 4 for p in full.model.layers[0].parameters())
     linears = sum(p.numel() * 4 for n, p in full.model.layers[0].named_parameters() if "proj" in n)
     head = full.lm_head.weight.numel() * 4
+    table = full.get_input_embeddings().weight.numel() * 4
     for rank, by_tp in enumerate(results):
+        r = by_tp.pop("tied")  # one table read by the embedding and the LM head: its rows split once
+        assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, rank
+        assert r["same"] and r["rows"] == 48 and r["collectives"] == expected_collectives(2, 1, 8)
+        assert r["loaded"].bytes_whole == r["whole"] and r["loaded"].fraction < 0.6, r["loaded"]
         for tp, r in by_tp.items():
             assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, (rank, tp)
             plain = {"all_reduce": 2, "all_gather": 2}  # G all-reduces, G all-gathers (D = 1)
             assert r["collectives"] == (expected_collectives(2, 1, 8) if tp else plain), (rank, tp)
             assert not r["narrows"]  # the parameters are this rank's slices: the graph reads them whole
             loaded = r["loaded"]
-            # Two other members released; with TP the 4 blocks outside groups and the LM head hold halves.
-            # (a released parameter keeps one element: 4 bytes)
-            expected = whole - 2 * layer + 4 * len(loaded.released) - (4 * linears // 2 + head // 2 if tp else 0)
+            # Two other members released; with TP the 4 blocks outside groups, the LM head and the
+            # embedding hold halves. (a released parameter keeps one element: 4 bytes)
+            expected = whole - 2 * layer + 4 * len(loaded.released) - (
+                4 * linears // 2 + head // 2 + table // 2 if tp else 0)
             assert loaded.bytes_loaded == expected and loaded.bytes_whole == whole, (rank, tp, loaded)
         assert by_tp[True]["loaded"].fraction < 0.6
 

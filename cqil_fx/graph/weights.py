@@ -21,8 +21,12 @@ reads only the rows or columns it keeps:
   names them; the parameter *is* the slice, and carries ``_cqil_shard`` so
   :func:`~cqil_fx.passes.tensor_parallel.shard_blocks` adds the collectives
   without slicing it again.  A row-parallel bias stays whole (added once,
-  after the all-reduce); an LM head tied to the embedding stays whole;
-* everything else (embeddings, norms): whole.
+  after the all-reduce);
+* with ``tensor_parallel``, the input embedding: the rank's rows of the
+  vocabulary (the pass looks ids up in them and all-reduces), when the
+  vocabulary divides by the world size.  An LM head tied to it is the same
+  parameter, so it holds the same rows, which is the LM head's split;
+* everything else (norms, position embeddings): whole.
 """
 
 from __future__ import annotations
@@ -134,6 +138,7 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
     path = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config)
+    _retie(model)  # one parameter for a tied table, read from the file once
     layers = decoder_layers(model)
     plan = config.plan_for(len(layers))
     owner = _layer_owner(model, layers)
@@ -143,6 +148,7 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
         tp_plan = {k: v for k, v in tp_plan.items() if "attn" not in k}  # tp_fallback: attention whole
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     grouped = {i for g in plan.groups for i in g}
+    vocabulary = _vocabulary_split(model, world_size) if tp_plan else None
     sharded, released = [], []
     with PeakMemory() as peak, safe_open(path, framework="pt") as f:
         names = set(f.keys())
@@ -153,11 +159,13 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
                 value = torch.zeros((), dtype=param.dtype).expand(param.shape)
                 released.append(name)
             else:
-                split = None if layer in grouped else _split_of(name, tp_plan, model)
+                split = "colwise" if name == vocabulary else (
+                    None if layer in grouped else _split_of(name, tp_plan, model))
                 value = _read(f, key, split, rank, world_size, name)
                 if split is not None:
                     sharded.append(name)
             _set(model, name, value, split)
+    _retie(model)
     model.eval().requires_grad_(False)
     loaded = RankWeights(rank, world_size, config, parameter_bytes(model), whole, tuple(sharded), tuple(released),
                          peak.bytes)
@@ -208,9 +216,26 @@ def _split_of(name: str, tp_plan: dict[str, str], model: nn.Module) -> str | Non
             if style == "rowwise" and kind == "bias":
                 return None  # added once, after the all-reduce
             if style == "colwise_gather_output" and _tied(model, name):
-                return None  # the LM head shares the embedding: both stay whole
+                return None  # the LM head is the embedding's parameter: split (or not) with it
             return "rowwise" if style == "rowwise" else "colwise"
     return None
+
+
+def _vocabulary_split(model: nn.Module, world_size: int) -> str | None:
+    """The name of the input embedding's weight when its rows (the vocabulary) divide by ``world_size``."""
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(embeddings, nn.Embedding) or weight is None or weight.shape[0] % world_size:
+        return None
+    return next(name for name, p in model.named_parameters() if p is weight)
+
+
+def _retie(model: nn.Module) -> None:
+    """An LM head tied to the embedding holds the embedding's parameter (loading replaces parameters one by
+    one, so this runs again after it)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(model.config, "tie_word_embeddings", False):
+        head.weight = model.get_input_embeddings().weight
 
 
 def _tied(model: nn.Module, name: str) -> bool:
