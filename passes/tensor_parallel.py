@@ -519,7 +519,6 @@ class _Shard:
             user.replace_input_with(linear, logits)
         return True
 
-
     # -- the input embedding: vocabulary split, the lookups all-reduced
     def embedding(self, lookup: torch.fx.Node) -> bool:
         """Rank r looks up the ids in its rows ``[r V/W, (r+1) V/W)`` and zeros the others; the sum over
