@@ -13,6 +13,7 @@ from cqil_fx import plan_cache
 from cqil_fx.eager import planner
 from cqil_fx.eager.correction import NormalEquations, fit_corrections
 from cqil_fx.eager.planner import DistortionMeter, plan_auto, self_generated_text
+from cqil_fx.eager.reference import cqil_semantics
 from cqil_fx.graph import backend as backend_module
 from cqil_fx.graph.backend import execution_mode
 from cqil_fx.stack import decoder_layers
@@ -85,6 +86,50 @@ def test_the_meter_starts_at_the_first_group_and_measures_what_a_full_forward_do
     finally:
         hook.remove()
     assert not any("forward" in vars(layer) for layer in decoder_layers(model))  # the stand-ins are gone
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])
+def test_fitting_from_the_first_group_to_the_last_gives_the_corrections_of_whole_forwards(family):
+    """fit_corrections replays the blocks before the first group and stops at the last group's sum: the
+    corrections equal those of normal equations gathered from whole forwards, and block 7 never runs."""
+    from cqil_fx.eager import correction
+    from cqil_fx.eager.replay import BlockOutputs
+
+    model = tiny_model(family)
+    layers = decoder_layers(model)
+    plan = Plan(LAYERS, ((5, 6), (2, 3)), 0)
+    # The reference: whole forwards under the plan's semantics, every group's x, deltas and call seen.
+    equations = {}
+    for ids in CALIBRATION:
+        seen = {}
+        with torch.no_grad(), cqil_semantics(model, plan, observe=lambda g, x, d, call: seen.update({g: (x, d, call)})):
+            model(ids, use_cache=False)
+        with torch.no_grad():
+            for g, (x, deltas, (args, kwargs)) in seen.items():
+                target = x
+                for i in plan.groups[g]:
+                    target = correction._call_layer(layers[i], target, args, kwargs)
+                equations.setdefault(g, NormalEquations(len(deltas), x.shape[-1])).add(x, deltas, target)
+    expected = [equations[g].solve(0.0) for g in range(len(plan.groups))]
+    calls = []
+    hooks = [layers[i].register_forward_pre_hook(lambda m, a, i=i: calls.append(i)) for i in (0, 7)]
+    try:
+        outputs = BlockOutputs.of(model, CALIBRATION)
+        calls.clear()
+        fitted = {"whole": fit_corrections(model, plan, CALIBRATION, ridge=0.0)}
+        assert calls == [0] * len(CALIBRATION)  # block 0 ran, block 7 (after the last group) never did
+        calls.clear()
+        fitted["replayed"] = fit_corrections(model, plan, CALIBRATION, ridge=0.0, outputs=outputs)
+        assert calls == [0] * len(CALIBRATION)  # the replaying stand-in is called through the hooks
+    finally:
+        for h in hooks:
+            h.remove()
+    for how, plan_fitted in fitted.items():
+        for want, got in zip(expected, plan_fitted.corrections):
+            torch.testing.assert_close(torch.tensor(got.scale), torch.tensor(want.scale), rtol=1e-5, atol=1e-7,
+                                       msg=how)
+            torch.testing.assert_close(torch.tensor(got.bias), torch.tensor(want.bias), rtol=1e-5, atol=1e-6,
+                                       msg=how)
 
 
 def test_a_correction_brings_the_group_closer_to_the_blocks_one_after_the_other():

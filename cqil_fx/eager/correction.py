@@ -29,6 +29,7 @@ there, and ``seq(x)`` is the group's blocks run one after the other on that
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 
@@ -40,6 +41,7 @@ from ..errors import CQILConfigError
 from ..progress import progress as _progress
 from ..stack import decoder_layers
 from .reference import cqil_semantics, resolve_plan
+from .replay import BlockOutputs, first_group
 
 DEFAULT_RIDGE = 0.05
 
@@ -82,21 +84,34 @@ class NormalEquations:
 
 
 def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor], ridge: float = DEFAULT_RIDGE,
-                    progress: bool = False) -> Plan:
-    """``plan`` with a correction fitted for every group on ``batches`` of token ids (see module docs)."""
+                    progress: bool = False, outputs: BlockOutputs | None = None) -> Plan:
+    """``plan`` with a correction fitted for every group on ``batches`` of token ids (see module docs).
+
+    ``outputs``: the original's block outputs on the same ``batches``
+    (:class:`~cqil_fx.eager.replay.BlockOutputs`); with them, the blocks before
+    the first group replay instead of computing. Either way a batch's forward
+    stops at the last group's sum: nothing after it is needed.
+    """
     plan = resolve_plan(model, plan.without_corrections())
     if not plan.groups:
         return plan
     layers = decoder_layers(model)
+    last = max(range(len(plan.groups)), key=lambda g: plan.groups[g][0])
     equations: dict[int, NormalEquations] = {}
-    for ids in _progress(list(batches), progress, "fit corrections"):
+    for b, ids in enumerate(_progress(list(batches), progress, "fit corrections")):
         seen: dict[int, tuple] = {}
 
         def observe(g: int, x: torch.Tensor, deltas: list, call: tuple) -> None:
             seen[g] = (x.detach(), [d.detach() for d in deltas], call)
+            if g == last:
+                raise _Seen
 
-        with torch.no_grad(), cqil_semantics(model, plan, observe=observe):
-            model(ids, use_cache=False)
+        replay = outputs.replayed(b, first_group(plan)) if outputs is not None else contextlib.nullcontext()
+        with torch.no_grad(), cqil_semantics(model, plan, observe=observe), replay:
+            try:
+                model(ids, use_cache=False)
+            except _Seen:
+                pass
         with torch.no_grad():  # outside the semantics: the blocks one after the other, hooks gone
             for g, (x, deltas, (args, kwargs)) in seen.items():
                 target = x
@@ -106,6 +121,10 @@ def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor
                 eq.add(x, deltas, target)
     corrections = tuple(equations[g].solve(ridge) if g in equations else None for g in range(len(plan.groups)))
     return dataclasses.replace(plan, corrections=corrections)
+
+
+class _Seen(Exception):
+    """Raised at the last group's sum: the rest of the forward is not needed for fitting."""
 
 
 def _call_layer(layer: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

@@ -33,11 +33,9 @@ outcome, docs/quality.md).
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -51,6 +49,7 @@ from ..tokens import NextTokenLoss, token_windows
 from .correction import fit_corrections
 from .quality import perplexity
 from .reference import branches_of, cqil_semantics
+from .replay import BlockOutputs, first_group
 from .similarity import measure_similarity
 
 log = logging.getLogger(__name__)
@@ -86,10 +85,11 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     fit, held = (calibration[::2], calibration[1::2]) if correct else ([], calibration)
     similarity = measure_similarity(model, calibration, progress=progress)
     meter = DistortionMeter(model, held, measure)
+    fit_outputs = BlockOutputs.of(model, fit) if correct else None  # the fit batches' original, once
 
     def build(groups: Groups, d: int) -> Plan:
         plan = Plan(len(layers), groups, d)
-        return fit_corrections(model, plan, fit) if correct else plan
+        return fit_corrections(model, plan, fit, outputs=fit_outputs) if correct else plan
 
     def evaluate(groups: Groups, d: int) -> float:
         return meter(build(groups, d))
@@ -104,19 +104,15 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
 class DistortionMeter:
     """What a plan costs on fixed batches: perplexity, or exp(mean KL) to the original's distribution.
 
-    A plan changes nothing before its first group, so the meter keeps what
-    every decoder block of the original returned on each batch (one pass, when
-    it is built) and measures a plan from its first group on: the blocks before
-    it replay their recorded outputs (:func:`replayed_blocks`).  The values
-    are those of a full forward (the same eager ops on the same inputs); a
-    window late in the stack costs a fraction of one.  Memory: one residual
-    stream per block and calibration token.
+    A plan is measured from its first group on (:mod:`cqil_fx.eager.replay`):
+    the original's block outputs are recorded in the pass that measures the
+    original, once.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], measure: str = "kl"):
         self.model, self.batches, self.measure = model, list(batches), measure
-        self.layers = decoder_layers(model)
-        with torch.no_grad(), _recording(self.layers) as self.outputs:  # the original, once
+        self.outputs = BlockOutputs(model)
+        with torch.no_grad(), self.outputs.recording():  # the original, once
             if measure == "kl":
                 self.reference = [_log_probs(model, ids) for ids in self.batches]
                 self.base = 1.0
@@ -129,7 +125,7 @@ class DistortionMeter:
         loss = NextTokenLoss()
         with torch.no_grad(), cqil_semantics(self.model, plan):
             for b, ids in enumerate(self.batches):
-                with replayed_blocks(self.layers, self.outputs[b], _first_changed(plan)):
+                with self.outputs.replayed(b, first_group(plan)):
                     loss.add(self.model(ids, use_cache=False).logits, ids)
         return loss.perplexity
 
@@ -138,58 +134,11 @@ class DistortionMeter:
         total, count = 0.0, 0
         with torch.no_grad(), cqil_semantics(self.model, plan):
             for b, (ids, reference) in enumerate(zip(self.batches, self.reference)):
-                with replayed_blocks(self.layers, self.outputs[b], _first_changed(plan)):
+                with self.outputs.replayed(b, first_group(plan)):
                     logp = _log_probs(self.model, ids)
                 total += (reference.exp() * (reference - logp)).sum().item()
                 count += reference[..., 0].numel()
         return total / count
-
-
-def _first_changed(plan: Plan) -> int:
-    return min((group[0] for group in plan.groups), default=plan.num_blocks)
-
-
-@contextlib.contextmanager
-def _recording(layers: Sequence[nn.Module]) -> Iterator[list[list]]:
-    """Within the block, every call of the model appends the list of its blocks' outputs."""
-    calls: list[list] = []
-
-    def record(i, module, args, output):
-        if i == 0:
-            calls.append([])
-        calls[-1].append(_copied(output))  # a snapshot: later ops may write to the tensors they were given
-
-    handles = [layer.register_forward_hook(functools.partial(record, i)) for i, layer in enumerate(layers)]
-    try:
-        yield calls
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextlib.contextmanager
-def replayed_blocks(layers: Sequence[nn.Module], outputs: Sequence, first: int) -> Iterator[None]:
-    """Within the block, blocks ``0 .. first-1`` return ``outputs`` (what they returned on the
-    original model, for the batch about to run) instead of computing it."""
-    for i in range(first):
-        layers[i].forward = functools.partial(_replay, outputs[i])
-    try:
-        yield
-    finally:
-        for i in range(first):
-            del layers[i].forward
-
-
-def _replay(output, *args, **kwargs):
-    return _copied(output)
-
-
-def _copied(output):
-    if isinstance(output, torch.Tensor):
-        return output.clone()
-    if isinstance(output, tuple):
-        return type(output)(_copied(o) for o in output) if type(output) is tuple else output
-    return output
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
