@@ -15,6 +15,12 @@ the graph side with copies of the captured graph
    perplexity within ``(1 + budget)`` times the original's; the bypass
    distance is re-chosen (lowest perplexity) at every step. Growing stops
    after :data:`GROW_PATIENCE` windows in a row that do not fit.
+   With ``beam=B > 1`` it grows ``B`` plans at once instead (a beam search):
+   every step extends each kept plan by its ``2 B`` cheapest non-overlapping
+   windows (cheapest alone, as screened), measures each extension *as a
+   whole*, so windows that interact are judged together, and keeps the ``B``
+   cheapest extensions within the budget; it ends when no extension fits and
+   returns the plan with the most groups (the cheapest among those).
 
 The measured error decides; similarity only orders the work.  Windows can
 land anywhere in the stack, so the plan need not be uniform or contiguous.
@@ -82,7 +88,8 @@ class SimilarityAccumulator:
 
 @dataclasses.dataclass(frozen=True)
 class Trial:
-    """One measured plan of the search."""
+    """One measured plan of the search; ``accepted``: the best bypass distance of these groups, within
+    the budget (the greedy growth keeps every accepted plan of more than one group, the beam its cheapest)."""
 
     groups: tuple[tuple[int, ...], ...]
     bypass: int
@@ -138,7 +145,7 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
                 similarity: SimilarityReport, base: float, evaluate: Callable[[Groups, int], float],
                 screen: int | None = None, progress: bool = True, *,
                 build: Callable[[Groups, int], Plan] | None = None, measure: str = "perplexity",
-                screen_evaluate: Callable[[Groups, int], float] | None = None) -> PlanSearch:
+                screen_evaluate: Callable[[Groups, int], float] | None = None, beam: int = 1) -> PlanSearch:
     """The rank / screen / grow search over any ``evaluate(groups, bypass) -> perplexity``.
 
     ``base`` is the original's value of the same measure. ``build(groups,
@@ -147,9 +154,12 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
     corrections, so the result is the plan that was measured.
     ``screen_evaluate`` (default ``evaluate``) measures the windows alone, to
     order them; a cheaper measure may do there, since every plan the search
-    keeps is measured again with ``evaluate``.
+    keeps is measured again with ``evaluate``. ``beam``: grow this many plans at once (module docs);
+    1 is the greedy growth.
     """
     check_search_args(parallel, budget)
+    if beam < 1:
+        raise CQILConfigError(f"beam={beam} must be >= 1 (1: greedy growth)")
     windows = [tuple(range(i, i + parallel)) for i in range(num_blocks - parallel + 1)]
     windows.sort(key=similarity.group_similarity, reverse=True)
     windows = windows[:screen] if screen else windows
@@ -163,11 +173,19 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
         return ppl, d
 
     screen_measure = screen_evaluate or evaluate
-    cost = {w: best((w,), limit, screen_measure)[0] for w in _progress(windows, progress, "screen windows")}
+    screened = {w: best((w,), limit, screen_measure) for w in _progress(windows, progress, "screen windows")}
+    cost = {w: ppl for w, (ppl, _) in screened.items()}
+    ordered = sorted(windows, key=cost.__getitem__)
+    if beam > 1:
+        usable = [w for w in ordered if cost[w] <= limit or screen_evaluate is not None]
+        known = {} if screen_evaluate is not None else {(w,): screened[w] for w in windows}
+        chosen, chosen_ppl, chosen_d = _grow_beam(usable, beam, base, limit, best, known, progress)
+        plan = build(chosen, chosen_d) if build is not None and chosen else Plan(num_blocks, chosen, chosen_d)
+        return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials), measure)
     chosen: tuple[tuple[int, ...], ...] = ()
     chosen_ppl, chosen_d = base, 0
     misses = 0
-    for w in _progress(sorted(windows, key=cost.__getitem__), progress, "grow plan"):
+    for w in _progress(ordered, progress, "grow plan"):
         if (cost[w] > limit and screen_evaluate is None) or any(set(w) & set(g) for g in chosen):
             continue
         if misses >= GROW_PATIENCE:  # the windows left cost more alone than those that did not fit
@@ -181,3 +199,32 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
             misses += 1
     plan = build(chosen, chosen_d) if build is not None and chosen else Plan(num_blocks, chosen, chosen_d)
     return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials), measure)
+
+
+def _grow_beam(windows: Sequence[tuple[int, ...]], width: int, base: float, limit: float,
+               best: Callable[[Groups, float], tuple[float, int]], known: dict[Groups, tuple[float, int]],
+               progress: bool) -> tuple[Groups, float, int]:
+    """The beam growth of :func:`search_plan` over ``windows`` (cheapest alone first): the plan with the most
+    groups within ``limit`` (the cheapest of those), its measure and bypass distance. ``known``: plans
+    already measured the same way (the screened windows, when the screen measured with ``evaluate``)."""
+    measured = dict(known)
+    kept: list[tuple[Groups, float, int]] = [((), base, 0)]
+    result = kept[0]
+    step = 0
+    while kept:
+        step += 1
+        extensions: dict[Groups, tuple[float, int]] = {}
+        for groups, _, _ in _progress(kept, progress, f"grow plans, step {step}"):
+            free = [w for w in windows if not any(set(w) & set(g) for g in groups)][:2 * width]
+            for w in free:
+                grown = tuple(sorted(groups + (w,)))
+                if grown not in measured:
+                    measured[grown] = best(grown, limit)
+                if measured[grown][0] <= limit:
+                    extensions[grown] = measured[grown]
+        kept = sorted(((g, p, d) for g, (p, d) in extensions.items()), key=lambda e: e[1])[:width]
+        if kept:
+            result = kept[0]  # more groups than any plan of the steps before
+            log.info("planner: beam step %d: best %s (%.3f), %d plans measured", step,
+                     [list(g) for g in result[0]], result[1], len(measured))
+    return result

@@ -13,6 +13,7 @@ from cqil_fx.eager.planner import plan_auto
 from cqil_fx.eager.quality import perplexity, removed_blocks
 from cqil_fx.eager.similarity import measure_similarity, save_heatmap
 from cqil_fx.passes import find_blocks
+from cqil_fx.planning import SimilarityReport, search_plan
 
 from conftest import relative_error
 from tiny_models import LAYERS, tiny_model, tokens
@@ -100,6 +101,40 @@ def test_planner_respects_its_budget_with_legal_plans(budget):
         assert plan.saved_blocks >= 2
 
 
+def test_beam_finds_two_windows_where_greedy_growth_keeps_one():
+    """Windows (0,1), (1,2), (2,3) costing 2 %, 1 %, 2 % alone and adding up, at a 4.5 % budget: greedy
+    growth keeps the cheapest, (1,2), which overlaps both others; a beam of 2 also grows (0,1) and finds
+    (0,1) + (2,3) at 4 %."""
+    alone = {(0, 1): 0.02, (1, 2): 0.01, (2, 3): 0.02}
+    similarity = SimilarityReport(torch.ones(5, 5), tokens=1)
+    measured = []
+
+    def evaluate(groups, bypass):
+        measured.append(groups)
+        return 10.0 * (1 + sum(alone[g] for g in groups))
+
+    greedy = search_plan(4, 2, 0.045, (0,), similarity, 10.0, evaluate, progress=False)
+    assert greedy.plan.groups == ((1, 2),)
+    beam = search_plan(4, 2, 0.045, (0,), similarity, 10.0, evaluate, progress=False, beam=2)
+    assert beam.plan.groups == ((0, 1), (2, 3)) and beam.perplexity == pytest.approx(10.4)
+    screen = sorted((w,) for w in alone)
+    assert sorted(measured[:3]) == screen and measured[3] == ((1, 2),)  # greedy: the screen, then its growth
+    assert sorted(measured[4:7]) == screen  # the beam: the screen ...
+    assert measured[7:] == [((0, 1), (2, 3))]  # ... and no window alone again
+    with pytest.raises(CQILConfigError, match="beam=0"):
+        search_plan(4, 2, 0.045, (0,), similarity, 10.0, evaluate, progress=False, beam=0)
+
+
+def test_beam_search_on_a_model_keeps_its_budget():
+    model = tiny_model("qwen2")
+    search = plan_auto(model, CALIBRATION, parallel=2, budget=0.3, progress=False, beam=3)
+    greedy = plan_auto(model, CALIBRATION, parallel=2, budget=0.3, progress=False)
+    assert search.perplexity <= search.base_perplexity * 1.3
+    assert perplexity(model, CALIBRATION, plan=search.plan) == pytest.approx(search.perplexity, rel=1e-6)
+    CQILConfig(groups=search.plan.groups, bypass=search.plan.bypass).plan_for(LAYERS)  # legal
+    assert search.plan.saved_blocks >= 1 and greedy.plan.saved_blocks >= 1
+
+
 def test_bigger_budget_saves_at_least_as_much():
     model = tiny_model("mistral")
     small = plan_auto(model, CALIBRATION, budget=0.01, progress=False)
@@ -163,11 +198,11 @@ def test_quality_study_writes_its_report(tmp_path):
     model = tiny_model("llama")
     probe = QualityProbe(model, CALIBRATION[:2], tokens(batch=2, length=6, seed=9), new_tokens=4)
     rows, similarity = run_study(model, CALIBRATION, probe, budgets=(0.5,), screen=4, default=False,
-                                 spans=((2, 6),))
+                                 spans=((2, 6),), beam=2)
     assert rows[0].method == "original" and rows[0].next_token == 1.0 and rows[0].greedy == 1.0
     assert {r.method for r in rows} == {"original", "cqil", "removal"}
-    assert {"uniform S2-E6 P2 D0", "uniform S2-E6 P2 D0 corrected", "auto P2 KL corrected +10%"} <= {
-        r.name for r in rows}
+    assert {"uniform S2-E6 P2 D0", "uniform S2-E6 P2 D0 corrected", "auto P2 KL corrected +10%",
+            "auto P2 KL corrected +10% beam 2"} <= {r.name for r in rows}
     assert all(r.promise is not None for r in rows if r.name.startswith("auto"))
     removal_counts = {r.saved_blocks for r in rows if r.method == "removal"}
     assert {r.saved_blocks for r in rows if r.method == "cqil" and r.saved_blocks} <= removal_counts

@@ -66,12 +66,13 @@ SELF_WINDOW = 256  # ... in windows of this many tokens
 def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: int = 2,
               budget: float = DEFAULT_BUDGET, bypass: Sequence[int] | None = None,
               screen: int | None = None, progress: bool = True, measure: str = "perplexity",
-              correct: bool = False) -> PlanSearch:
+              correct: bool = False, beam: int = 1) -> PlanSearch:
     """Search a plan for ``model`` on ``calibration`` batches of token ids (see module docs).
 
     ``bypass``: the distances to consider (default: every legal one for the
     model's block kind and ``parallel``).  ``screen``: how many of the
-    best-ranked windows to measure (default: all).
+    best-ranked windows to measure (default: all). ``beam``: plans grown at once
+    (:func:`cqil_fx.planning.search_plan`; 1, the default, grows one greedily).
     """
     check_search_args(parallel, budget)
     if measure not in MEASURES:
@@ -98,7 +99,8 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
         return meter(Plan(len(layers), groups, d))
 
     return search_plan(len(layers), parallel, budget, distances, similarity, meter.base, evaluate, screen,
-                       progress, build=build, measure=measure, screen_evaluate=uncorrected if correct else None)
+                       progress, build=build, measure=measure, screen_evaluate=uncorrected if correct else None,
+                       beam=beam)
 
 
 class DistortionMeter:

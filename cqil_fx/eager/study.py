@@ -11,7 +11,7 @@ with the original of
   and more spans, with and without closed-form corrections;
 * automatic plans (:func:`cqil_fx.eager.planner.plan_auto`) at several budgets,
   with their promise (what the search measured on its calibration text) next
-  to the outcome; the KL-measured, corrected search; and the plan
+  to the outcome; the KL-measured, corrected search, greedy and as a beam search; and the plan
   ``backend="cqil"`` finds with no data (:func:`~cqil_fx.eager.planner.plan_default`);
 * ShortGPT-style layer removal (drop the blocks of lowest influence,
   1 - cos(input, output), on the calibration split) at the same numbers of
@@ -60,13 +60,15 @@ class Row:
 def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], probe: QualityProbe,
               budgets: Sequence[float] = (0.05, 0.10, 0.20), screen: int | None = 16,
               recovered: Sequence[tuple[nn.Module, Plan]] = (), default: bool = True,
-              spans: Sequence[tuple[int, int]] = ((20, 28),)) -> tuple[list[Row], SimilarityReport]:
+              spans: Sequence[tuple[int, int]] = ((20, 28),), beam: int = 4) -> tuple[list[Row], SimilarityReport]:
     """Measure every row of the study (see module docs) on ``probe``'s held-out text; tens of minutes on
     a 135M model and 2 cores.
 
     ``recovered``: (distilled model, its plan) pairs measured as "recovered" rows. ``default``: add the
     row of :func:`cqil_fx.eager.planner.plan_default` (the plan ``backend="cqil"`` finds with no data).
-    ``spans``: more uniform P = 2 spans, each measured with and without corrections.
+    ``spans``: more uniform P = 2 spans, each measured with and without corrections. ``beam``: the width of
+    a beam search (:func:`cqil_fx.planning.search_plan`) measured next to the greedy KL-corrected search
+    (1: none).
     Returns the rows and the calibration similarity report (for the heatmap)."""
     num_blocks = len(decoder_layers(model))
 
@@ -104,6 +106,11 @@ def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], probe: Qual
                        measure="kl", correct=True)
     similarity = similarity or search.similarity
     rows.append(row("auto P2 KL corrected +10%", "cqil", search.plan, detail=str(search), promise=search.cost))
+    if beam > 1:
+        search = plan_auto(model, calibration, parallel=2, budget=0.10, bypass=(0,), screen=screen, progress=False,
+                           measure="kl", correct=True, beam=beam)
+        rows.append(row(f"auto P2 KL corrected +10% beam {beam}", "cqil", search.plan, detail=str(search),
+                        promise=search.cost))
     if default:
         search = plan_default(model, progress=False)
         rows.append(row("default (backend=\"cqil\")", "cqil", search.plan, detail=str(search), promise=search.cost))

@@ -57,10 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--measure", choices=("perplexity", "kl"), default="perplexity",
                       help="what the search measures on the calibration windows")
     plan.add_argument("--correct", action="store_true", help="fit a closed-form correction per group")
+    plan.add_argument("--beam", type=int, default=1, help="plans grown at once (a beam search; 1: greedy growth)")
     plan.add_argument("--default", action="store_true",
                       help="the data-free default plan (the model writes its calibration text), stored in the "
-                           "plan cache where backend='cqil' finds it; --windows, --seq-len, --measure and "
-                           "--correct do not apply")
+                           "plan cache where backend='cqil' finds it; --windows, --seq-len, --measure, "
+                           "--correct and --beam do not apply")
     plan.add_argument("--out", help="write the plan as JSON here")
     plan.set_defaults(run=_plan, groups=None, start=None, end=None, bypass=0, verbose=False)
 
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--budgets", type=_budgets, default=(0.05, 0.10, 0.20),
                        help="budgets of the automatic plans, e.g. 0.05,0.1")
     study.add_argument("--no-default", action="store_true", help="leave out the default plan's row")
+    study.add_argument("--beam", type=int, default=4,
+                       help="width of the beam-search row next to the greedy KL-corrected search (1: no such row)")
     study.add_argument("--out", default="docs", help="directory for quality.md, quality.json, quality.png")
     study.add_argument("--recovered", action="append", default=[], metavar="DIR",
                        help="add a 'recovered' row for weights written by `cqil-fx recover --out DIR` (repeatable)")
@@ -196,7 +199,7 @@ def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
         return 0
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
     search = plan_auto(model, calibration, parallel=args.parallel, budget=args.budget, measure=args.measure,
-                       correct=args.correct)
+                       correct=args.correct, beam=args.beam)
     print(search)
     if args.out:
         search.plan.save(args.out)
@@ -217,7 +220,7 @@ def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
     prompts = torch.cat([w[:, :32] for w in held_out[args.held_out:]])
     probe = QualityProbe(model, held_out[:args.held_out], prompts)
     rows, similarity = run_study(model, calibration, probe, budgets=args.budgets, default=not args.no_default,
-                                 recovered=_recovered_models(model, args.recovered))
+                                 recovered=_recovered_models(model, args.recovered), beam=args.beam)
     tokens = {"calibration": sum(t.numel() for t in calibration), "evaluation": args.held_out * 256,
               "prompts": args.prompts}
     write_report(rows, similarity, args.out, args.command_line, tokens)
