@@ -45,7 +45,7 @@ from ..errors import CQILConfigError
 from ..planning import Groups, PlanSearch, check_search_args, search_plan
 from ..progress import progress as _progress
 from ..stack import decoder_layers
-from ..tokens import NextTokenLoss, token_windows
+from ..tokens import token_windows
 from .correction import fit_corrections
 from .quality import perplexity
 from .reference import branches_of, cqil_semantics
@@ -124,12 +124,8 @@ class DistortionMeter:
     def __call__(self, plan: Plan) -> float:
         if self.measure == "kl":
             return math.exp(self.kl(plan))
-        loss = NextTokenLoss()
-        with torch.no_grad(), cqil_semantics(self.model, plan):
-            for b, ids in enumerate(self.batches):
-                with self.outputs.replayed(b, first_group(plan)):
-                    loss.add(self.model(ids, use_cache=False).logits, ids)
-        return loss.perplexity
+        start = first_group(plan)
+        return perplexity(self.model, self.batches, plan, per_batch=lambda b: self.outputs.replayed(b, start))
 
     def kl(self, plan: Plan) -> float:
         """Mean KL(original || plan) over every position of every batch."""

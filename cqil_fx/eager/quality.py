@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -30,15 +30,19 @@ from .reference import cqil_semantics, layer_input
 
 
 def perplexity(model: nn.Module, batches: Iterable[torch.Tensor], plan: Plan | CQILConfig | None = None,
-               removed: Sequence[int] = (), progress: bool = False) -> float:
-    """Perplexity of ``model`` on ``batches`` of token ids, under ``plan`` or with ``removed`` blocks."""
+               removed: Sequence[int] = (), progress: bool = False,
+               per_batch: Callable[[int], contextlib.AbstractContextManager] | None = None) -> float:
+    """Perplexity of ``model`` on ``batches`` of token ids, under ``plan`` or with ``removed`` blocks.
+
+    ``per_batch(b)``: a context each batch ``b`` runs in (the planner replays recorded block outputs)."""
     if plan is not None and removed:
         raise CQILConfigError("give plan= or removed=, not both")
     semantics = cqil_semantics(model, plan) if plan is not None else removed_blocks(model, removed)
     loss = NextTokenLoss()
     with semantics, torch.no_grad():
-        for ids in _progress(batches, progress, "perplexity"):
-            loss.add(model(ids, use_cache=False).logits, ids)
+        for b, ids in enumerate(_progress(batches, progress, "perplexity")):
+            with per_batch(b) if per_batch is not None else contextlib.nullcontext():
+                loss.add(model(ids, use_cache=False).logits, ids)
     return loss.perplexity
 
 
