@@ -1,13 +1,15 @@
 """Does the default search's promise hold on text of another kind? Promise against held-out outcome.
 
     python benchmarks/plan_transfer.py --budgets 0.06 0.1 0.15 --out benchmarks/results/plan-transfer.json
+    python benchmarks/plan_transfer.py --budgets 0.2 0.35 --beam 4 --held-out 24   # the frontier beyond +10 %
 
 The search of ``backend="cqil"`` with no arguments (``plan_auto`` with
 ``measure="kl"``, ``correct=True``, D = 0) on text SmolLM2 writes itself
 (``self_generated_text``, seed 0), at each budget; each plan's promise (its
 cost on that text) next to its perplexity change on the held-out licence
 texts, with and without its corrections. This is what ``SAFETY`` in
-``cqil_fx.eager.planner`` is set from.
+``cqil_fx.eager.planner`` is set from. ``--beam B`` searches with a beam of
+``B`` plans (``plan_auto(beam=B)``) instead of the default greedy growth.
 """
 
 from __future__ import annotations
@@ -26,19 +28,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.06, 0.10, 0.15])
     parser.add_argument("--held-out", type=int, default=16, help="256-token windows of licence text")
+    parser.add_argument("--beam", type=int, default=1, help="plans grown at once (1: the default's greedy growth)")
     parser.add_argument("--out", default="benchmarks/results/plan-transfer.json")
     args = parser.parse_args()
-    if any(b <= 0 for b in args.budgets) or args.held_out < 1:
-        parser.error("budgets must be > 0 and --held-out >= 1")
+    if any(b <= 0 for b in args.budgets) or args.held_out < 1 or args.beam < 1:
+        parser.error("budgets must be > 0, --held-out and --beam >= 1")
     model, tokenizer = load_smollm2()
     t = time.perf_counter()
     text = self_generated_text(model, seed=0)
-    result = {"date": time.strftime("%Y-%m-%d"), "generate_s": time.perf_counter() - t, "rows": []}
+    result = {"date": time.strftime("%Y-%m-%d"), "generate_s": time.perf_counter() - t, "beam": args.beam,
+              "held_out_tokens": 256 * args.held_out, "rows": []}
     held = token_batches(tokenizer, "licenses", 256, args.held_out)
     base = perplexity(model, held)
     for budget in args.budgets:
         t = time.perf_counter()
-        search = plan_auto(model, text, budget=budget, bypass=(0,), measure="kl", correct=True, progress=False)
+        search = plan_auto(model, text, budget=budget, bypass=(0,), measure="kl", correct=True, progress=False,
+                           beam=args.beam)
         plan = search.plan
         change = perplexity(model, held, plan=plan) / base - 1 if plan.groups else 0.0
         plain = perplexity(model, held, plan=plan.without_corrections()) / base - 1 if plan.groups else 0.0

@@ -107,9 +107,9 @@ def _recover_parser(sub) -> None:
     recover.add_argument("--eval-every", type=int, default=50)
     recover.add_argument("--patience", type=int, default=3)
     recover.add_argument("--seed", type=int, default=0)
-    recover.add_argument("--data", choices=("python", "self"), default="python",
-                         help="training text: the calibration split of the Python reference, or text the model "
-                              "writes itself (--self-tokens of it)")
+    recover.add_argument("--data", choices=("python", "self", "mixed"), default="python",
+                         help="training text: the calibration split of the Python reference, text the model "
+                              "writes itself (--self-tokens of it), or both (mixed)")
     recover.add_argument("--self-tokens", type=int, default=16384)
     recover.add_argument("--evaluate-on", choices=("evaluation", "licenses"), default="evaluation",
                          help="held-out text for the before/after perplexity: the Python reference's evaluation "
@@ -253,12 +253,13 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
 
     model, tokenizer = _load(args.model)
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
-    if args.data == "self":  # text the model writes: the data-free distillation of LLM-QAT
+    if args.data in ("self", "mixed"):  # text the model writes: the data-free distillation of LLM-QAT
         from ..eager.planner import self_generated_text
 
         written = self_generated_text(model, tokens=args.self_tokens, window=args.seq_len, seed=args.seed,
                                       progress=True)
-        train = [torch.cat(written[i:i + args.batch]) for i in range(0, len(written) - args.batch + 1, args.batch)]
+        written = [torch.cat(written[i:i + args.batch]) for i in range(0, len(written) - args.batch + 1, args.batch)]
+        train = train + written if args.data == "mixed" else written  # steps draw from both in random order
     if args.evaluate_on == "licenses":  # text of another kind than anything trained on
         evaluation = token_batches(tokenizer, "licenses", 256, 24)
     summary = run_recovery(model, config, train, validation, evaluation, args.out, command=args.command_line,
