@@ -1,9 +1,17 @@
-"""SmolLM2-135M on real text: Inductor-compiled CQIL logits equal the eager reference."""
+"""SmolLM2-135M on real text: Inductor-compiled CQIL logits equal the eager reference; the shipped
+adapters reproduce their documented quality."""
+
+import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from cqil_fx import CQILConfig, cqil_reference, make_backend
+from cqil_fx import CQILConfig, Plan, cqil_reference, make_backend
+from cqil_fx.eager.distill import load_recovered
+from cqil_fx.eager.quality import perplexity
+from cqil_fx.errors import RecoveredWeightsError
 from cqil_fx.tools.models import token_batches
 
 from conftest import relative_error
@@ -23,3 +31,26 @@ def test_smollm2_cqil_logits_equal_reference_on_real_text(smollm2):
     assert len(report.blocks) == 30 and len(report.rewrites) == 8 and report.bypass_edges == 8
     assert relative_error(actual, expected) <= 1e-4
     assert relative_error(expected, original) > 0.05  # 8 of 30 block-times saved is not free
+
+
+SHIPPED = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-s12-e28-p2"
+
+
+@pytest.mark.real_model
+def test_shipped_adapters_reproduce_their_documented_perplexity(smollm2):
+    """The adapters in the repository load onto SmolLM2 under their own plan only, and give the held-out
+    (licence text) perplexity their recovery.json (and docs/distillation.md) reports."""
+    model, tokenizer = smollm2
+    summary = json.loads((SHIPPED / "recovery.json").read_text())
+    recovered = copy.deepcopy(model)
+    plan = load_recovered(recovered, SHIPPED)
+    assert plan == Plan.from_json(json.dumps(summary["plan"])) and plan.saved_blocks == 8
+    held_out = token_batches(tokenizer, "licenses", 256, 24)
+    assert perplexity(recovered, held_out, plan=plan) == pytest.approx(summary["perplexity"]["recovered"], rel=1e-4)
+    with pytest.raises(RecoveredWeightsError, match="recovers"):
+        load_recovered(copy.deepcopy(model), SHIPPED, plan=CQILConfig(start=12, end=28, parallel=4))
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
+    with pytest.raises(RecoveredWeightsError, match="another base model"):
+        load_recovered(other, SHIPPED)
