@@ -65,6 +65,11 @@ def test_cli_rejects_bad_input_with_a_message(capsys):
     with pytest.raises(SystemExit):
         main(["inspect", "--groups", "3-x"])
     assert "write groups as FIRST-LAST" in capsys.readouterr().err
+    for command in ("plan", "eval"):
+        for width in ("0", "two"):
+            with pytest.raises(SystemExit):
+                main([command, "--beam", width])
+            assert "the beam is a number of plans, 1 or more" in capsys.readouterr().err
 
 
 def test_cli_reports_every_cqil_error_as_a_message_not_a_traceback(capsys, tmp_path):

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--measure", choices=("perplexity", "kl"), default="perplexity",
                       help="what the search measures on the calibration windows")
     plan.add_argument("--correct", action="store_true", help="fit a closed-form correction per group")
-    plan.add_argument("--beam", type=int, default=1, help="plans grown at once (a beam search; 1: greedy growth)")
+    plan.add_argument("--beam", type=_beam, default=1, help="plans grown at once (a beam search; 1: greedy growth)")
     plan.add_argument("--default", action="store_true",
                       help="the data-free default plan (the model writes its calibration text), stored in the "
                            "plan cache where backend='cqil' finds it; --windows, --seq-len, --measure, "
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--budgets", type=_budgets, default=(0.05, 0.10, 0.20),
                        help="budgets of the automatic plans, e.g. 0.05,0.1")
     study.add_argument("--no-default", action="store_true", help="leave out the default plan's row")
-    study.add_argument("--beam", type=int, default=4,
+    study.add_argument("--beam", type=_beam, default=4,
                        help="width of the beam-search row next to the greedy KL-corrected search (1: no such row)")
     study.add_argument("--out", default="docs", help="directory for quality.md, quality.json, quality.png")
     study.add_argument("--recovered", action="append", default=[], metavar="DIR",
@@ -124,6 +124,16 @@ def _budgets(text: str) -> tuple[float, ...]:
         return tuple(float(b) for b in text.split(","))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: write budgets as numbers, e.g. 0.05,0.1") from e
+
+
+def _beam(text: str) -> int:
+    try:
+        width = int(text)
+    except ValueError:
+        width = 0
+    if width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: the beam is a number of plans, 1 or more (1: greedy growth)")
+    return width
 
 
 def _groups(text: str) -> list[list[int]]:
