@@ -191,7 +191,8 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
         if misses >= GROW_PATIENCE:  # the windows left cost more alone than those that did not fit
             break
         groups = tuple(sorted(chosen + (w,)))
-        ppl, d = best(groups, limit)
+        # a first window alone was measured by the screen, unless the screen measured otherwise
+        ppl, d = screened[w] if not chosen and screen_evaluate is None else best(groups, limit)
         if ppl <= limit:
             chosen, chosen_ppl, chosen_d, misses = groups, ppl, d, 0
             log.info("planner: kept %s (perplexity %.3f, bypass %d)", list(w), ppl, d)
