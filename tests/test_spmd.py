@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,7 @@ def test_peak_memory_sees_what_the_block_touched():
 
     with PeakMemory() as peak:
         block = torch.ones(16 * 2**20)  # 64 MiB, written: resident while the block runs
+        time.sleep(0.05)  # 50 sampling periods with it resident (filling it can take under one on a busy machine)
         del block
     with PeakMemory() as idle:
         pass
