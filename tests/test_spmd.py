@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import time
 from pathlib import Path
@@ -212,10 +213,14 @@ def test_load_rank_weights_keeps_attention_whole_only_with_tp_fallback(tmp_path)
 def test_peak_memory_sees_what_the_block_touched():
     from cqil_fx.graph.weights import PeakMemory
 
+    # A fresh anonymous mapping, not a tensor: after earlier tests free large models, the allocator
+    # serves 64 MiB from free heap pages that are already resident, and the resident size never moves.
     with PeakMemory() as peak:
-        block = torch.ones(16 * 2**20)  # 64 MiB, written: resident while the block runs
-        time.sleep(0.05)  # 50 sampling periods with it resident (filling it can take under one on a busy machine)
-        del block
+        block = mmap.mmap(-1, 64 * 2**20)
+        for page in range(0, len(block), mmap.PAGESIZE):  # written: resident while the block runs
+            block[page] = 1
+        time.sleep(0.05)  # 50 sampling periods with it resident (writing it can take under one)
+        block.close()
     with PeakMemory() as idle:
         pass
     assert peak.bytes >= 48 * 2**20, peak.bytes
