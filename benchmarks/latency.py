@@ -6,7 +6,9 @@
     python benchmarks/latency.py --plans 12-28:0 --workloads generate-64 --reps 7   # KV-cache decode
 
 Workloads, batch 1: ``decode`` is one forward of 1 token without a cache,
-``prefill-128`` / ``prefill-512`` one forward of 128 / 512 tokens, and
+``prefill-128`` / ``prefill-512`` one forward of 128 / 512 tokens (the logits of every position),
+``prefill-512-last`` the same forward with the logits of the last position only
+(``logits_to_keep=1``: what ``generate`` computes before its first token), and
 ``generate-64`` is ``model.generate`` with a static KV cache: a 128-token prompt,
 then 64 new tokens, greedy (each column's ``forward`` compiled as in
 ``cqil_fx.tools.generation.compiled_twin``; one prefill and one decode graph).  For
@@ -110,8 +112,11 @@ from cqil_fx.graph.executor import ConcurrentProgram
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2
 
-WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "generate-64": (128, 64)}
+WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "prefill-512-last": (512, 0),
+             "generate-64": (128, 64)}
 """workload -> (prompt tokens, new tokens); 0 new tokens is one forward without a cache."""
+LAST_LOGITS = {"prefill-512-last"}
+"""Forwards that compute the last position's logits only (``logits_to_keep=1``), as generate's prefill does."""
 COLUMNS = ("original-1t", "original-2t", "original-2t-cpp", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent",
            "tp-spmd", "cqil-tp-spmd")
 THREADS = {"original-1t": 1, "original-2t": 2, "original-2t-cpp": 2, "rest-1t": 1, "cqil-spmd": 1,
@@ -163,8 +168,9 @@ def without_collectives(inner):
                 continue
             copies = stand_ins[node.target](node)
             if copies:
+                dim = node.args[3] if node.target is cqil.pg_all_gather.default and len(node.args) > 3 else 0
                 with gm.graph.inserting_before(node):
-                    replacement = gm.graph.call_function(torch.cat, ([node.args[0]] * copies,))
+                    replacement = gm.graph.call_function(torch.cat, ([node.args[0]] * copies,), {"dim": dim})
             else:
                 replacement = node.args[0]
             node.replace_all_uses_with(replacement)
@@ -268,8 +274,10 @@ def workload_call(model, workload: str, ids: torch.Tensor) -> Callable[[], float
     """One call of ``workload`` on ``model`` (a compiled twin); generate-64 returns its per-token ms."""
     _, new = WORKLOADS[workload]
 
+    keep = {"logits_to_keep": 1} if workload in LAST_LOGITS else {}
+
     def forward() -> None:
-        model(ids, use_cache=False)
+        model(ids, use_cache=False, **keep)
 
     def generate() -> float:
         clock = TokenClock()

@@ -173,6 +173,24 @@ def _ancestors(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:
     return seen
 
 
+def _gathered_along(wait: torch.fx.Node, world_size: int) -> tuple[torch.fx.Node, int] | None:
+    """(the cat, its dim) when ``wait``'s only use is ``cat(chunk(wait, world_size, dim=0), dim=d)``, d != 0."""
+    if len(wait.users) != 1:
+        return None
+    (chunk,) = wait.users
+    if not (chunk.target is torch.chunk and chunk.args[:2] == (wait, world_size)
+            and chunk.kwargs.get("dim", chunk.args[2] if len(chunk.args) > 2 else 0) == 0 and len(chunk.users) == 1):
+        return None
+    (cat,) = chunk.users
+    if cat.target is not torch.cat or cat.args[:1] != (chunk,) or len(cat.args) > 1:
+        return None
+    dim = cat.kwargs.get("dim", 0)
+    value = wait.meta.get("example_value")
+    if dim < 0 and isinstance(value, torch.Tensor):
+        dim += value.dim()
+    return (cat, dim) if dim > 0 else None
+
+
 def _is_counter_update(node: torch.fx.Node) -> bool:
     """An in-place add to a one-element tensor: a cache's length counter, not a K/V write."""
     if not mutates_in_place(node) or getattr(node.target, "__name__", node.target) != "add_":
@@ -191,10 +209,13 @@ def replace_collectives(gm: torch.fx.GraphModule, all_reduce, all_gather, channe
     """Swap ``wait_tensor(functional collective(x))`` for ``op(x, channel, previous)`` (another transport).
 
     ``all_reduce(x, channel, after)`` must sum over the ranks and ``all_gather(x,
-    channel, after)`` concatenate along dim 0, as the functional ops placed here
-    do.  ``after`` is the previous collective's output (None for the first): a
-    data dependency that keeps the graph order of the collectives, which every
-    rank must share, through any reordering compiler.
+    channel, after, dim)`` concatenate along ``dim``.  ``after`` is the previous
+    collective's output (None for the first): a data dependency that keeps the
+    graph order of the collectives, which every rank must share, through any
+    reordering compiler.  A gather along dim 0 whose only use is
+    ``cat(chunk(gathered, W), dim=d)`` (a gather along dim d, as
+    :func:`cqil_fx.passes.tensor_parallel.shard_blocks` writes it for the logits)
+    becomes one ``all_gather(x, channel, after, d)``.
     """
     ops = {_functional.all_reduce.default: all_reduce, _functional.all_gather_into_tensor.default: all_gather}
     previous = None
@@ -202,11 +223,17 @@ def replace_collectives(gm: torch.fx.GraphModule, all_reduce, all_gather, channe
         if node.target in ops:
             (wait,) = node.users
             assert wait.target is _functional.wait_tensor.default, wait
+            args, replaced, dead = (node.args[0], channel, previous), wait, [wait, node]
+            gather = node.target is _functional.all_gather_into_tensor.default
+            concatenated = _gathered_along(wait, node.args[1]) if gather else None
+            if concatenated is not None:
+                cat, dim = concatenated
+                args, replaced, dead = (*args, dim), cat, [cat, *cat.args[0:1], *dead]
             with gm.graph.inserting_before(node):
-                new = gm.graph.call_function(ops[node.target], (node.args[0], channel, previous))
-            wait.replace_all_uses_with(new)
-            gm.graph.erase_node(wait)
-            gm.graph.erase_node(node)
+                new = gm.graph.call_function(ops[node.target], args)
+            replaced.replace_all_uses_with(new)
+            for n in dead:
+                gm.graph.erase_node(n)
             previous = new
     gm.graph.lint()
     gm.recompile()

@@ -50,6 +50,13 @@ def collectives(gm) -> dict[str, int]:
     return {kind: sum(any(p in t for p in prefixes) for t in names) for kind, prefixes in kinds.items()}
 
 
+def _gather_dims(gm) -> list[int]:
+    """The dim each all_gather of transport ``cqil::*`` concatenates along, in graph order."""
+    ops = (torch.ops.cqil.shm_all_gather.default, torch.ops.cqil.pg_all_gather.default)
+    return [n.args[3] if len(n.args) > 3 else n.kwargs.get("dim", 0)
+            for n in gm.graph.nodes if n.target in ops]
+
+
 def exactness(rank: int, world_size: int) -> dict:
     results = {}
     ids = tokens(batch=2, length=9)
@@ -104,7 +111,8 @@ def tensor_parallel(rank: int, world_size: int) -> dict:
         report = backend.reports[0]
         results[(family, bypass, inner, transport, plan)] = dict(
             spmd=spmd, reference=reference, collectives=collectives(graphs[0]), sharding=report.sharding,
-            placement=report.placement, reported=report.collectives, narrows=_narrowed(graphs[0]))
+            placement=report.placement, reported=report.collectives, narrows=_narrowed(graphs[0]),
+            gather_dims=_gather_dims(graphs[0]))
         print(f"rank {rank}: TP {family} D{bypass} {inner} {transport} {plan} in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     # One token of batch 1 (a decode step without a cache): every traced size that is 1 must not be

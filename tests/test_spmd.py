@@ -125,6 +125,8 @@ def test_tensor_parallel_graph_holds_the_formula_of_collectives_and_weight_slice
         r = results[case]
         assert r["collectives"] == expected, (rank, r["collectives"])
         assert r["reported"] == sum(expected.values())
+        # the bypass gathers along dim 0; the logits in one collective along the vocabulary (no chunk + cat)
+        assert r["gather_dims"] == [0] * (len(groups) * (bypass > 0)) + [2], (rank, r["gather_dims"])
         assert r["sharding"].blocks == tuple(outside) and r["sharding"].lm_head and r["sharding"].embedding
         assert r["sharding"].row_linears == 2 * len(outside)  # o_proj / dense and down_proj / fc2
         # q, k, v and the MLP's input linears (gate + up; Phi: fc1) column-parallel, the LM head by vocabulary

@@ -44,6 +44,7 @@ from torch import nn
 from ..config import CQILConfig, Plan
 from ..errors import CQILDistributedError, CQILUnsupportedError
 from ..stack import decoder_layers
+from .shm import gathered_like
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +195,21 @@ def _(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> to
 
 
 @torch.library.custom_op("cqil::pg_all_gather", mutates_args=())
-def pg_all_gather(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> torch.Tensor:
-    """The ranks' ``x`` concatenated along dim 0, in rank order."""
+def pg_all_gather(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+    """The ranks' ``x`` concatenated along ``dim``, in rank order."""
     f = torch.ops._c10d_functional
     world = _PROCESS_GROUPS[group_name].world_size
-    return _collective(group_name, "all_gather",
-                       lambda: f.wait_tensor(f.all_gather_into_tensor(x.contiguous(), world, group_name)))
+
+    def gather() -> torch.Tensor:
+        gathered = f.wait_tensor(f.all_gather_into_tensor(x.contiguous(), world, group_name))
+        return gathered if dim == 0 else torch.cat(gathered.chunk(world), dim=dim)
+
+    return _collective(group_name, "all_gather", gather)
 
 
 @pg_all_gather.register_fake
-def _(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None) -> torch.Tensor:
-    return x.new_empty((x.shape[0] * _PROCESS_GROUPS[group_name].world_size, *x.shape[1:]))
+def _(x: torch.Tensor, group_name: str, after: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+    return gathered_like(x, _PROCESS_GROUPS[group_name].world_size, dim)
 
 
 def release_other_members(model: nn.Module, plan: Plan | CQILConfig, rank: int | None = None) -> int:

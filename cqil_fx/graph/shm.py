@@ -197,8 +197,8 @@ def shm_all_reduce(x: torch.Tensor, channel: str, after: torch.Tensor | None = N
     (see :func:`cqil_fx.passes.spmd.replace_collectives`).
     """
     slots = _CHANNELS[channel].exchange(x)
-    out = slots[0].clone()
-    for s in slots[1:]:
+    out = torch.add(slots[0], slots[1]) if len(slots) > 1 else slots[0].clone()  # one pass over the slots
+    for s in slots[2:]:
         out += s
     return out
 
@@ -209,14 +209,27 @@ def _(x: torch.Tensor, channel: str, after: torch.Tensor | None = None) -> torch
 
 
 @torch.library.custom_op("cqil::shm_all_gather", mutates_args=())
-def shm_all_gather(x: torch.Tensor, channel: str, after: torch.Tensor | None = None) -> torch.Tensor:
-    """The ranks' ``x`` concatenated along dim 0, in rank order (``after``: as for all_reduce)."""
-    return torch.cat(_CHANNELS[channel].exchange(x))
+def shm_all_gather(x: torch.Tensor, channel: str, after: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+    """The ranks' ``x`` concatenated along ``dim``, in rank order (``after``: as for all_reduce).
+
+    Each slot is copied once, straight to its place in the result: gathering the
+    vocabulary-split logits along their last dim this way saves the two copies of
+    "gather along dim 0, then chunk and concatenate" (most of a prefill's
+    collective time under tensor parallelism, docs/performance.md).
+    """
+    return torch.cat(_CHANNELS[channel].exchange(x), dim=dim)
 
 
 @shm_all_gather.register_fake
-def _(x: torch.Tensor, channel: str, after: torch.Tensor | None = None) -> torch.Tensor:
-    return x.new_empty((x.shape[0] * _CHANNELS[channel].world_size, *x.shape[1:]))
+def _(x: torch.Tensor, channel: str, after: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
+    return gathered_like(x, _CHANNELS[channel].world_size, dim)
+
+
+def gathered_like(x: torch.Tensor, world_size: int, dim: int) -> torch.Tensor:
+    """An empty tensor of the shape ``world_size`` copies of ``x`` make, concatenated along ``dim``."""
+    shape = list(x.shape)
+    shape[dim] *= world_size
+    return x.new_empty(shape)
 
 
 def capacity_for(nbytes: int) -> int:
