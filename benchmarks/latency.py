@@ -461,7 +461,7 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
             column, _, plan = name.partition("|")
             q = statistics.quantiles(ts, n=10)
             rows.append(dict(workload=workload, plan=plan, column=column, median_ms=whole[name], p10_ms=q[0],
-                             p90_ms=q[-1], collectives=graph_collectives(name)))
+                             p90_ms=q[-1], collectives=graph_collectives(name), samples_ms=ts))
             if name in token:
                 rows[-1].update(token_ms=token[name], tokens_per_s=WORKLOADS[workload][1] / whole[name] * 1e3)
         med = token or whole  # the ratios: per-token latency for generate workloads

@@ -372,3 +372,31 @@ def generation(rank: int, world_size: int, tensor_parallel: bool = False) -> dic
 def tp_generation(rank: int, world_size: int) -> dict:
     """:func:`generation` with the ungrouped blocks and the LM head tensor-parallel."""
     return generation(rank, world_size, tensor_parallel=True)
+
+
+def loaded_tp_generation(rank: int, world_size: int) -> dict:
+    """Static-cache generate() of a model each rank loaded with :func:`load_rank_weights` (TP), and the
+    number of key/value heads each layer's cache holds."""
+    from test_generate import greedy_without_cache, left_padded, small_model
+
+    from cqil_fx.graph.weights import load_rank_weights
+
+    full = small_model("llama")
+    config = CQILConfig(groups=[[1, 2]], bypass=1, mode="spmd", inner="aot_eager", collective_timeout=60,
+                        tensor_parallel=True)
+    ids, mask = left_padded(batch=2, length=7, pads=(0, 3))
+    expected, _ = greedy_without_cache(full, config, ids, mask)
+    path = Path(os.environ["CQIL_TEST_DIR"]) / "small-llama"
+    if rank == 0:
+        full.save_pretrained(path)
+    dist.barrier()
+    model, _ = load_rank_weights(full.config, path, config)
+    model.generation_config.cache_implementation = "static"
+    backend = make_backend(config)
+    model.forward = torch.compile(model.forward, backend=backend)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=expected.shape[1] - ids.shape[1],
+                             do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    return dict(tokens=out.sequences, expected=expected, reports=[repr(r) for r in backend.reports],
+                cache_heads=[layer.keys.shape[1] for layer in out.past_key_values.layers],
+                kv_heads=full.config.num_key_value_heads)

@@ -267,6 +267,16 @@ def test_spmd_without_a_process_group_is_a_clear_error():
     assert "torchrun" in str(info.value)
 
 
+def test_static_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path):
+    results = run_ranks("loaded_tp_generation", tmp_path)
+    for rank, r in enumerate(results):
+        assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"], r["reports"])
+        heads = r["kv_heads"]
+        # blocks 0 and 3 tensor-parallel: their caches hold this rank's heads only; the group's members whole
+        assert [r["cache_heads"][i] for i in (0, 3)] == [heads // 2] * 2, r["cache_heads"]
+        assert r["cache_heads"][1 + rank] == heads, r["cache_heads"]
+
+
 @pytest.mark.parametrize("scenario", ["generation", "tp_generation"])
 def test_static_cache_generation_on_two_ranks(tmp_path, scenario):
     results = run_ranks(scenario, tmp_path)
