@@ -93,6 +93,7 @@ from __future__ import annotations
 import argparse
 import collections
 import copy
+import functools
 import json
 import multiprocessing
 import os
@@ -335,9 +336,12 @@ def plan_name(config: CQILConfig) -> str:
 def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, torch.nn.Module]:
     """The SPMD columns, built identically on every rank (the same order of compiles)."""
     one_thread = inductor_with_threads(1)
+    # Steady state: without the input comparison of the first calls (check_inputs, one small
+    # all_gather_object each); spmd-compute runs on rank 0 alone, where it could not run at all.
+    make = functools.partial(make_backend, check_inputs=0)
     fns = {}
     if "tp-spmd" in columns:
-        fns["tp-spmd|"] = twin(model, counted("tp-spmd|", make_backend(
+        fns["tp-spmd|"] = twin(model, counted("tp-spmd|", make(
             groups=[], mode="spmd", inner=one_thread, tensor_parallel=True)))
     for config in plans:
         mine = copy.deepcopy(model)
@@ -345,13 +349,12 @@ def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, to
         for column, transport in TRANSPORTS.items():
             if column in columns:
                 name = f"{column}|{plan_name(config)}"
-                fns[name] = twin(mine, counted(name, make_backend(
-                    config, mode="spmd", inner=one_thread, transport=transport)))
+                fns[name] = twin(mine, counted(name, make(config, mode="spmd", inner=one_thread,
+                                                          transport=transport)))
         if "cqil-tp-spmd" in columns:
             name = f"cqil-tp-spmd|{plan_name(config)}"
-            fns[name] = twin(mine, counted(name, make_backend(config, mode="spmd", inner=one_thread,
-                                                              tensor_parallel=True)))
-        fns[f"spmd-compute|{plan_name(config)}"] = twin(mine, make_backend(
+            fns[name] = twin(mine, counted(name, make(config, mode="spmd", inner=one_thread, tensor_parallel=True)))
+        fns[f"spmd-compute|{plan_name(config)}"] = twin(mine, make(
             config, mode="spmd", inner=without_collectives(one_thread), transport="process_group"))
     return fns
 
@@ -502,6 +505,27 @@ def summarise(med: dict, workload: str, config: CQILConfig, num_blocks: int) -> 
     return out
 
 
+def paired_ratios(rows: list[dict], baselines: tuple[str, ...] = ("original-2t", "tp-spmd")) -> list[dict]:
+    """Each column's time over each baseline's, repetition by repetition (the calls were interleaved).
+
+    One dict per (workload, plan, column, baseline): median, p10 and p90 of the per-repetition
+    ratios (< 1: the column is faster), and their count.
+    """
+    out = []
+    for row in rows:
+        for base in baselines:
+            ref = next((r for r in rows if r["workload"] == row["workload"] and r["column"] == base), None)
+            skip = row["column"] == base or row["column"].startswith("original") or row["column"] in (
+                "rest-1t", "spmd-compute")
+            if ref is None or skip or not row.get("samples_ms"):
+                continue
+            ratios = [a / b for a, b in zip(row["samples_ms"], ref["samples_ms"])]
+            q = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios * 9
+            out.append(dict(workload=row["workload"], plan=row["plan"], column=row["column"], baseline=base,
+                            median=statistics.median(ratios), p10=q[0], p90=q[-1], n=len(ratios)))
+    return out
+
+
 def spmd_breakdown(med: dict, workload: str, config: CQILConfig, column: str, collective_ms: float) -> dict:
     name = plan_name(config)
     spmd, compute = med[f"{column}|{name}"], med[f"spmd-compute|{name}"]
@@ -563,8 +587,13 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=["smollm2", *MODELS])
     parser.add_argument("--predict", action="store_true",
                         help="print the multi-GPU latency model's prediction (predict_multi_gpu) and exit")
+    parser.add_argument("--ratios", metavar="JSON",
+                        help="print the paired ratios (paired_ratios) of a latency.json this script wrote, and exit")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.ratios:
+        print(json.dumps(paired_ratios(json.loads(Path(args.ratios).read_text())["rows"]), indent=1))
+        return
     try:
         [parse_plan(p) for p in args.plans]
     except ValueError as e:  # includes CQILConfigError
@@ -577,6 +606,7 @@ def main() -> None:
         return
     result = run(args)
     result["prediction_multi_gpu"] = predict_multi_gpu()
+    result["ratios"] = paired_ratios(result["rows"])
     model = load_model(args.model)
     result["param_bytes"] = {"original": parameter_bytes(model)}
     for p in args.plans:

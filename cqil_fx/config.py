@@ -223,6 +223,11 @@ class CQILConfig:
     is plain tensor parallelism.  ``tp_fallback``: where a block's head counts
     do not divide by the world size, keep its attention whole on every rank and
     split only its MLP, instead of raising :class:`CQILPlanError`.
+    ``check_inputs`` (mode "spmd"): the first this many calls of each compiled
+    graph compare the ranks' inputs (the shapes of token ids, masks and
+    positions, and the values of integer ones) before any collective, and
+    raise :class:`CQILDistributedError` on every rank when they differ; 0
+    turns the check off (:func:`cqil_fx.graph.distributed.check_inputs`).
     """
 
     groups: Sequence[Sequence[int]] | None = None
@@ -239,6 +244,7 @@ class CQILConfig:
     cuda_graphs: bool = False
     tensor_parallel: bool = False
     tp_fallback: bool = False
+    check_inputs: int = 8
     calibration: Sequence[Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
@@ -274,6 +280,7 @@ class CQILConfig:
             raise CQILConfigError(
                 f"tensor_parallel=True splits blocks over the ranks of mode='spmd'; with mode={self.mode!r} "
                 "there is one process: use mode='spmd' under torchrun, or tensor_parallel=False")
+        _check_int("check_inputs", self.check_inputs, minimum=0)
         if not isinstance(self.tp_fallback, bool):
             raise CQILConfigError(f"tp_fallback={self.tp_fallback!r} must be True or False")
         if self.tp_fallback and not self.tensor_parallel:

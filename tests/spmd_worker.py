@@ -283,6 +283,33 @@ def ranks_disagree(rank: int, world_size: int) -> dict:
     return out
 
 
+def inputs_disagree(rank: int, world_size: int) -> dict:
+    """Run-time input checks (``check_inputs``): the same shape with other token ids (shared memory), and
+    other lengths through one dynamic graph (process group), each before the graph's first collective."""
+    out = {}
+    model = copy.deepcopy(tiny_model("llama"))
+    ids = tokens(batch=1, length=12)
+    fast = torch.compile(model, backend=make_backend(**SPAN, mode="spmd", inner="eager", collective_timeout=20))
+    with torch.no_grad():
+        fast(ids, use_cache=False)  # the same inputs on both ranks: compiled and checked
+        try:
+            fast(ids if rank == 0 else ids.flip(-1), use_cache=False)  # same shape, other token ids
+            out["values"] = dict(error=None)
+        except Exception as e:  # noqa: BLE001
+            out["values"] = dict(error=_unwrap(e))
+    torch._dynamo.reset()
+    fast = torch.compile(model, backend=make_backend(**SPAN, mode="spmd", inner="eager", collective_timeout=20,
+                                                     transport="process_group"), dynamic=True)
+    with torch.no_grad():
+        fast(tokens(batch=1, length=12), use_cache=False)
+        try:  # one dynamic graph serves both lengths: no recompile, so no compile-time agreement
+            fast(tokens(batch=1, length=16 + 4 * rank), use_cache=False)
+            out["shapes"] = dict(error=None)
+        except Exception as e:  # noqa: BLE001
+            out["shapes"] = dict(error=_unwrap(e))
+    return out
+
+
 def rank_dies(rank: int, world_size: int) -> dict:
     return _first_call_then(rank, lambda: os._exit(3), "process_group")
 

@@ -68,8 +68,7 @@ def test_spmd_on_two_ranks_beats_the_one_thread_original(tmp_path):
     assert comparisons[-1].reduction >= spmd_worker.LATENCY_MIN_REDUCTION, [str(c) for c in comparisons]
 
 
-def test_multi_gpu_prediction_follows_the_collective_formula():
-    """benchmarks/latency.py's latency model (a prediction from published figures, not a measurement)."""
+def _latency_benchmark():
     import importlib.util
     from pathlib import Path
 
@@ -77,7 +76,26 @@ def test_multi_gpu_prediction_follows_the_collective_formula():
     spec = importlib.util.spec_from_file_location("latency_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.predict_multi_gpu()
+    return bench
+
+
+def test_paired_ratios_pair_the_interleaved_repetitions():
+    """benchmarks/latency.py's ratios divide repetition i of a column by repetition i of its baseline."""
+    rows = [dict(workload="w", plan="", column="original-2t", samples_ms=[10.0, 20.0, 40.0]),
+            dict(workload="w", plan="", column="tp-spmd", samples_ms=[12.0, 18.0, 40.0]),
+            dict(workload="w", plan="S", column="cqil-tp-spmd", samples_ms=[9.0, 18.0, 36.0]),
+            dict(workload="v", plan="S", column="cqil-tp-spmd", samples_ms=[1.0, 1.0, 1.0])]  # no baseline
+    ratios = {(r["column"], r["baseline"]): r for r in _latency_benchmark().paired_ratios(rows)}
+    assert set(ratios) == {("tp-spmd", "original-2t"), ("cqil-tp-spmd", "original-2t"), ("cqil-tp-spmd", "tp-spmd")}
+    assert ratios[("cqil-tp-spmd", "original-2t")]["median"] == pytest.approx(0.9)  # 0.9, 0.9, 0.9
+    assert ratios[("cqil-tp-spmd", "tp-spmd")]["median"] == pytest.approx(0.9)  # 0.75, 1.0, 0.9
+    # medians of the columns (18 / 18) would say 1.0: pairing is what shows the 10 % lead
+    assert ratios[("cqil-tp-spmd", "tp-spmd")]["n"] == 3
+
+
+def test_multi_gpu_prediction_follows_the_collective_formula():
+    """benchmarks/latency.py's latency model (a prediction from published figures, not a measurement)."""
+    rows = _latency_benchmark().predict_multi_gpu()
     assert {r["gpus"] for r in rows} == {2, 4}
     for r in rows:
         groups, outside = 16 // r["gpus"], 32 - 16

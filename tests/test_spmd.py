@@ -267,6 +267,28 @@ def test_spmd_without_a_process_group_is_a_clear_error():
     assert "torchrun" in str(info.value)
 
 
+def test_input_descriptions_tell_token_ids_apart_and_floats_by_shape():
+    from cqil_fx.graph.distributed import describe_input
+
+    ids = torch.arange(12).view(1, 12)
+    assert describe_input("ids", ids) == describe_input("ids", ids.clone())
+    assert describe_input("ids", ids) != describe_input("ids", ids.flip(-1))  # same shape, other values
+    assert describe_input("ids", ids).startswith("ids: [1, 12] values ")
+    assert describe_input("pos", torch.tensor(3)) != describe_input("pos", torch.tensor(4))  # 0-dim
+    assert describe_input("cache", torch.randn(2, 3)) == "cache: [2, 3]"  # floats: sizes only
+
+
+def test_ranks_that_pass_other_inputs_raise_before_any_collective(tmp_path):
+    results = run_ranks("inputs_disagree", tmp_path)
+    for rank, r in enumerate(results):
+        kind, message = r["values"]["error"]  # same shape, other token ids: the collectives cannot see it
+        assert kind == "CQILDistributedError", r
+        assert "disagree on what to call the compiled model with" in message and " values " in message, message
+        kind, message = r["shapes"]["error"]  # one dynamic graph, 16 and 20 tokens, over gloo
+        assert kind == "CQILDistributedError", r
+        assert "call the compiled model with" in message and "[1, 16]" in message and "[1, 20]" in message, message
+
+
 def test_static_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path):
     results = run_ranks("loaded_tp_generation", tmp_path)
     for rank, r in enumerate(results):

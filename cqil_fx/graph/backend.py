@@ -141,7 +141,7 @@ class CQILBackend:
         """Rewrite, agree with the other ranks, keep this rank's members, compile."""
         from ..passes import place_members, shard_blocks
         from ..passes.spmd import check_placeable
-        from .distributed import agree, choose_transport, guard_collectives, spmd_world
+        from .distributed import agree, check_inputs, choose_transport, guard_collectives, spmd_world
 
         world = spmd_world(self.config.collective_timeout)
         nodes = len(gm.graph.nodes)
@@ -151,6 +151,7 @@ class CQILBackend:
         if isinstance(outcome, Unchanged) and tensor_parallel and outcome.blocks and outcome.plan is not None:
             outcome = Planned(list(outcome.blocks), outcome.plan)  # no groups: plain tensor parallelism
         shapes = input_shapes(gm, example_inputs)  # ranks called with other shapes raise here, naming them
+        inputs = user_inputs(gm, example_inputs)  # ... and at the first calls (check_inputs), values too
         if isinstance(outcome, Unchanged):
             agree(world, f"unchanged ({outcome.why}); inputs {shapes}")
             report = _fallback(nodes, outcome)
@@ -173,9 +174,11 @@ class CQILBackend:
             if rewritten.constants:
                 compiled = self.inner(gm, [*example_inputs, *rewritten.constants])
                 self.reports.append(report)
-                return guard_collectives(with_constants(compiled, rewritten.constants), world)
+                compiled = with_constants(compiled, rewritten.constants)
+                return guard_collectives(check_inputs(compiled, world, inputs, self.config.check_inputs), world)
         self.reports.append(report)
-        return guard_collectives(self.inner(gm, example_inputs), world)
+        compiled = self.inner(gm, example_inputs)
+        return guard_collectives(check_inputs(compiled, world, inputs, self.config.check_inputs), world)
 
 
 def own_copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -211,13 +214,19 @@ def with_constants(fn: Callable[..., Any], constants: Sequence[torch.Tensor]) ->
     return run
 
 
+def user_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[int, str]:
+    """Position -> name of the graph's tensor inputs that are not parameters or buffers (token ids, masks,
+    positions, caches)."""
+    placeholders = gm.graph.find_nodes(op="placeholder")
+    return {i: p.target for i, (p, x) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter)
+            and "_parameters_" not in p.target and "_buffers_" not in p.target}
+
+
 def input_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence) -> str:
     """The shapes of the graph's inputs that are not parameters or buffers (token ids, masks, positions)."""
-    placeholders = gm.graph.find_nodes(op="placeholder")
-    shown = [f"{p.target}: {list(x.shape)}" for p, x in zip(placeholders, example_inputs)
-             if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter)
-             and "_parameters_" not in p.target and "_buffers_" not in p.target]
-    return ", ".join(shown)
+    named = user_inputs(gm, example_inputs)
+    return ", ".join(f"{name}: {list(example_inputs[i].shape)}" for i, name in named.items())
 
 
 def presharded_weights(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[str, str]:

@@ -87,23 +87,71 @@ def spmd_world(timeout: float) -> SpmdWorld:
     return SpmdWorld(dist.get_rank(), dist.get_world_size(), _GROUPS[timeout], timeout)
 
 
-def agree(world: SpmdWorld, what: str) -> None:
-    """Raise on every rank unless all ranks are about to compile the same ``what``."""
+def agree(world: SpmdWorld, what: str, action: str = "compile") -> None:
+    """Raise on every rank unless all ranks are about to compile (``action``) the same ``what``."""
     digest = hashlib.sha256(what.encode()).hexdigest()[:16]
     answers: list[Any] = [None] * world.world_size
     try:
         dist.all_gather_object(answers, (digest, what), group=world.group)
     except Exception as e:  # noqa: BLE001 - gloo and nccl raise several types; re-raised with context
+        point = "graph compile" if action == "compile" else "call of the compiled model"
         raise CQILDistributedError(
-            f"rank {world.rank}: the other ranks did not all reach the same graph compile within "
-            f"{world.timeout:.0f} s (collective_timeout): a rank died, or compiles a different model"
+            f"rank {world.rank}: the other ranks did not all reach the same {point} within "
+            f"{world.timeout:.0f} s (collective_timeout): a rank died, or runs a different model"
         ) from e
     if len({d for d, _ in answers}) > 1:
         listing = "; ".join(f"rank {r}: {w}" for r, (_, w) in enumerate(answers))
         raise CQILDistributedError(
-            f"rank {world.rank}: the ranks disagree on what to compile ({listing}); give every rank "
+            f"rank {world.rank}: the ranks disagree on what to {action} ({listing}); give every rank "
             "the same model, plan and inputs"
         )
+
+
+_VALUES_CHECKED = 1 << 16  # integer inputs up to this many elements are compared by value, larger ones by shape
+
+
+def describe_input(name: str, x: torch.Tensor) -> str:
+    """``name: [sizes]``, and for an integer or bool tensor of up to 65,536 elements a digest of its values."""
+    text = f"{name}: {list(x.shape)}"
+    if (not x.is_floating_point() and not x.is_complex()) and x.numel() <= _VALUES_CHECKED:
+        data = x.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes()
+        text += f" values {hashlib.sha256(data).hexdigest()[:12]}"
+    return text
+
+
+def check_inputs(fn: Callable[..., Any], world: SpmdWorld, inputs: dict[int, str],
+                 calls: int) -> Callable[..., Any]:
+    """``fn`` whose first ``calls`` calls compare their inputs across the ranks first.
+
+    ``inputs`` maps argument positions to names: the graph's inputs that are not
+    parameters or buffers (token ids, masks, positions, cache positions).  Every
+    rank sends :func:`describe_input` of each (sizes; values of integer ones)
+    over cqil's process group; if they differ, every rank raises
+    :class:`CQILDistributedError` listing what each rank passed, before the
+    first collective of the graph.  That covers what the collectives cannot:
+    ranks that pass different token ids of the same shape (every collective
+    would run and return a wrong answer), and different shapes under the
+    process-group transport (gloo and NCCL would fail blaming a dead rank, or
+    hang).  The message has the form of :func:`agree`'s, so a rank that is
+    calling a graph while another compiles a new one (a shape Dynamo had not
+    seen) fails the same way on both.  Each checked call costs one
+    ``all_gather_object`` of a few hundred bytes (a fraction of a millisecond
+    over gloo on one host), so only the first ``calls`` are checked.
+    """
+    if calls <= 0 or not inputs:
+        return fn
+    remaining = [calls]
+
+    @functools.wraps(fn)
+    def run(*args):  # Dynamo calls a backend's result with the inputs unpacked (see with_constants)
+        if remaining[0] > 0:
+            remaining[0] -= 1
+            what = ", ".join(describe_input(name, args[i]) for i, name in inputs.items()
+                             if isinstance(args[i], torch.Tensor))
+            agree(world, f"a call with inputs {what}", action="call the compiled model with")
+        return fn(*args)
+
+    return run
 
 
 def guard_collectives(fn: Callable[..., Any], world: SpmdWorld) -> Callable[..., Any]:
