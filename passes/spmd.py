@@ -30,6 +30,7 @@ weights stay too (Dynamo's calling convention), unused.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ class Placement:
     all_reduces: int
     all_gathers: int
     nodes_removed: int
+    caches_released: int = 0  # cache tensors of dropped members allocated as one element (prefill graphs)
 
     @property
     def collectives(self) -> int:
@@ -84,12 +86,13 @@ def place_members(rewritten: RewrittenGraph, rank: int, world_size: int, group_n
             gathers += 1
         _all_reduce_deltas(gm.graph, rewrite, rank, group_name)
     removed = _drop_other_members(gm.graph, owner, rank)
+    released = _release_other_caches(gm.graph, owner, rank)
     gm.graph.lint()
     gm.recompile()
     dropped = tuple(i for r in rewrites for k, i in enumerate(r.members) if k != rank)
     placement = Placement(
         rank, world_size, kept=tuple(r.members[rank] for r in rewrites), dropped=dropped,
-        all_reduces=len(rewrites), all_gathers=gathers, nodes_removed=removed,
+        all_reduces=len(rewrites), all_gathers=gathers, nodes_removed=removed, caches_released=released,
     )
     blocks = tuple(b for b in rewritten.blocks if b.index not in dropped)
     return dataclasses.replace(rewritten, blocks=blocks, placement=placement)
@@ -161,6 +164,40 @@ def _drop_other_members(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
     for node in reversed(doomed):
         graph.erase_node(node)
     return len(doomed)
+
+
+def _release_other_caches(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
+    """Allocate the other members' KV-cache tensors as one element, expanded to their shape.
+
+    What :func:`_drop_other_members` keeps of another member in a prefill graph
+    is the ``torch.zeros`` of its layer's static cache (transformers allocates
+    it at the first update, in the graph, and keeps it on the cache object).
+    No graph of this rank writes or reads it: its writes went with the member.
+    So it becomes ``zeros(()).expand(shape)``, which has the shape and dtype the
+    next graph is traced with but holds one element: a rank allocates no cache
+    for the layers it never computes.  (Filling it, as ``Cache.reset`` does,
+    works on such a view; writing part of it would raise, and never happens.)
+    """
+    released = 0
+    for node in list(graph.nodes):
+        if not (node in owner and owner[node][1] != rank and node.op == "call_function"
+                and node.target is torch.zeros and len(node.args) == 1):
+            continue
+        value = node.meta.get("example_value")
+        sizes = node.args[0]
+        if not (isinstance(value, torch.Tensor) and isinstance(sizes, (tuple, list))
+                and all(isinstance(n, int) for n in sizes) and value.numel() > 1):
+            continue
+        with graph.inserting_before(node):
+            one = graph.call_function(torch.zeros, ((),), dict(node.kwargs))
+            view = graph.call_method("expand", (one, *sizes))
+        with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
+            one.meta = {**node.meta, "example_value": torch.zeros((), dtype=value.dtype, device=value.device)}
+            view.meta = {**node.meta, "example_value": one.meta["example_value"].expand(*sizes)}
+        node.replace_all_uses_with(view)
+        graph.erase_node(node)
+        released += 1
+    return released
 
 
 def _ancestors(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:

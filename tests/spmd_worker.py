@@ -390,10 +390,14 @@ def generation(rank: int, world_size: int, tensor_parallel: bool = False) -> dic
                            tensor_parallel=tensor_parallel)
     model.forward = torch.compile(model.forward, backend=backend)
     with torch.no_grad():
-        tokens_ = model.generate(ids, attention_mask=mask, max_new_tokens=expected.shape[1] - ids.shape[1],
-                                 do_sample=False, pad_token_id=0)
-    return dict(tokens=tokens_, expected=expected, reports=[repr(r) for r in backend.reports],
-                placements=[r.placement for r in backend.reports])
+        runs = [model.generate(ids, attention_mask=mask, max_new_tokens=expected.shape[1] - ids.shape[1],
+                               do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+                for _ in range(2)]  # the second reuses (resets) the static cache
+    layers = runs[-1].past_key_values.layers
+    return dict(tokens=runs[0].sequences, again=runs[1].sequences, expected=expected,
+                reports=[repr(r) for r in backend.reports], placements=[r.placement for r in backend.reports],
+                cache_elements=[layer.keys.untyped_storage().nbytes() // layer.keys.element_size()
+                                for layer in layers])
 
 
 def tp_generation(rank: int, world_size: int) -> dict:
@@ -426,4 +430,6 @@ def loaded_tp_generation(rank: int, world_size: int) -> dict:
                              do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     return dict(tokens=out.sequences, expected=expected, reports=[repr(r) for r in backend.reports],
                 cache_heads=[layer.keys.shape[1] for layer in out.past_key_values.layers],
+                cache_elements=[layer.keys.untyped_storage().nbytes() // layer.keys.element_size()
+                                for layer in out.past_key_values.layers],
                 kv_heads=full.config.num_key_value_heads)

@@ -297,6 +297,7 @@ def test_static_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path):
         # blocks 0 and 3 tensor-parallel: their caches hold this rank's heads only; the group's members whole
         assert [r["cache_heads"][i] for i in (0, 3)] == [heads // 2] * 2, r["cache_heads"]
         assert r["cache_heads"][1 + rank] == heads, r["cache_heads"]
+        assert r["cache_elements"][2 - rank] == 1, r["cache_elements"]  # the other member's: no cache at all
 
 
 @pytest.mark.parametrize("scenario", ["generation", "tp_generation"])
@@ -304,5 +305,11 @@ def test_static_cache_generation_on_two_ranks(tmp_path, scenario):
     results = run_ranks(scenario, tmp_path)
     for rank, r in enumerate(results):
         assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"])
+        assert torch.equal(r["again"], r["expected"])  # a second generate() resets and reuses the cache
         assert len(r["placements"]) == 2 and all(p is not None for p in r["placements"]), r["reports"]  # prefill, decode
         assert all(p.kept == (1 + rank,) for p in r["placements"])
+        # the other member's layer (group [1, 2]): its cache holds one element on this rank, the others whole
+        other = 2 - rank
+        assert r["cache_elements"][other] == 1, r["cache_elements"]
+        assert all(n > 1 for i, n in enumerate(r["cache_elements"]) if i != other), r["cache_elements"]
+        assert [p.caches_released for p in r["placements"]] == [2, 0]  # keys and values, in the prefill graph
