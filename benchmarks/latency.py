@@ -592,7 +592,11 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.ratios:
-        print(json.dumps(paired_ratios(json.loads(Path(args.ratios).read_text())["rows"]), indent=1))
+        try:
+            rows = json.loads(Path(args.ratios).read_text())["rows"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--ratios takes a latency.json this script wrote ({type(e).__name__}: {e})")
+        print(json.dumps(paired_ratios(rows), indent=1))
         return
     try:
         [parse_plan(p) for p in args.plans]

@@ -33,6 +33,8 @@ from cqil_fx.config import default_span
         (dict(cuda_graphs=True), "cuda_graphs=True applies to mode='concurrent'; with mode='auto'"),
         (dict(tensor_parallel=1), "tensor_parallel=1 must be True or False"),
         (dict(tp_fallback=True), "tp_fallback=True applies to tensor_parallel=True"),
+        (dict(check_inputs=-1), "check_inputs=-1 must be >= 0"),
+        (dict(check_inputs=True), "check_inputs=True must be an int"),
         (dict(tensor_parallel=True, mode="concurrent"), "tensor_parallel=True splits blocks over the ranks of "
                                                         "mode='spmd'; with mode='concurrent'"),
     ],
