@@ -186,7 +186,8 @@ def _release_other_caches(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
         value = node.meta.get("example_value")
         sizes = node.args[0]
         if not (isinstance(value, torch.Tensor) and isinstance(sizes, (tuple, list))
-                and all(isinstance(n, int) for n in sizes) and value.numel() > 1):
+                and all(isinstance(n, int) for n in sizes) and value.numel() > 1
+                and all(u.op == "output" for u in node.users)):  # only handed back, never read here
             continue
         with graph.inserting_before(node):
             one = graph.call_function(torch.zeros, ((),), dict(node.kwargs))
