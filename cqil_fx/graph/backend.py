@@ -150,8 +150,9 @@ class CQILBackend:
         tensor_parallel = self.config.tensor_parallel and world.world_size > 1
         if isinstance(outcome, Unchanged) and tensor_parallel and outcome.blocks and outcome.plan is not None:
             outcome = Planned(list(outcome.blocks), outcome.plan)  # no groups: plain tensor parallelism
-        shapes = input_shapes(gm, example_inputs)  # ranks called with other shapes raise here, naming them
-        inputs = user_inputs(gm, example_inputs)  # ... and at the first calls (check_inputs), values too
+        inputs = user_inputs(gm, example_inputs)
+        shapes = input_shapes(inputs, example_inputs)  # ranks called with other shapes raise here, naming them
+        # ... and at the first calls (check_inputs), values too
         if isinstance(outcome, Unchanged):
             agree(world, f"unchanged ({outcome.why}); inputs {shapes}")
             report = _fallback(nodes, outcome)
@@ -223,9 +224,8 @@ def user_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[int,
             and "_parameters_" not in p.target and "_buffers_" not in p.target}
 
 
-def input_shapes(gm: torch.fx.GraphModule, example_inputs: Sequence) -> str:
-    """The shapes of the graph's inputs that are not parameters or buffers (token ids, masks, positions)."""
-    named = user_inputs(gm, example_inputs)
+def input_shapes(named: dict[int, str], example_inputs: Sequence) -> str:
+    """``name: [sizes]`` of the inputs ``named`` (:func:`user_inputs`: token ids, masks, positions)."""
     return ", ".join(f"{name}: {list(example_inputs[i].shape)}" for i, name in named.items())
 
 
