@@ -1,0 +1,86 @@
+"""Compile time in a fresh process: ``backend="cqil"`` against plain ``torch.compile``.
+
+    python benchmarks/compile_time.py --reps 6 --out benchmarks/results/default/compile-time.json
+
+What a user waits for when a second process compiles a model whose plan is
+already in the plan cache: each repetition starts one Python process per
+backend (order alternating), loads SmolLM2-135M, and times
+``torch.compile(model, backend=...)`` plus the first call on a 16-token
+forward (Dynamo's tracing, the backend, the first run). Both backends pay
+Inductor's import inside that interval (plain does it in ``torch.compile()``,
+cqil at its first compile). One untimed round first fills Inductor's caches
+and the plan cache, so the timed rounds measure warm caches, the state a
+second process finds. Reported: medians and the per-repetition ratio
+``cqil / plain`` with its p10/p90.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+CHILD = """
+import json, sys, time
+import torch
+from cqil_fx.tools.models import load_smollm2
+model, _ = load_smollm2()
+ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+start = time.perf_counter()
+compiled = torch.compile(model, backend=sys.argv[1])
+with torch.no_grad():
+    compiled(ids)
+print(json.dumps({"seconds": time.perf_counter() - start}))
+"""
+BACKENDS = ("cqil", "inductor")
+
+
+def first_call_seconds(backend: str, env: dict[str, str]) -> float:
+    done = subprocess.run([sys.executable, "-c", CHILD, backend], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {backend} process failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+
+
+def quantiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
+    return q[0], q[-1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=6)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", help="write the result as JSON to this file")
+    args = parser.parse_args()
+    if args.reps < 2:
+        parser.error("--reps must be at least 2")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    for backend in BACKENDS:  # fill Inductor's caches and the plan cache
+        print(f"warm-up {backend}: {first_call_seconds(backend, env):.1f} s", flush=True)
+    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
+    for rep in range(args.reps):
+        for backend in BACKENDS if rep % 2 == 0 else BACKENDS[::-1]:
+            times[backend].append(first_call_seconds(backend, env))
+        print(f"rep {rep + 1}: cqil {times['cqil'][-1]:.2f} s, plain {times['inductor'][-1]:.2f} s", flush=True)
+    ratios = [c / p for c, p in zip(times["cqil"], times["inductor"])]
+    result = {
+        "threads": args.threads, "reps": args.reps, "seconds": times,
+        "median_s": {b: statistics.median(v) for b, v in times.items()},
+        "cqil_over_plain": statistics.median(ratios), "cqil_over_plain_p10_p90": quantiles(ratios),
+    }
+    lo, hi = result["cqil_over_plain_p10_p90"]
+    print(f"compile + first call, median: cqil {result['median_s']['cqil']:.2f} s, "
+          f"plain {result['median_s']['inductor']:.2f} s; cqil / plain {result['cqil_over_plain']:.3f} "
+          f"(p10-p90 {lo:.3f}-{hi:.3f})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
