@@ -9,15 +9,15 @@ asks whether that was the calibration's size: it fits, per group, the affine
 correction and then a linear map ``W`` of the concatenated member deltas onto
 what the affine correction still misses (``seq(x) - x - Σ s_k Δ_k - b``), by
 ridge regression on many more tokens (text SmolLM2 writes itself plus the
-whole calibration split of the Python reference, 122k tokens), truncated to
-rank ``r`` by reduced-rank regression (the top ``r`` directions of the fitted
-values). Perplexity is measured on the held-out licence texts, which nothing
-here fits on. An eager study with module hooks: no mode of the backend applies
-``W`` yet.
+whole calibration split of the Python reference, 122k tokens; ``--calibration
+self`` for the former alone), truncated to rank ``r`` by reduced-rank
+regression (the top ``r`` directions of the fitted values). Perplexity is
+measured on the held-out licence texts, which nothing here fits on. An eager
+study with module hooks: no mode of the backend applies ``W`` yet.
 
 Run-time cost a compiled ``W`` would add, per group of P members of hidden
 size h, in multiply-adds per token: ``r (P h + h)`` at rank r, ``P h²`` in
-full (SmolLM2: a block is about 3.5M; a group of 2 with r = 128 adds 0.22M,
+full (SmolLM2: a block's weights are about 3.5M; a group of 2 with r = 128 adds 0.22M,
 6 % of a block; the full map 0.66M, 19 %).
 """
 
@@ -100,6 +100,8 @@ def main() -> None:
     parser.add_argument("--ranks", nargs="+", default=["8", "32", "128", "full"])
     parser.add_argument("--ridges", nargs="+", type=float, default=[0.1, 1.0])
     parser.add_argument("--self-tokens", type=int, default=16384)
+    parser.add_argument("--calibration", choices=("mixed", "self"), default="mixed",
+                        help="self-written text plus the Python reference's calibration split, or the former alone")
     parser.add_argument("--held-out", type=int, default=24, help="256-token windows of the licence texts")
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -107,8 +109,9 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     model.eval()
     start = time.perf_counter()
-    calibration = (self_generated_text(model, tokens=args.self_tokens, window=128, progress=True)
-                   + token_batches(tokenizer, "calibration", 128))
+    calibration = self_generated_text(model, tokens=args.self_tokens, window=128, progress=True)
+    if args.calibration == "mixed":
+        calibration += token_batches(tokenizer, "calibration", 128)
     held_out = token_batches(tokenizer, "licenses", 256, args.held_out)
     original = perplexity(model, held_out)
     print(f"{sum(b.numel() for b in calibration)} calibration tokens ({time.perf_counter() - start:.0f} s); "
@@ -134,7 +137,7 @@ def main() -> None:
         rows.append(row)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"original": original, "self_tokens": args.self_tokens,
+        Path(args.out).write_text(json.dumps({"original": original, "self_tokens": args.self_tokens, "calibration": args.calibration,
                                               "calibration_tokens": sum(b.numel() for b in calibration),
                                               "rows": rows}, indent=2) + "\n")
 
