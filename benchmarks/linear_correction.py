@@ -105,6 +105,11 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=24, help="256-token windows of the licence texts")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if not all(r == "full" or (r.isdigit() and int(r) > 0) for r in args.ranks):
+        parser.error(f"--ranks takes positive integers or 'full', got {args.ranks}")
+    spans = [tuple(v.split("-")) for v in args.plans]
+    if not all(len(s) == 2 and all(v.isdigit() for v in s) and int(s[1]) - int(s[0]) >= 2 for s in spans):
+        parser.error(f"--plans takes spans START-END of at least one pair, e.g. 20-28; got {args.plans}")
     ranks = [None if r == "full" else int(r) for r in args.ranks]
     model, tokenizer = load_smollm2()
     model.eval()
@@ -117,8 +122,7 @@ def main() -> None:
     print(f"{sum(b.numel() for b in calibration)} calibration tokens ({time.perf_counter() - start:.0f} s); "
           f"original perplexity {original:.3f}", flush=True)
     rows = []
-    for span in args.plans:
-        first, end = (int(v) for v in span.split("-"))
+    for span, (first, end) in zip(args.plans, [(int(a), int(b)) for a, b in spans]):
         plan = Plan(model.config.num_hidden_layers, tuple((i, i + 1) for i in range(first, end, 2)), 0)
         row = {"plan": span, "saved": len(plan.groups), "uncorrected": perplexity(model, held_out, plan)}
         affine = fit_corrections(model, plan, calibration)
@@ -137,7 +141,8 @@ def main() -> None:
         rows.append(row)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"original": original, "self_tokens": args.self_tokens, "calibration": args.calibration,
+        Path(args.out).write_text(json.dumps({"original": original, "self_tokens": args.self_tokens,
+                                              "calibration": args.calibration,
                                               "calibration_tokens": sum(b.numel() for b in calibration),
                                               "rows": rows}, indent=2) + "\n")
 
