@@ -57,8 +57,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the result as JSON to this file")
     args = parser.parse_args()
-    if args.reps < 2:
-        parser.error("--reps must be at least 2")
+    if args.reps < 2 or args.threads < 1:
+        parser.error("--reps must be at least 2 and --threads at least 1")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     for backend in BACKENDS:  # fill Inductor's caches and the plan cache
         print(f"warm-up {backend}: {first_call_seconds(backend, env):.1f} s", flush=True)
