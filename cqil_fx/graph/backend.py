@@ -150,9 +150,10 @@ class CQILBackend:
         tensor_parallel = self.config.tensor_parallel and world.world_size > 1
         if isinstance(outcome, Unchanged) and tensor_parallel and outcome.blocks and outcome.plan is not None:
             outcome = Planned(list(outcome.blocks), outcome.plan)  # no groups: plain tensor parallelism
+        # Ranks called with other shapes raise at the agreement below, naming them; other values
+        # raise at the first calls (check_inputs).
         inputs = user_inputs(gm, example_inputs)
-        shapes = input_shapes(inputs, example_inputs)  # ranks called with other shapes raise here, naming them
-        # ... and at the first calls (check_inputs), values too
+        shapes = input_shapes(inputs, example_inputs)
         if isinstance(outcome, Unchanged):
             agree(world, f"unchanged ({outcome.why}); inputs {shapes}")
             report = _fallback(nodes, outcome)
