@@ -12,6 +12,7 @@ index).
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import functools
 import json
@@ -36,25 +37,109 @@ DEFAULT_BUDGET = 0.10
 AUTO = "auto"
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LowRank:
+    """A low-rank linear term of a group correction: member k adds ``(Δ_k @ down[k]) @ up``.
+
+    ``down`` holds one ``(hidden, rank)`` tensor per member, ``up`` one
+    ``(rank, hidden)`` tensor, float32 on the CPU; together they are the rank-r
+    linear map ``concat_k(Δ_k) @ W`` with ``W = concat_k(down[k]) @ up``, fitted
+    by :func:`cqil_fx.eager.correction.fit_corrections` (``rank=``). Each member
+    applies its own share, so in SPMD mode the term rides in the all-reduce the
+    group already pays. In JSON the tensors are base64 of their little-endian
+    float32 bytes (a plan stays one file).
+    """
+
+    down: tuple[Any, ...]
+    up: Any
+
+    def __post_init__(self) -> None:
+        shapes = {tuple(d.shape) for d in self.down}
+        up = tuple(self.up.shape)
+        if len(shapes) != 1 or len(up) != 2 or next(iter(shapes)) != (up[1], up[0]):
+            raise CQILConfigError(f"a low-rank correction needs one (hidden, rank) factor per member and one "
+                                  f"(rank, hidden) factor, got {sorted(shapes)} and {up}")
+
+    @property
+    def rank(self) -> int:
+        return int(self.up.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.up.shape[1])
+
+    def tensors(self, like) -> tuple[list, object]:
+        """(per-member down factors, up factor) in ``like``'s dtype and device."""
+        return [d.to(like) for d in self.down], self.up.to(like)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, LowRank):
+            return NotImplemented
+        if len(other.down) != len(self.down):
+            return False
+        pairs = [*zip(self.down, other.down), (self.up, other.up)]
+        return all(a.shape == b.shape and bool((a == b).all()) for a, b in pairs)
+
+    def __hash__(self) -> int:
+        return hash((len(self.down), self.rank, self.hidden_size))
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "dtype": "float32", "down": [_encode(d) for d in self.down],
+                "up": _encode(self.up)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> LowRank:
+        if data.get("dtype", "float32") != "float32":
+            raise CQILConfigError(f"a low-rank correction is stored as float32, not {data['dtype']!r}")
+        rank = int(data["rank"])
+        down, up = [_decode(d) for d in data["down"]], _decode(data["up"])
+        if rank < 1 or any(t.numel() % rank for t in [*down, up]):
+            raise CQILConfigError(f"a low-rank correction of rank {rank} cannot have factors of "
+                                  f"{[t.numel() for t in [*down, up]]} numbers")
+        return cls(tuple(d.reshape(-1, rank) for d in down), up.reshape(rank, -1))
+
+
+def _encode(tensor) -> str:
+    import torch
+
+    data = tensor.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4").tobytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def _decode(text: str):
+    import torch
+
+    data = bytearray(base64.b64decode(text, validate=True))
+    if len(data) % 4:
+        raise CQILConfigError(f"a low-rank factor of {len(data)} bytes is not float32 data")
+    return torch.frombuffer(data, dtype=torch.float32).clone()
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupCorrection:
-    """A group's closed-form output correction: ``out = x + Σ_k scale[k] ⊙ Δ_k(x) + bias``.
+    """A group's closed-form output correction: ``out = x + Σ_k (scale[k] ⊙ Δ_k(x) + Δ_k(x) D_k U) + bias``.
 
-    ``scale`` holds one per-channel vector per member, ``bias`` one vector; the
-    values are fitted by least squares on calibration activations
-    (:func:`cqil_fx.eager.correction.fit_correction`) so the group's output
-    comes closer to what the blocks compute one after the other. Every mode and
-    the eager reference apply it the same way (docs/semantics.md).
+    ``scale`` holds one per-channel vector per member, ``bias`` one vector and
+    ``low_rank`` (optional, :class:`LowRank`) the factors ``D_k``, ``U`` of a
+    linear term; the values are fitted by least squares on calibration
+    activations (:func:`cqil_fx.eager.correction.fit_corrections`) so the
+    group's output comes closer to what the blocks compute one after the other.
+    Every mode and the eager reference apply it the same way (docs/semantics.md).
     """
 
     scale: tuple[tuple[float, ...], ...]
     bias: tuple[float, ...]
+    low_rank: LowRank | None = None
 
     def __post_init__(self) -> None:
         widths = {len(s) for s in self.scale} | {len(self.bias)}
         if len(widths) != 1 or not self.scale:
             raise CQILConfigError(f"a group correction needs one scale per member and a bias of the same width, "
                                   f"got widths {sorted(widths)}")
+        low = self.low_rank
+        if low is not None and (len(low.down) != len(self.scale) or low.hidden_size != len(self.bias)):
+            raise CQILConfigError(f"a low-rank term of {len(low.down)} members and width {low.hidden_size} does "
+                                  f"not fit a correction of {len(self.scale)} members and width {len(self.bias)}")
 
     @property
     def hidden_size(self) -> int:
@@ -67,12 +152,27 @@ class GroupCorrection:
         make = functools.partial(torch.tensor, dtype=like.dtype, device=like.device)
         return [make(s) for s in self.scale], make(self.bias)
 
+    def member_terms(self, deltas: Sequence) -> list:
+        """What each member adds before the bias, eagerly, in the rewritten graph's op order:
+        ``Δ_k * s_k``, plus ``(Δ_k @ D_k) @ U`` with a low-rank term."""
+        scales, _ = self.tensors(deltas[0])
+        terms = [d * s for d, s in zip(deltas, scales)]
+        if self.low_rank is not None:
+            downs, up = self.low_rank.tensors(deltas[0])
+            terms = [t + (d @ down) @ up for t, d, down in zip(terms, deltas, downs)]
+        return terms
+
     def to_dict(self) -> dict:
-        return {"scale": [list(s) for s in self.scale], "bias": list(self.bias)}
+        data = {"scale": [list(s) for s in self.scale], "bias": list(self.bias)}
+        if self.low_rank is not None:
+            data["low_rank"] = self.low_rank.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping) -> GroupCorrection:
-        return cls(tuple(tuple(float(v) for v in s) for s in data["scale"]), tuple(float(v) for v in data["bias"]))
+        low = LowRank.from_dict(data["low_rank"]) if data.get("low_rank") else None
+        return cls(tuple(tuple(float(v) for v in s) for s in data["scale"]), tuple(float(v) for v in data["bias"]),
+                   low)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,13 @@ For a group [g0, g1] with input x (before -> after)::
     ... uses of out1 ...                out  = x + (d0 + d1)     # replaces out1
 
 A parallel-residual block already has its delta as one node (attn + mlp).
-With a group correction (scales ``s_k`` per member, bias ``b``; see
-:class:`cqil_fx.config.GroupCorrection`) the sum is ``out = x + ((d0 * s0 +
-d1 * s1) + b)``; ``s_k`` and ``b`` become new graph inputs, appended after the
-existing placeholders, whose values the result carries in ``constants`` (the
-backend passes them on every call). The old block outputs are erased.  The pass returns a :class:`RewrittenGraph`,
+With a group correction (scales ``s_k`` per member, bias ``b``, optionally
+low-rank factors ``D_k``, ``U``; see :class:`cqil_fx.config.GroupCorrection`)
+member k adds the term ``t_k = d_k * s_k`` (``+ (d_k @ D_k) @ U``), made of
+nodes of the member itself (its segment computes it), and the sum is ``out = x
++ ((t0 + t1) + b)``; ``s_k``, ``b``, ``D_k`` and ``U`` become new graph inputs,
+appended after the existing placeholders, whose values the result carries in
+``constants`` (the backend passes them on every call). The old block outputs are erased.  The pass returns a :class:`RewrittenGraph`,
 the one value every later pass takes and returns: the module, the blocks as
 they now are (members read x and carry their delta), what each group became,
 and later the bypass distance and the SPMD placement.
@@ -21,6 +23,7 @@ and later the bypass distance and the SPMD placement.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import operator
 from collections.abc import Sequence
@@ -47,7 +50,7 @@ class GroupRewrite:
     deltas: tuple[torch.fx.Node, ...]
     output: torch.fx.Node
     sums: tuple[torch.fx.Node, ...]  # the nodes that make ``output`` from the deltas (output last)
-    terms: tuple[torch.fx.Node, ...] = ()  # what each member adds: its delta, or delta * scale
+    terms: tuple[torch.fx.Node, ...] = ()  # what each member adds: its delta, or its corrected term
     bias: torch.fx.Node | None = None  # the correction's bias input, if any
 
     def __repr__(self) -> str:
@@ -145,17 +148,22 @@ def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node
         _read_from(member, x)
     deltas = tuple(_delta(graph, m) for m in members)
     last = members[-1].output
-    scales, bias = [], None
+    terms, bias = list(deltas), None
     if correction is not None:
         like = deltas[0].meta.get("example_value", deltas[0].meta.get("val"))
         like = like if isinstance(like, torch.Tensor) else torch.empty(0)
         scale_values, bias_value = correction.tensors(like)
         scales = [constants.add(f"cqil_scale_{index}_{k}", v) for k, v in enumerate(scale_values)]
         bias = constants.add(f"cqil_bias_{index}", bias_value)
+        downs, up = [None] * len(deltas), None
+        if correction.low_rank is not None:
+            down_values, up_value = correction.low_rank.tensors(like)
+            downs = [constants.add(f"cqil_down_{index}_{k}", v) for k, v in enumerate(down_values)]
+            up = constants.add(f"cqil_up_{index}", up_value)
+        terms = [_member_term(graph, d, s, down, up) for d, s, down in zip(deltas, scales, downs)]
     sums = []
-    with graph.inserting_before(deltas[-1].next):
-        terms = [_op_like(graph, operator.mul, d, s, last) for d, s in zip(deltas, scales)] or list(deltas)
-        sums += terms if scales else []
+    position = {n: i for i, n in enumerate(graph.nodes)}
+    with graph.inserting_before(max(terms, key=position.__getitem__).next):
         total = terms[0]
         for t in terms[1:]:
             total = _op_like(graph, operator.add, total, t, last)
@@ -170,6 +178,25 @@ def _rewrite_group(graph: torch.fx.Graph, members: list[Block], x: torch.fx.Node
         if not m.output.users:
             graph.erase_node(m.output)
     return GroupRewrite(tuple(m.index for m in members), x, deltas, out, tuple(sums), tuple(terms), bias)
+
+
+def _member_term(graph: torch.fx.Graph, delta: torch.fx.Node, scale: torch.fx.Node,
+                 down: torch.fx.Node | None, up: torch.fx.Node | None) -> torch.fx.Node:
+    """``delta * scale`` (``+ (delta @ down) @ up``) right after ``delta``, with its metadata: the
+    member's own nodes, so they run in its segment (and before the all-reduce in SPMD mode)."""
+    with graph.inserting_before(delta.next):
+        term = _op_like(graph, operator.mul, delta, scale, delta)
+        if down is None:
+            return term
+        inner = _op_like(graph, torch.matmul, delta, down, delta)
+        value = delta.meta.get("example_value", delta.meta.get("val"))
+        if isinstance(value, torch.Tensor):
+            with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
+                narrow = value.new_empty((*value.shape[:-1], up.meta["example_value"].shape[0]))
+            inner.meta.update({k: narrow for k in ("example_value", "val") if k in delta.meta})
+        inner.meta.pop("tensor_meta", None)
+        linear = _op_like(graph, torch.matmul, inner, up, delta)
+        return _op_like(graph, operator.add, term, linear, delta)
 
 
 def _updated(block: Block, rewrites: Sequence[GroupRewrite], renamed: dict) -> Block:

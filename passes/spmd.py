@@ -110,7 +110,8 @@ def check_placeable(rewrites: Sequence[GroupRewrite], world_size: int) -> None:
 
 
 def _all_reduce_deltas(graph: torch.fx.Graph, rewrite: GroupRewrite, rank: int, group_name: str) -> None:
-    """``out = x + all_reduce(term_r)`` (``+ bias`` with a correction; term_r is ``d_r`` or ``d_r * s_r``)."""
+    """``out = x + all_reduce(term_r)`` (``+ bias`` with a correction; term_r is ``d_r`` or its corrected
+    term, computed by the member's own nodes)."""
     term = rewrite.terms[rank] if rewrite.terms else rewrite.deltas[rank]
     with graph.inserting_before(term.next):
         reduced = graph.call_function(_functional.all_reduce.default, (term, "sum", group_name))
@@ -121,9 +122,8 @@ def _all_reduce_deltas(graph: torch.fx.Graph, rewrite: GroupRewrite, rank: int, 
             total.meta = {k: v for k, v in rewrite.output.meta.items() if k != "nn_module_stack"}
     out = rewrite.output
     out.args = (rewrite.input, total)
-    for node in reversed(rewrite.sums[:-1]):  # the local chain of sums (and other terms) is no longer read
-        if node is not term:
-            graph.erase_node(node)
+    for node in reversed(rewrite.sums[:-1]):  # the local chain of sums is no longer read
+        graph.erase_node(node)
 
 
 def _exchange_attention(graph: torch.fx.Graph, members: list[Block], rank: int, world_size: int,

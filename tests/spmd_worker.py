@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import tiny_model, tokens  # noqa: E402
 
 from cqil_fx import CQILConfig, cqil_reference, make_backend  # noqa: E402
+from cqil_fx.eager.correction import fit_corrections  # noqa: E402
 from cqil_fx.graph.distributed import parameter_bytes, release_other_members  # noqa: E402
 from cqil_fx.passes import layer_of  # noqa: E402
 
@@ -84,7 +85,28 @@ def exactness(rank: int, world_size: int) -> dict:
             transport=backend.reports[0].transport,
             bytes_before=bytes_before, bytes_after=parameter_bytes(model))
         print(f"rank {rank}: {family} D{bypass} {inner} {transport} in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    results["corrected"] = corrected(ids)
     return results
+
+
+def corrected(ids: torch.Tensor, tensor_parallel: bool = False) -> dict:
+    """A plan with affine and low-rank corrections, bypass 1: each rank adds its member's term (computed
+    in the member's own nodes) to the all-reduce and the bias after it."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(tiny_model("llama"))
+    calibration = [tokens(batch=1, length=32, seed=s) for s in range(3)]
+    plan = fit_corrections(model, CQILConfig(**SPAN, bypass=1).plan_for(8), calibration, low_rank=4)
+    with torch.no_grad():
+        reference = cqil_reference(model, plan, ids, use_cache=False).logits
+        uncorrected = cqil_reference(model, plan.without_corrections(), ids, use_cache=False).logits
+        graphs: list = []
+        backend = make_backend(plan, mode="spmd", inner=recording("aot_eager", graphs), transport="shared_memory",
+                               tensor_parallel=tensor_parallel)
+        spmd = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+    return dict(spmd=spmd, reference=reference, uncorrected=uncorrected, plan=plan.to_json(),
+                collectives=collectives(graphs[0]),  # the blocks whose projections this rank computes:
+                layers={ref.index for n in graphs[0].graph.nodes
+                        if n.target is torch.nn.functional.linear and (ref := layer_of(n))})
 
 
 # (family, bypass D, inner compiler, transport, plan): tensor_parallel=True; "tp-only" is a plan without groups
@@ -132,6 +154,7 @@ def tensor_parallel(rank: int, world_size: int) -> dict:
         results["fallback"] = dict(spmd=torch.compile(model, backend=fallback)(ids, use_cache=False).logits,
                                    reference=cqil_reference(model, config, ids, use_cache=False).logits,
                                    collectives=collectives(graphs[0]), sharding=fallback.reports[0].sharding)
+    results["corrected"] = corrected(ids, tensor_parallel=True)
     results["weights"] = rank_weights(rank, world_size)  # in the same processes: one start-up fewer
     return results
 

@@ -11,7 +11,7 @@ import torch
 from cqil_fx import CQILConfig, Plan, cqil_reference, make_backend
 from cqil_fx import plan_cache
 from cqil_fx.eager import planner
-from cqil_fx.eager.correction import NormalEquations, fit_corrections
+from cqil_fx.eager.correction import LowRankEquations, NormalEquations, fit_corrections
 from cqil_fx.eager.planner import DistortionMeter, plan_auto, self_generated_text
 from cqil_fx.eager.reference import cqil_semantics
 from cqil_fx.graph import backend as backend_module
@@ -157,11 +157,61 @@ def test_normal_equations_recover_a_known_affine_map_and_ridge_pulls_towards_non
     assert (torch.tensor(pulled.scale) - 1).abs().sum() < (torch.tensor(exact.scale) - 1).abs().sum()
 
 
-@pytest.mark.parametrize("mode", ["local", "concurrent"])
-@pytest.mark.parametrize(("family", "bypass"), [("llama", 1), ("gpt2", 0), ("phi", 0)])
-def test_corrected_plans_compile_to_the_corrected_reference(family, bypass, mode):
+def test_low_rank_equations_recover_a_known_map_and_keep_its_strongest_directions():
+    torch.manual_seed(0)
+    d0, d1 = torch.randn(2, 2000, 6)
+    w = torch.randn(12, 2) @ torch.randn(2, 6)  # rank 2: concat(d0, d1) @ w
+    eq = LowRankEquations(2, 6)
+    for a, b in zip(d0.split(500), d1.split(500)):  # accumulated over batches
+        eq.add([a, b], torch.cat([a, b], -1) @ w)
+    exact = eq.solve(rank=2, ridge=0.0)
+    assert [tuple(d.shape) for d in exact.down] == [(6, 2), (6, 2)] and tuple(exact.up.shape) == (2, 6)
+    torch.testing.assert_close(torch.cat(exact.down) @ exact.up, w, atol=1e-4, rtol=0)
+    one = eq.solve(rank=1, ridge=0.0)  # the fitted values' strongest direction, and only it
+    fitted, kept = torch.cat([d0, d1], -1) @ w, torch.cat([d0, d1], -1) @ torch.cat(one.down) @ one.up
+    assert torch.linalg.matrix_rank(torch.cat(one.down) @ one.up) == 1
+    assert 0.05 < float((fitted - kept).norm() / fitted.norm()) < 0.95
+    assert eq.solve(rank=64, ridge=0.0).rank == 6  # at most the hidden size
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "phi"])
+def test_a_low_rank_term_fitted_on_enough_text_brings_unseen_logits_closer_than_the_affine_one(family):
     model = tiny_model(family)
-    plan = fit_corrections(model, Plan(LAYERS, ((1, 2), (3, 4), (6, 7)), bypass), CALIBRATION[:2])
+    plan = Plan(LAYERS, ((2, 3), (5, 6)), 0)
+    calibration = [tokens(batch=2, length=32, seed=s) for s in range(20)]  # 1,280 tokens for 64 x 32 maps
+    affine = fit_corrections(model, plan, calibration)
+    low_rank = fit_corrections(model, plan, calibration, low_rank=8)
+    assert all(c.low_rank.rank == 8 and c.scale == a.scale for c, a in zip(low_rank.corrections, affine.corrections))
+    ids = tokens(seed=111)  # not among the calibration batches
+    with torch.no_grad():
+        original = model(ids, use_cache=False).logits
+        errors = [relative_error(cqil_reference(model, p, ids, use_cache=False).logits, original)
+                  for p in (plan, affine, low_rank)]
+    assert errors[2] < errors[1] < errors[0], errors
+
+
+def test_a_low_rank_term_that_does_not_fit_its_correction_is_refused():
+    from cqil_fx.config import GroupCorrection, LowRank
+    from cqil_fx.errors import CQILConfigError
+
+    factors = LowRank((torch.zeros(4, 2), torch.zeros(4, 2)), torch.zeros(2, 4))
+    GroupCorrection(((1.0,) * 4, (1.0,) * 4), (0.0,) * 4, factors)
+    with pytest.raises(CQILConfigError, match="low-rank term of 2 members and width 4"):
+        GroupCorrection(((1.0,) * 5, (1.0,) * 5), (0.0,) * 5, factors)
+    with pytest.raises(CQILConfigError, match="low-rank term of 2 members"):
+        GroupCorrection(((1.0,) * 4,) * 3, (0.0,) * 4, factors)
+    with pytest.raises(CQILConfigError, match=r"\(hidden, rank\) factor per member"):
+        LowRank((torch.zeros(4, 2), torch.zeros(4, 3)), torch.zeros(2, 4))
+    with pytest.raises(CQILConfigError, match="low_rank must be 0"):
+        fit_corrections(tiny_model("llama"), Plan(LAYERS, ((2, 3),), 0), CALIBRATION[:1], low_rank=-1)
+
+
+@pytest.mark.parametrize("mode", ["local", "concurrent"])
+@pytest.mark.parametrize("low_rank", [0, 4])
+@pytest.mark.parametrize(("family", "bypass"), [("llama", 1), ("gpt2", 0), ("phi", 0)])
+def test_corrected_plans_compile_to_the_corrected_reference(family, bypass, low_rank, mode):
+    model = tiny_model(family)
+    plan = fit_corrections(model, Plan(LAYERS, ((1, 2), (3, 4), (6, 7)), bypass), CALIBRATION[:2], low_rank=low_rank)
     ids = tokens(seed=5)
     backend = make_backend(plan, mode=mode, inner="eager")
     actual = torch.compile(model, backend=backend)(ids, use_cache=False).logits
@@ -178,7 +228,7 @@ def test_corrected_plans_compile_to_the_corrected_reference_with_inductor(mode):
     (it carries a ``_boxed_call`` flag that is not true of it: the default backend in local mode,
     i.e. on one CPU thread or on CUDA without reduce-overhead, once passed them as one list)."""
     model = tiny_model("llama")
-    plan = fit_corrections(model, Plan(LAYERS, ((1, 2), (3, 4)), 0), CALIBRATION[:2])
+    plan = fit_corrections(model, Plan(LAYERS, ((1, 2), (3, 4)), 0), CALIBRATION[:2], low_rank=4)
     ids = tokens(seed=5)
     backend = make_backend(plan, mode=mode)
     actual = torch.compile(model, backend=backend)(ids, use_cache=False).logits
@@ -187,11 +237,35 @@ def test_corrected_plans_compile_to_the_corrected_reference_with_inductor(mode):
     assert backend.reports[-1].mode == mode
 
 
-def test_a_corrected_plan_round_trips_through_json(tmp_path):
-    plan = fit_corrections(tiny_model("llama"), Plan(LAYERS, ((2, 3),), 0), CALIBRATION[:1])
+@pytest.mark.parametrize("low_rank", [0, 4])
+def test_a_corrected_plan_round_trips_through_json(tmp_path, low_rank):
+    model = tiny_model("llama")
+    plan = fit_corrections(model, Plan(LAYERS, ((2, 3), (5, 6)), 0), CALIBRATION[:2], low_rank=low_rank)
     plan.save(tmp_path / "plan.json")
-    assert Plan.load(tmp_path / "plan.json") == plan
-    assert json.loads((tmp_path / "plan.json").read_text())["corrections"][0]["bias"] == list(plan.corrections[0].bias)
+    loaded = Plan.load(tmp_path / "plan.json")
+    assert loaded == plan and loaded != plan.without_corrections()
+    data = json.loads((tmp_path / "plan.json").read_text())
+    assert data["corrections"][0]["bias"] == list(plan.corrections[0].bias)
+    assert ("low_rank" in data["corrections"][0]) == bool(low_rank)
+    ids = tokens(seed=5)
+    with torch.no_grad():  # bit for bit the same model
+        assert torch.equal(cqil_reference(model, loaded, ids, use_cache=False).logits,
+                           cqil_reference(model, plan, ids, use_cache=False).logits)
+
+
+def test_a_plan_whose_low_rank_factors_are_damaged_is_refused(tmp_path):
+    from cqil_fx.errors import CQILConfigError
+
+    plan = fit_corrections(tiny_model("llama"), Plan(LAYERS, ((2, 3),), 0), CALIBRATION[:1], low_rank=4)
+    data = plan.to_dict()
+    for damage, message in [(dict(up=data["corrections"][0]["low_rank"]["up"][:-8]), "not a cqil_fx plan|not float32"),
+                            (dict(dtype="bfloat16"), "stored as float32"),
+                            (dict(rank=5), "rank 5 cannot have factors of \\[128, 128, 128\\]"),
+                            (dict(rank=8), "width 16 does not fit a correction of 2 members and width 32")]:
+        broken = json.loads(json.dumps(data))
+        broken["corrections"][0]["low_rank"].update(damage)
+        with pytest.raises(CQILConfigError, match=message):
+            Plan.from_dict(broken)
 
 
 # --------------------------------------------------------------------------- the plan cache

@@ -68,6 +68,21 @@ def test_each_rank_graph_holds_its_members_and_the_collectives(exactness, case):
         assert r["placement"].dropped == tuple(sorted(others))
 
 
+@pytest.mark.parametrize("tp", [False, True], ids=["cqil", "cqil+tp"])
+def test_a_corrected_plan_on_two_ranks_equals_its_reference(exactness, tensor_parallel, tp):
+    """Affine and low-rank corrections: rank r sends its member's corrected term to the group's one
+    all-reduce, with tensor_parallel=True too (whose collectives the correction leaves as they were)."""
+    ranks = [results["corrected"] for results in (tensor_parallel if tp else exactness)]
+    assert ranks[0]["plan"] == ranks[1]["plan"]  # both ranks fitted the same factors
+    assert '"low_rank"' in ranks[0]["plan"]
+    for rank, r in enumerate(ranks):
+        assert relative_error(r["spmd"], r["reference"]) < TOLERANCE, rank
+        assert relative_error(r["reference"], r["uncorrected"]) > 1e-3  # the correction changes the model
+        assert r["collectives"] == (expected_collectives(2, 1, 8) if tp else {"all_reduce": 2, "all_gather": 2})
+        assert r["layers"] == set(range(8)) - {g[1 - rank] for g in [[2, 3], [4, 5]]}
+    assert torch.equal(ranks[0]["spmd"], ranks[1]["spmd"])
+
+
 def test_each_rank_keeps_only_its_members_weights(exactness):
     r = exactness[0][("gpt2", 0, "aot_eager", "shared_memory")]
     from tiny_models import tiny_model

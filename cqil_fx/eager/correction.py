@@ -16,10 +16,21 @@ channel's mean squared delta, against overfitting a small calibration set.
 At run time it costs one multiply per member and one add per group,
 elementwise, which Inductor fuses into the group's sum.
 
-Why this form: measured on SmolLM2 (docs/quality.md), a scale per member and
-channel with a bias transfers to text of another kind, where a full linear
-map of the deltas fitted the calibration far better and made unseen text
-worse (issue 16's first measurement).
+``low_rank=r`` adds, per group, a linear term of rank r on top:
+``x + Σ_k (s_k ⊙ Δ_k + (Δ_k D_k) U) + b`` (:class:`~cqil_fx.config.LowRank`),
+fitted in a second pass by ridge regression of what the affine correction
+still misses on the concatenated deltas, truncated to rank r by reduced-rank
+regression (:class:`LowRankEquations`). It costs two matmuls per member,
+``2 · hidden · r`` multiply-adds per token, in the member's own segment
+(before the all-reduce in SPMD mode); its normal equations hold
+``(P · hidden)²`` float64 numbers per group while fitting.
+
+Why these forms: measured on SmolLM2 (docs/quality.md), a scale per member
+and channel with a bias transfers to text of another kind even when fitted on
+2,048 tokens, where a linear map of the deltas fitted on as few made unseen
+text worse (issue 16's first measurement); fitted on ~100k tokens the linear
+map carries over and takes a further quarter to two fifths off the cost
+(docs/quality-notes.md).
 
 The activations: the model runs under :func:`cqil_semantics` of the plan
 without corrections; each group's input ``x`` and member deltas are recorded
@@ -31,12 +42,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from ..config import GroupCorrection, Plan
+from ..config import GroupCorrection, LowRank, Plan
 from ..errors import CQILConfigError
 from ..progress import progress as _progress
 from ..stack import decoder_layers
@@ -44,6 +55,7 @@ from .reference import cqil_semantics, resolve_plan
 from .replay import BlockOutputs, first_group
 
 DEFAULT_RIDGE = 0.05
+DEFAULT_LOW_RANK_RIDGE = 0.1  # the study's (benchmarks/linear_correction.py)
 
 
 class NormalEquations:
@@ -84,21 +96,82 @@ class NormalEquations:
 
 
 def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor], ridge: float = DEFAULT_RIDGE,
-                    progress: bool = False, outputs: BlockOutputs | None = None) -> Plan:
+                    progress: bool = False, outputs: BlockOutputs | None = None, low_rank: int = 0,
+                    low_rank_ridge: float = DEFAULT_LOW_RANK_RIDGE) -> Plan:
     """``plan`` with a correction fitted for every group on ``batches`` of token ids (see module docs).
 
     ``outputs``: the original's block outputs on the same ``batches``
     (:class:`~cqil_fx.eager.replay.BlockOutputs`); with them, the blocks before
     the first group replay instead of computing. Either way a batch's forward
     stops at the last group's sum: nothing after it is needed.
+
+    ``low_rank``: with a positive rank r, a second pass over ``batches`` (under
+    the affine corrections) fits each group's :class:`~cqil_fx.config.LowRank`
+    term of rank ``min(r, hidden)`` on what the affine correction still misses
+    (:class:`LowRankEquations`). It needs far more text than the affine
+    correction to carry to unseen text (docs/quality-notes.md).
     """
+    if low_rank < 0:
+        raise CQILConfigError(f"low_rank must be 0 (no low-rank term) or a positive rank, got {low_rank}")
+    batches = list(batches)
     plan = resolve_plan(model, plan.without_corrections())
     if not plan.groups:
         return plan
+    equations: dict[int, NormalEquations] = {}
+    for g, x, deltas, target in _group_activations(model, plan, batches, outputs, progress, "fit corrections"):
+        equations.setdefault(g, NormalEquations(len(deltas), x.shape[-1])).add(x, deltas, target)
+    corrections = tuple(equations[g].solve(ridge) if g in equations else None for g in range(len(plan.groups)))
+    plan = dataclasses.replace(plan, corrections=corrections)
+    if not low_rank:
+        return plan
+    linear: dict[int, LowRankEquations] = {}
+    for g, x, deltas, target in _group_activations(model, plan, batches, outputs, progress, "fit low-rank terms"):
+        correction = plan.correction(g)
+        _, bias = correction.tensors(x)
+        corrected = x + (sum(correction.member_terms(deltas)) + bias)
+        linear.setdefault(g, LowRankEquations(len(deltas), x.shape[-1])).add(deltas, target - corrected)
+    corrections = tuple(dataclasses.replace(c, low_rank=linear[g].solve(low_rank, low_rank_ridge))
+                        if g in linear else c for g, c in enumerate(plan.corrections))
+    return dataclasses.replace(plan, corrections=corrections)
+
+
+class LowRankEquations:
+    """``XᵀX`` and ``XᵀR`` for ``R ≈ X W``: X the members' deltas side by side (tokens, P·hidden), R
+    what the group's output still misses (tokens, hidden); solved by ridge, then reduced rank."""
+
+    def __init__(self, members: int, hidden: int):
+        self.hidden = hidden
+        self.gram = torch.zeros(members * hidden, members * hidden, dtype=torch.float64)
+        self.cross = torch.zeros(members * hidden, hidden, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, deltas: list[torch.Tensor], residual: torch.Tensor) -> None:
+        xs = torch.cat(deltas, -1).reshape(-1, self.gram.shape[0]).double()
+        self.gram += xs.T @ xs
+        self.cross += xs.T @ residual.reshape(-1, self.hidden).double()
+        self.tokens += xs.shape[0]
+
+    def solve(self, rank: int, ridge: float = DEFAULT_LOW_RANK_RIDGE) -> LowRank:
+        """The ridge solution ``W`` (``ridge`` times the mean diagonal of XᵀX on the diagonal), kept to the
+        ``rank`` directions that carry most of its fitted values ``X W`` (reduced-rank regression):
+        ``W_r = W V Vᵀ`` with V the top eigenvectors of ``Wᵀ XᵀX W``, factored as down ``W V``, up ``Vᵀ``."""
+        if not self.tokens:
+            raise CQILConfigError("a low-rank correction needs calibration activations: no tokens were seen")
+        scale = float(self.gram.diagonal().mean()) or 1.0
+        eye = torch.eye(self.gram.shape[0], dtype=self.gram.dtype)
+        w = torch.linalg.solve(self.gram + (ridge + 1e-9) * scale * eye, self.cross)
+        _, vectors = torch.linalg.eigh(w.T @ self.gram @ w)
+        top = vectors[:, -min(rank, self.hidden):]
+        down = (w @ top).float()
+        return LowRank(tuple(d.contiguous() for d in down.split(self.hidden)), top.T.float().contiguous())
+
+
+def _group_activations(model: nn.Module, plan: Plan, batches: list, outputs: BlockOutputs | None, progress: bool,
+                       what: str) -> Iterator[tuple[int, torch.Tensor, list, torch.Tensor]]:
+    """``(group, x, deltas, seq(x))`` for every group and batch, under the semantics of ``plan``."""
     layers = decoder_layers(model)
     last = max(range(len(plan.groups)), key=lambda g: plan.groups[g][0])
-    equations: dict[int, NormalEquations] = {}
-    for b, ids in enumerate(_progress(list(batches), progress, "fit corrections")):
+    for b, ids in enumerate(_progress(batches, progress, what)):
         seen: dict[int, tuple] = {}
 
         def observe(g: int, x: torch.Tensor, deltas: list, call: tuple) -> None:
@@ -112,15 +185,14 @@ def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor
                 model(ids, use_cache=False)
             except _Seen:
                 pass
+        found = []
         with torch.no_grad():  # outside the semantics: the blocks one after the other, hooks gone
             for g, (x, deltas, (args, kwargs)) in seen.items():
                 target = x
                 for i in plan.groups[g]:
                     target = _call_layer(layers[i], target, args, kwargs)
-                eq = equations.setdefault(g, NormalEquations(len(deltas), x.shape[-1]))
-                eq.add(x, deltas, target)
-    corrections = tuple(equations[g].solve(ridge) if g in equations else None for g in range(len(plan.groups)))
-    return dataclasses.replace(plan, corrections=corrections)
+                found.append((g, x, deltas, target))
+        yield from found
 
 
 class _Seen(Exception):

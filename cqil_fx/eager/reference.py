@@ -6,7 +6,8 @@ Tests and users check the backend against it::
 
 For a group G with input x it makes the model compute
 ``x + Σ_k (a_k(x) + m_k(u_k))`` with ``u_k = x + a_k + Σ_{j=max(0,k-D)}^{k-1} a_j``
-(docs/semantics.md), or with the plan's correction ``x + Σ_k s_k ⊙ Δ_k + b``,
+(docs/semantics.md), or with the plan's correction
+``x + Σ_k (s_k ⊙ Δ_k + (Δ_k D_k) U) + b`` (the low-rank term optional),
 by hooking the HF layer and its branch modules:
 
 * a pre-hook on each member layer feeds it the group input x;
@@ -175,9 +176,9 @@ def _emit_group_sum(state: dict, is_last: bool, correction: GroupCorrection | No
         deltas = [state["a"][k] + state["m"][k] for k in sorted(state["m"])]
         if observe is not None:
             observe(state["x"], deltas, state["call"])
-        if correction is not None:  # the op order of passes/concurrent_groups.py: Σ (d_k * s_k), + b, x +
-            scales, bias = correction.tensors(deltas[0])
-            deltas = [d * s for d, s in zip(deltas, scales)]
+        if correction is not None:  # the op order of passes/concurrent_groups.py: Σ terms, + b, x +
+            _, bias = correction.tensors(deltas[0])
+            deltas = correction.member_terms(deltas)
         total = deltas[0]
         for d in deltas[1:]:
             total = total + d
