@@ -268,6 +268,32 @@ def test_a_plan_whose_low_rank_factors_are_damaged_is_refused(tmp_path):
             Plan.from_dict(broken)
 
 
+def test_cli_correct_refuses_a_plan_named_twice_or_not_at_all_and_a_negative_rank(capsys):
+    from cqil_fx.tools.cli import main
+
+    for argv, message in [([], "name the plan to correct once"),
+                          (["--start", "20", "--end", "28", "--plan", "p.json"], "name the plan to correct once"),
+                          (["--start", "20", "--end", "28", "--low-rank", "-1"], "the rank is 0 or more")]:
+        with pytest.raises(SystemExit) as info:
+            main(["correct", *argv])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.real_model
+def test_cli_correct_fits_writes_and_measures_a_low_rank_plan(smollm2, tmp_path, capsys):
+    from cqil_fx.tools.cli import main
+
+    out = tmp_path / "plan.json"
+    assert main(["correct", "--start", "26", "--end", "28", "--data", "self", "--self-tokens", "256",
+                 "--low-rank", "8", "--held-out", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    plan = Plan.load(out)
+    assert plan.groups == ((26, 27),) and plan.corrections[0].low_rank.rank == 8
+    assert "calibration 256 tokens (self)" in printed
+    for row in ("original", "uncorrected", "scale and bias", "corrected (low rank 8)"):
+        assert f"held-out perplexity {row}" in printed
+
+
 # --------------------------------------------------------------------------- the plan cache
 
 

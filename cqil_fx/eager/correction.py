@@ -124,15 +124,28 @@ def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor
     plan = dataclasses.replace(plan, corrections=corrections)
     if not low_rank:
         return plan
+    linear = low_rank_equations(model, plan, batches, progress, outputs)
+    corrections = tuple(dataclasses.replace(c, low_rank=linear[g].solve(low_rank, low_rank_ridge))
+                        if g in linear else c for g, c in enumerate(plan.corrections))
+    return dataclasses.replace(plan, corrections=corrections)
+
+
+def low_rank_equations(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor], progress: bool = False,
+                       outputs: BlockOutputs | None = None) -> dict[int, LowRankEquations]:
+    """Per group of ``plan`` (affine corrections fitted, no low-rank terms), the equations of a
+    low-rank term on what its correction still misses, the earlier groups corrected: solve them at
+    any rank and ridge (:meth:`LowRankEquations.solve`) without another pass over ``batches``."""
+    if any(c is None or c.low_rank is not None for c in plan.corrections) or not plan.corrections:
+        raise CQILConfigError("low-rank equations are gathered under a plan whose every group has an affine "
+                              "correction and no low-rank term yet (fit_corrections without low_rank)")
     linear: dict[int, LowRankEquations] = {}
-    for g, x, deltas, target in _group_activations(model, plan, batches, outputs, progress, "fit low-rank terms"):
+    for g, x, deltas, target in _group_activations(model, plan, list(batches), outputs, progress,
+                                                   "fit low-rank terms"):
         correction = plan.correction(g)
         _, bias = correction.tensors(x)
         corrected = x + (sum(correction.member_terms(deltas)) + bias)
         linear.setdefault(g, LowRankEquations(len(deltas), x.shape[-1])).add(deltas, target - corrected)
-    corrections = tuple(dataclasses.replace(c, low_rank=linear[g].solve(low_rank, low_rank_ridge))
-                        if g in linear else c for g, c in enumerate(plan.corrections))
-    return dataclasses.replace(plan, corrections=corrections)
+    return linear
 
 
 class LowRankEquations:

@@ -6,6 +6,7 @@
     cqil-fx plan --default                        # the plan backend="cqil" uses, into the plan cache
     cqil-fx eval --out docs                       # quality study: CQIL vs layer removal
     cqil-fx recover --start 12 --end 28 --steps 400 --out recovered/   # distil the plan's blocks
+    cqil-fx correct --start 16 --end 28 --low-rank 128 --out plan.json  # fit corrections on 122k tokens
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import logging
 import sys
 
 from ..config import CQILConfig
-from ..errors import CQILError, ModelNotAvailableError
+from ..errors import CQILConfigError, CQILError, ModelNotAvailableError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +83,33 @@ def _parser() -> argparse.ArgumentParser:
                        help="add a 'recovered' row for weights written by `cqil-fx recover --out DIR` (repeatable)")
     study.set_defaults(run=_eval, groups=None, start=None, end=None, parallel=2, bypass=0, verbose=False)
     _recover_parser(sub)
+    _correct_parser(sub)
     return parser
+
+
+def _correct_parser(sub) -> None:
+    correct = sub.add_parser("correct", help="fit a plan's closed-form corrections (scale and bias per group, "
+                                             "a low-rank term with --low-rank) on calibration text; writes the "
+                                             "corrected plan and reports held-out perplexity")
+    correct.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
+    correct.add_argument("--plan", help="a plan JSON (cqil-fx plan --out, Plan.save) instead of the group options")
+    correct.add_argument("--groups", type=_groups, help="explicit groups, e.g. 3-5,8-9")
+    correct.add_argument("--start", type=int)
+    correct.add_argument("--end", type=int)
+    correct.add_argument("--parallel", type=int, default=2)
+    correct.add_argument("--bypass", type=int, default=0)
+    correct.add_argument("--low-rank", type=int, default=128,
+                         help="rank of the linear term per group (0: scale and bias only; >= hidden size: full)")
+    correct.add_argument("--data", choices=("python", "self", "mixed"), default="mixed",
+                         help="calibration text: the calibration split of the Python reference, text the model "
+                              "writes itself (--self-tokens of it), or both (mixed: 122k tokens for SmolLM2)")
+    correct.add_argument("--self-tokens", type=int, default=16384)
+    correct.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
+    correct.add_argument("--held-out", type=int, default=24,
+                         help="256-token windows of the licence texts to measure perplexity on (0: none)")
+    correct.add_argument("--out", help="write the corrected plan as JSON here")
+    correct.add_argument("-v", "--verbose", action="store_true")
+    correct.set_defaults(run=_correct)
 
 
 def _recover_parser(sub) -> None:
@@ -279,6 +306,57 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     for key in ("original", "cqil", "recovered"):
         print(f"held-out perplexity {key:<10} {summary['perplexity'][key]:8.3f}")
     print(f"trained {summary['steps']} steps in {summary['train_seconds']:.0f} s; wrote {args.out}")
+    return 0
+
+
+def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
+    import dataclasses
+    import time
+
+    from ..config import Plan
+    from ..eager.correction import fit_corrections
+    from ..eager.quality import perplexity
+    from ..eager.reference import resolve_plan
+    from .models import token_batches
+
+    if args.low_rank < 0 or args.self_tokens < args.seq_len or args.seq_len < 2:
+        raise CQILConfigError(f"--low-rank {args.low_rank}, --self-tokens {args.self_tokens}, --seq-len "
+                              f"{args.seq_len}: the rank is 0 or more, a window 2 tokens or more, and the "
+                              "self-written text at least one window")
+    if bool(args.plan) == (not config.wants_default_plan):
+        raise CQILConfigError("name the plan to correct once: --groups or --start/--end, or --plan FILE")
+    if args.plan:
+        try:
+            config = CQILConfig(plan=Plan.load(args.plan).without_corrections())
+        except OSError as e:
+            raise CQILConfigError(f"--plan {args.plan!r}: {e.strerror or e}") from e
+    model, tokenizer = _load(args.model)
+    plan = resolve_plan(model, config)
+    if not plan.groups:
+        raise CQILConfigError(f"{plan} has no groups to correct")
+    started = time.perf_counter()
+    calibration = [] if args.data == "self" else token_batches(tokenizer, "calibration", args.seq_len)
+    if args.data != "python":
+        from ..eager.planner import self_generated_text
+
+        calibration += self_generated_text(model, tokens=args.self_tokens, window=args.seq_len, progress=True)
+    print(f"{plan}: calibration {sum(b.numel() for b in calibration)} tokens ({args.data})", flush=True)
+    corrected = fit_corrections(model, plan, calibration, progress=True, low_rank=args.low_rank)
+    print(f"fitted in {time.perf_counter() - started:.0f} s", flush=True)
+    if args.out:
+        corrected.save(args.out)
+        print(f"wrote {args.out}")
+    if args.held_out:
+        held_out = token_batches(tokenizer, "licenses", 256, args.held_out)
+        original = perplexity(model, held_out)
+        rows = [("original", None), ("uncorrected", plan)]
+        if args.low_rank:
+            affine = tuple(dataclasses.replace(c, low_rank=None) for c in corrected.corrections)
+            rows.append(("scale and bias", dataclasses.replace(corrected, corrections=affine)))
+        rows.append((f"corrected (low rank {args.low_rank})" if args.low_rank else "corrected", corrected))
+        for name, measured in rows:
+            value = original if measured is None else perplexity(model, held_out, measured)
+            print(f"held-out perplexity {name:<26} {value:8.3f}  {value / original - 1:+7.1%}", flush=True)
     return 0
 
 
