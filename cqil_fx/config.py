@@ -276,7 +276,9 @@ class Plan:
     def __repr__(self) -> str:
         spans = " ".join(f"[{g[0]}-{g[-1]}]" for g in self.groups) or "no groups"
         corrected = sum(c is not None for c in self.corrections)
+        ranks = sorted({c.low_rank.rank for c in self.corrections if c is not None and c.low_rank is not None})
         fixes = f", {corrected} corrected" if corrected else ""
+        fixes += f" (low rank {'/'.join(map(str, ranks))})" if ranks else ""
         return (
             f"Plan({self.num_blocks} blocks: {spans}, bypass {self.bypass}{fixes}, "
             f"saves {self.saved_blocks} block-times)"

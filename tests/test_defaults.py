@@ -289,7 +289,7 @@ def test_cli_correct_fits_writes_and_measures_a_low_rank_plan(smollm2, tmp_path,
     printed = capsys.readouterr().out
     plan = Plan.load(out)
     assert plan.groups == ((26, 27),) and plan.corrections[0].low_rank.rank == 8
-    assert "calibration 256 tokens (self)" in printed
+    assert "calibration 256 tokens (self)" in printed and "1 corrected (low rank 8)" in printed
     for row in ("original", "uncorrected", "scale and bias", "corrected (low rank 8)"):
         assert f"held-out perplexity {row}" in printed
 

@@ -342,7 +342,7 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
         calibration += self_generated_text(model, tokens=args.self_tokens, window=args.seq_len, progress=True)
     print(f"{plan}: calibration {sum(b.numel() for b in calibration)} tokens ({args.data})", flush=True)
     corrected = fit_corrections(model, plan, calibration, progress=True, low_rank=args.low_rank)
-    print(f"fitted in {time.perf_counter() - started:.0f} s", flush=True)
+    print(f"{corrected}: fitted in {time.perf_counter() - started:.0f} s", flush=True)
     if args.out:
         corrected.save(args.out)
         print(f"wrote {args.out}")
