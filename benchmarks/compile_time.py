@@ -24,6 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cqil_fx.tools.testing import p10_p90
+
 CHILD = """
 import json, sys, time
 import torch
@@ -46,11 +48,6 @@ def first_call_seconds(backend: str, env: dict[str, str]) -> float:
     return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
 
 
-def quantiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=10) if len(values) > 1 else values * 9
-    return q[0], q[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=6)
@@ -71,7 +68,7 @@ def main() -> None:
     result = {
         "threads": args.threads, "reps": args.reps, "seconds": times,
         "median_s": {b: statistics.median(v) for b, v in times.items()},
-        "cqil_over_plain": statistics.median(ratios), "cqil_over_plain_p10_p90": quantiles(ratios),
+        "cqil_over_plain": statistics.median(ratios), "cqil_over_plain_p10_p90": p10_p90(ratios),
     }
     lo, hi = result["cqil_over_plain_p10_p90"]
     print(f"compile + first call, median: cqil {result['median_s']['cqil']:.2f} s, "

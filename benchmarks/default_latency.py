@@ -13,7 +13,11 @@ with p10/p90:
   plan (searched at the first compile, or from the plan cache) in the mode
   "auto" picks;
 * ``ideal``: the model with the blocks the plan saves removed, compiled like
-  ``plain`` (what a perfectly concurrent run of the plan would cost).
+  ``plain`` (what a perfectly concurrent run of the plan would cost);
+* with ``--plans FILE...``, one column per plan JSON (``cqil-fx correct --out``,
+  ``Plan.save``), compiled with ``make_backend(plan=...)`` in the mode "auto"
+  picks: e.g. a plan with and without its low-rank terms, for their run-time
+  cost. ``cqil_over_plain`` and ``realised`` stay those of ``cqil``.
 
 Workloads: a 256-token prefill and a 1-token forward (no cache). The ratio
 ``cqil / plain`` is reported per repetition as well, with its p10/p90, and the
@@ -30,10 +34,11 @@ from pathlib import Path
 
 import torch
 
-from cqil_fx import cqil_backend
+from cqil_fx import Plan, cqil_backend, make_backend
 from cqil_fx.stack import without_blocks
 from cqil_fx.tools.generation import compiled_twin
 from cqil_fx.tools.models import load_smollm2
+from cqil_fx.tools.testing import p10_p90
 
 WORKLOADS = {"prefill-256": 256, "decode-1": 1}
 
@@ -48,15 +53,11 @@ def inductor(cpp_wrapper: bool):
     return compile_
 
 
-def quantiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=10)
-    return q[0], q[-1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
+    parser.add_argument("--plans", nargs="*", default=[], metavar="FILE", help="plan JSON files, a column each")
     parser.add_argument("--out", default="benchmarks/results/default")
     args = parser.parse_args()
     if args.reps < 3:
@@ -66,6 +67,8 @@ def main() -> None:
     columns = {"plain": compiled_twin(model, inductor(False), dynamic=False),
                "plain-cpp": compiled_twin(model, inductor(True), dynamic=False),
                "cqil": compiled_twin(model, cqil_backend, dynamic=False)}
+    for path in args.plans:
+        columns[Path(path).stem] = compiled_twin(model, make_backend(plan=Plan.load(path)), dynamic=False)
     result = {"threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
               "reps": args.reps, "workloads": {}}
     for workload in args.workloads:
@@ -94,8 +97,8 @@ def main() -> None:
         med = {name: statistics.median(v) for name, v in times.items()}
         result["workloads"][workload] = {
             "plan": repr(report.plan), "plan_source": report.source, "mode": report.mode,
-            "median_ms": med, "p10_p90_ms": {name: quantiles(v) for name, v in times.items()},
-            "cqil_over_plain": med["cqil"] / med["plain"], "cqil_over_plain_p10_p90": quantiles(ratios),
+            "median_ms": med, "p10_p90_ms": {name: p10_p90(v) for name, v in times.items()},
+            "cqil_over_plain": med["cqil"] / med["plain"], "cqil_over_plain_p10_p90": p10_p90(ratios),
             "cqil_over_plain_cpp": med["cqil"] / med["plain-cpp"],
             "ideal_reduction": 1 - med["ideal"] / med["plain"],
             "realised": (1 - med["cqil"] / med["plain"]) / (1 - med["ideal"] / med["plain"])
@@ -123,7 +126,7 @@ def plot(result: dict, path: Path) -> None:
         ax.bar(names, [data["median_ms"][n] for n in names],
                yerr=[[data["median_ms"][n] - data["p10_p90_ms"][n][0] for n in names],
                      [data["p10_p90_ms"][n][1] - data["median_ms"][n] for n in names]],
-               color=["gray", "darkgray", "tab:blue", "tab:green"][:len(names)])
+               color=(["gray", "darkgray", "tab:blue"] + ["tab:purple"] * (len(names) - 4) + ["tab:green"])[:len(names)])
         ax.set_title(f"{workload}: cqil/plain {data['cqil_over_plain']:.3f}")
         ax.set_ylabel("ms (median, p10-p90)")
     fig.suptitle(f"SmolLM2-135M, {result['threads']} threads, torch {result['torch']}, {result['date']}")

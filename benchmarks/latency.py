@@ -112,6 +112,7 @@ from cqil_fx.graph.distributed import parameter_bytes, release_other_members
 from cqil_fx.graph.executor import ConcurrentProgram
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2
+from cqil_fx.tools.testing import p10_p90
 
 WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "prefill-512-last": (512, 0),
              "generate-64": (128, 64)}
@@ -462,7 +463,7 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
         token = {name: statistics.median(ts) for name, ts in per_token.items()}
         for name, ts in times.items():
             column, _, plan = name.partition("|")
-            q = statistics.quantiles(ts, n=10)
+            q = p10_p90(ts)
             rows.append(dict(workload=workload, plan=plan, column=column, median_ms=whole[name], p10_ms=q[0],
                              p90_ms=q[-1], collectives=graph_collectives(name), samples_ms=ts))
             if name in token:
@@ -520,7 +521,7 @@ def paired_ratios(rows: list[dict], baselines: tuple[str, ...] = ("original-2t",
             if ref is None or skip or not row.get("samples_ms"):
                 continue
             ratios = [a / b for a, b in zip(row["samples_ms"], ref["samples_ms"])]
-            q = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else ratios * 9
+            q = p10_p90(ratios)
             out.append(dict(workload=row["workload"], plan=row["plan"], column=row["column"], baseline=base,
                             median=statistics.median(ratios), p10=q[0], p90=q[-1], n=len(ratios)))
     return out

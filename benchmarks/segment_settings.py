@@ -30,6 +30,7 @@ from cqil_fx import make_backend
 from cqil_fx.graph import executor
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2
+from cqil_fx.tools.testing import p10_p90
 
 VARIANTS = {
     "default": lambda settings, shared: settings,
@@ -38,11 +39,6 @@ VARIANTS = {
         k: v for k, v in settings.items() if not k.startswith("cpp_wrapper")},
 }
 PROMPTS = ("The capital of France is", "Water freezes at a temperature of", "The largest planet in the solar system is")
-
-
-def quantiles(values: list[float]) -> tuple[float, float]:
-    q = statistics.quantiles(values, n=10)
-    return q[0], q[-1]
 
 
 def main() -> None:
@@ -90,8 +86,8 @@ def main() -> None:
                     times[n].append(call(columns[n]))
         for n in names:
             ratios = [a / b for a, b in zip(times[n], times[names[0]])]
-            lo, hi = quantiles(times[n])
-            rlo, rhi = quantiles(ratios)
+            lo, hi = p10_p90(times[n])
+            rlo, rhi = p10_p90(ratios)
             print(f"{workload} {n:9s} median {statistics.median(times[n]):8.2f} ms (p10-p90 {lo:.2f}-{hi:.2f}); "
                   f"/ {names[0]}: {statistics.median(ratios):.3f} ({rlo:.3f}-{rhi:.3f})", flush=True)
 

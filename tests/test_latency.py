@@ -15,7 +15,7 @@ import torch
 
 import spmd_worker
 from cqil_fx import make_backend
-from cqil_fx.tools.testing import LatencyComparison, assert_latency_reduction, compare_latency
+from cqil_fx.tools.testing import LatencyComparison, assert_latency_reduction, compare_latency, p10_p90
 from test_spmd import run_ranks
 
 pytestmark = pytest.mark.latency
@@ -40,6 +40,16 @@ def test_comparison_interleaves_and_reports_medians():
     assert isinstance(comparison, LatencyComparison) and len(comparison.candidate_ms) == 4
     with pytest.raises(ValueError, match="reps"):
         compare_latency(lambda: None, lambda: None, reps=0)
+
+
+def test_comparison_reports_per_call_ratios_and_their_spread():
+    comparison = LatencyComparison(baseline_ms=(10.0, 20.0, 10.0, 10.0), candidate_ms=(5.0, 10.0, 6.0, 8.0))
+    assert comparison.ratios == (0.5, 0.5, 0.6, 0.8)
+    assert "per-call ratio p10-p90 0.500-0.740" in str(comparison)  # within the samples, never beyond
+    assert p10_p90([3.0]) == (3.0, 3.0)
+    assert p10_p90(range(1, 102)) == (11.0, 91.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        p10_p90([])
 
 
 @pytest.mark.slow

@@ -266,7 +266,7 @@ def test_ranks_called_with_different_shapes_raise_on_every_rank_naming_them(comp
 def test_a_lost_rank_raises_on_the_others_within_the_timeout(tmp_path, scenario):
     result = run_ranks(scenario, tmp_path)[0]
     kind, message = result["error"]
-    assert kind == "CQILDistributedError", results
+    assert kind == "CQILDistributedError", result
     assert "rank 0" in message and "collective_timeout" in message
     assert result["seconds"] < 4 + 6  # collective_timeout=4 plus slack for a loaded machine
 

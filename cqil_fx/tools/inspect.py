@@ -123,7 +123,6 @@ def format_plan(plan: Plan) -> str:
 def to_dot(gm: torch.fx.GraphModule, plan: Plan) -> str:
     """DOT text for ``gm``: placeholders (inputs, weights) left out, each block a cluster,
     each group a cluster of clusters.  ``dot -Tsvg`` renders it."""
-    group_of = {i: g for g in plan.groups for i in g}
     by_block: dict[int | None, list[torch.fx.Node]] = {}
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "get_attr"):

