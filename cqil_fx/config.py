@@ -70,7 +70,8 @@ class LowRank:
 
     def tensors(self, like) -> tuple[list, object]:
         """(per-member down factors, up factor) in ``like``'s dtype and device."""
-        return [d.to(like) for d in self.down], self.up.to(like)
+        where = dict(dtype=like.dtype, device=like.device)  # like may be a fake tensor: only its dtype and device
+        return [d.to(**where) for d in self.down], self.up.to(**where)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, LowRank):
