@@ -154,6 +154,23 @@ def test_a_sum_between_two_groups_is_folded_into_the_second(bypass):
         assert layers_of(split.module.get_submodule(call.node.target)) == {2, 3 + call.segment.member}
 
 
+def test_a_low_rank_correction_runs_in_each_members_segment_and_the_sum_still_folds():
+    """Member k's term (d_k * s_k + (d_k @ D_k) @ U) is made of the member's own nodes: its two matmuls
+    run in its segment, beside the member's block, not in a shared segment after the group."""
+    from cqil_fx.eager.correction import fit_corrections
+
+    model, ids = tiny_model("llama"), tokens()
+    gm = capture_graph(model, ids, use_cache=False)
+    blocks = find_blocks(gm)
+    plan = CQILConfig(groups=[[1, 2], [3, 4]]).plan_for(len(blocks))
+    plan = fit_corrections(model, plan, [tokens(seed=s) for s in range(2)], low_rank=4)
+    split = split_segments(apply_plan(gm, blocks, plan))
+    for name, segment in split.segments.items():
+        matmuls = [n for n in split.module.get_submodule(name).graph.nodes if n.target is torch.matmul]
+        assert len(matmuls) == (0 if segment.shared else 2), name
+    assert [len(step) for step in ConcurrentProgram(split).steps] == [1, 2, 2, 1]
+
+
 @pytest.mark.parametrize("failing_layer", [2, 3, 5])
 def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_layer, runner):
     """Two consecutive groups run as one run of steps.  An error in a member of either step, on the
