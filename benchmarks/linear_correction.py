@@ -17,10 +17,10 @@ equations are gathered once per plan and solved at every rank and ridge; the
 terms are the backend's own (``fit_corrections(low_rank=r)``, :class:`LowRank`),
 applied by the eager reference; ``cqil-fx correct`` fits one plan for use.
 
-Run-time cost a compiled ``W`` would add, per group of P members of hidden
-size h, in multiply-adds per token: ``r (P h + h)`` at rank r, ``P h²`` in
-full (SmolLM2: a block's weights are about 3.5M; a group of 2 with r = 128 adds 0.22M,
-6 % of a block; the full map 0.66M, 19 %).
+Run-time cost of the backend's terms, per member of hidden size h, in
+multiply-adds per token: ``2 h r`` at rank r, each member on its own path
+(SmolLM2: a block's weights are about 3.5M; r = 128 adds 0.15M per member, 4 %
+of a block; the full map, r = h, 0.66M, 19 %).
 """
 
 from __future__ import annotations
