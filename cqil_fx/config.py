@@ -44,7 +44,7 @@ class LowRank:
     ``down`` holds one ``(hidden, rank)`` tensor per member, ``up`` one
     ``(rank, hidden)`` tensor, float32 on the CPU; together they are the rank-r
     linear map ``concat_k(Δ_k) @ W`` with ``W = concat_k(down[k]) @ up``, fitted
-    by :func:`cqil_fx.eager.correction.fit_corrections` (``rank=``). Each member
+    by :func:`cqil_fx.eager.correction.fit_corrections` (``low_rank=``). Each member
     applies its own share, so in SPMD mode the term rides in the all-reduce the
     group already pays. In JSON the tensors are base64 of their little-endian
     float32 bytes (a plan stays one file).
