@@ -118,7 +118,7 @@ def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor
     if not plan.groups:
         return plan
     equations: dict[int, NormalEquations] = {}
-    for g, x, deltas, target in _group_activations(model, plan, batches, outputs, progress, "fit corrections"):
+    for g, x, deltas, target in group_activations(model, plan, batches, outputs, progress, "fit corrections"):
         equations.setdefault(g, NormalEquations(len(deltas), x.shape[-1])).add(x, deltas, target)
     corrections = tuple(equations[g].solve(ridge) if g in equations else None for g in range(len(plan.groups)))
     plan = dataclasses.replace(plan, corrections=corrections)
@@ -139,8 +139,8 @@ def low_rank_equations(model: nn.Module, plan: Plan, batches: Iterable[torch.Ten
         raise CQILConfigError("low-rank equations are gathered under a plan whose every group has an affine "
                               "correction and no low-rank term yet (fit_corrections without low_rank)")
     linear: dict[int, LowRankEquations] = {}
-    for g, x, deltas, target in _group_activations(model, plan, list(batches), outputs, progress,
-                                                   "fit low-rank terms"):
+    for g, x, deltas, target in group_activations(model, plan, list(batches), outputs, progress,
+                                                  "fit low-rank terms"):
         correction = plan.correction(g)
         _, bias = correction.tensors(x)
         corrected = x + (sum(correction.member_terms(deltas)) + bias)
@@ -179,9 +179,12 @@ class LowRankEquations:
         return LowRank(tuple(d.contiguous() for d in down.split(self.hidden)), top.T.float().contiguous())
 
 
-def _group_activations(model: nn.Module, plan: Plan, batches: list, outputs: BlockOutputs | None, progress: bool,
-                       what: str) -> Iterator[tuple[int, torch.Tensor, list, torch.Tensor]]:
-    """``(group, x, deltas, seq(x))`` for every group and batch, under the semantics of ``plan``."""
+def group_activations(model: nn.Module, plan: Plan, batches: list, outputs: BlockOutputs | None = None,
+                      progress: bool = False, what: str = "group activations"
+                      ) -> Iterator[tuple[int, torch.Tensor, list, torch.Tensor]]:
+    """``(group, x, deltas, seq(x))`` for every group and batch, under the semantics of ``plan`` (its
+    corrections applied to what later groups read; ``deltas`` uncorrected): what every correction is
+    fitted on, and what studies of other corrections read (benchmarks/correction_features.py)."""
     layers = decoder_layers(model)
     last = max(range(len(plan.groups)), key=lambda g: plan.groups[g][0])
     for b, ids in enumerate(_progress(batches, progress, what)):
