@@ -31,11 +31,10 @@ import torch
 
 from cqil_fx.config import CQILConfig
 from cqil_fx.eager.correction import fit_corrections, group_activations
-from cqil_fx.eager.planner import self_generated_text
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.eager.reference import cqil_semantics
 from cqil_fx.stack import decoder_layers
-from cqil_fx.tools.models import load_smollm2, token_batches
+from cqil_fx.tools.models import correction_text, load_smollm2, token_batches
 
 SETS = {"deltas": ("d",), "deltas+x": ("d", "x"), "deltas+x+dx": ("d", "x", "dx")}
 
@@ -63,8 +62,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     model.eval()
     started = time.perf_counter()
-    calibration = self_generated_text(model, tokens=args.self_tokens, window=128, progress=True)
-    calibration += token_batches(tokenizer, "calibration", 128)
+    calibration = correction_text(model, tokenizer, "mixed", args.self_tokens)
     held_out = token_batches(tokenizer, "licenses", 256, args.held_out)
     original = perplexity(model, held_out)
     plan = fit_corrections(model, CQILConfig(groups=groups).plan_for(len(decoder_layers(model))), calibration)

@@ -62,6 +62,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.reps < 3:
         parser.error("--reps must be >= 3 (p10/p90 need a few samples)")
+    missing = [path for path in args.plans if not Path(path).is_file()]
+    if missing:
+        parser.error(f"--plans: no such file: {', '.join(missing)}")
     torch._dynamo.config.recompile_limit = 64
     model, _ = load_smollm2()
     columns = {"plain": compiled_twin(model, inductor(False), dynamic=False),

@@ -33,9 +33,8 @@ from pathlib import Path
 
 from cqil_fx.config import CQILConfig
 from cqil_fx.eager.correction import fit_corrections, low_rank_equations
-from cqil_fx.eager.planner import self_generated_text
 from cqil_fx.eager.quality import perplexity
-from cqil_fx.tools.models import load_smollm2, token_batches
+from cqil_fx.tools.models import correction_text, load_smollm2, token_batches
 
 
 def _groups(text: str) -> tuple[tuple[int, ...], ...]:
@@ -76,9 +75,7 @@ def main() -> None:
     model.eval()
     h = model.config.hidden_size  # rank h: the whole ridge map
     start = time.perf_counter()
-    calibration = self_generated_text(model, tokens=args.self_tokens, window=128, progress=True)
-    if args.calibration == "mixed":
-        calibration += token_batches(tokenizer, "calibration", 128)
+    calibration = correction_text(model, tokenizer, args.calibration, args.self_tokens)
     held_out = token_batches(tokenizer, "licenses", 256, args.held_out)
     original = perplexity(model, held_out)
     print(f"{sum(b.numel() for b in calibration)} calibration tokens ({time.perf_counter() - start:.0f} s); "

@@ -317,12 +317,13 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
     from ..eager.correction import fit_corrections
     from ..eager.quality import perplexity
     from ..eager.reference import resolve_plan
-    from .models import token_batches
+    from .models import correction_text, token_batches
 
-    if args.low_rank < 0 or args.self_tokens < args.seq_len or args.seq_len < 2:
+    if args.low_rank < 0 or args.self_tokens < args.seq_len or args.seq_len < 2 or args.held_out < 0:
         raise CQILConfigError(f"--low-rank {args.low_rank}, --self-tokens {args.self_tokens}, --seq-len "
-                              f"{args.seq_len}: the rank is 0 or more, a window 2 tokens or more, and the "
-                              "self-written text at least one window")
+                              f"{args.seq_len}, --held-out {args.held_out}: the rank is 0 or more, a window 2 "
+                              "tokens or more, the self-written text at least one window, held-out windows 0 "
+                              "or more")
     if bool(args.plan) == (not config.wants_default_plan):
         raise CQILConfigError("name the plan to correct once: --groups or --start/--end, or --plan FILE")
     if args.plan:
@@ -335,11 +336,7 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
     if not plan.groups:
         raise CQILConfigError(f"{plan} has no groups to correct")
     started = time.perf_counter()
-    calibration = [] if args.data == "self" else token_batches(tokenizer, "calibration", args.seq_len)
-    if args.data != "python":
-        from ..eager.planner import self_generated_text
-
-        calibration += self_generated_text(model, tokens=args.self_tokens, window=args.seq_len, progress=True)
+    calibration = correction_text(model, tokenizer, args.data, args.self_tokens, args.seq_len)
     print(f"{plan}: calibration {sum(b.numel() for b in calibration)} tokens ({args.data})", flush=True)
     corrected = fit_corrections(model, plan, calibration, progress=True, low_rank=args.low_rank)
     print(f"{corrected}: fitted in {time.perf_counter() - started:.0f} s", flush=True)

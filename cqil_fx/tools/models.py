@@ -334,6 +334,19 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> torch.LongTenso
     return torch.tensor(ids, dtype=torch.long)
 
 
+def correction_text(model, tokenizer: PreTrainedTokenizerBase, data: str = "mixed", self_tokens: int = 16384,
+                    seq_len: int = 128) -> list[torch.Tensor]:
+    """Calibration text for fitting corrections, as (1, seq_len) batches: ``self_tokens`` tokens the model
+    writes itself (``"self"``), the Python reference's whole calibration split (``"python"``), or both,
+    self-written first (``"mixed"``: 122,112 tokens for SmolLM2 at the defaults)."""
+    from ..eager.planner import self_generated_text
+
+    if data not in ("mixed", "self", "python"):
+        raise CQILConfigError(f"calibration text {data!r}: choose 'mixed', 'self' or 'python'")
+    text = self_generated_text(model, tokens=self_tokens, window=seq_len, progress=True) if data != "python" else []
+    return text + (token_batches(tokenizer, "calibration", seq_len) if data != "self" else [])
+
+
 def recovery_windows(tokenizer, seq_len: int = 128, batch: int = 1, validation: int = 8
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(training, validation, evaluation) token batches of the Python reference text.
