@@ -777,7 +777,7 @@ class Sweep:
         if name not in self.models:
             shape = self.shapes[name]
             started = time.perf_counter()
-            model = self.models[name] = build_model(shape, self.part.device, self.part.dtype)
+            self.models[name] = build_model(shape, self.part.device, self.part.dtype)
             self.result["models"][name] = model_entry(shape, self.params[name], self.plans[name], self.part)
             print(f"  built {name}: {self.params[name] / 1e6:.1f} M parameters, {shape.layers} layers, "
                   f"{time.perf_counter() - started:.1f} s", flush=True)

@@ -177,6 +177,33 @@ def test_lora_adapters_ship_small_and_load_only_onto_their_base_and_plan(tmp_pat
         save_adapters(distill_plan(base, CONFIG, TRAIN, steps=1, progress=False), base, tmp_path / "full")
 
 
+def test_a_corrected_plan_trains_under_its_corrections_and_ships_with_them(tmp_path):
+    from cqil_fx.eager.correction import fit_corrections
+    from cqil_fx.eager.distill import load_adapters, save_adapters
+
+    base = fresh()
+    corrected = fit_corrections(base, PLAN, TRAIN, low_rank=4)
+    assert corrected.corrections and corrected != PLAN
+    result = distill_plan(base, corrected, TRAIN, steps=3, method="lora", rank=2, lr=1e-2, eval_batches=HELD_OUT,
+                          progress=False)
+    assert result.plan == corrected
+    # step 0 is the corrected plan, not the plain one: the student starts from the correction
+    assert result.history[0].perplexity == pytest.approx(perplexity(base, HELD_OUT, plan=corrected), rel=1e-6)
+    assert result.history[0].perplexity != pytest.approx(perplexity(base, HELD_OUT, plan=PLAN), rel=1e-3)
+    save_adapters(result, base, tmp_path)
+    assert Plan.load(tmp_path / "plan.json") == corrected
+    loaded = fresh()
+    assert load_adapters(loaded, tmp_path) == corrected
+    with pytest.raises(RecoveredWeightsError, match="not Plan"):
+        load_adapters(fresh(), tmp_path, plan=PLAN)  # the same groups without the correction: another plan
+    ids = tokens(seed=5)
+    config = CQILConfig(plan=corrected, inner="aot_eager")
+    with torch.no_grad():
+        compiled = torch.compile(loaded, backend=make_backend(config))(ids, use_cache=False).logits
+        expected = cqil_reference(result.model, corrected, ids, use_cache=False).logits
+    assert relative_error(compiled, expected) < 1e-5
+
+
 def test_loading_for_another_plan_warns(tmp_path):
     save_recovered(fresh(), PLAN, tmp_path)
     with pytest.warns(PlanMismatchWarning, match="recovered for Plan.*loaded for Plan"):
@@ -219,11 +246,16 @@ def test_bad_recovered_weights_raise_clear_errors(tmp_path):
         load_recovered(fresh("gpt2"), tmp_path)
 
 
-def test_cli_reports_bad_plans_as_errors(capsys):
-    with pytest.raises(SystemExit) as e:
-        cli_main(["recover", "--start", "12", "--end", "27", "--out", "unused"])
-    assert e.value.code == 2
-    assert "cqil-fx: error: (end - start) = 15" in capsys.readouterr().err
+def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
+    for argv, message in [(["--start", "12", "--end", "27"], "(end - start) = 15"),
+                          ([], "name the plan to recover once"),
+                          (["--start", "12", "--end", "28", "--plan", "p.json"], "name the plan to recover once"),
+                          (["--plan", str(tmp_path / "missing.json")], "missing.json")]:
+        with pytest.raises(SystemExit) as e:
+            cli_main(["recover", *argv, "--out", "unused"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "cqil-fx: error: " in err and message in err, err
 
 
 def test_quality_report_shows_recovered_rows(tmp_path):

@@ -116,6 +116,8 @@ def _recover_parser(sub) -> None:
     recover = sub.add_parser("recover", help="distil the original model into the plan's grouped blocks; "
                                              "writes recovered weights, plan.json and recovery.json")
     recover.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
+    recover.add_argument("--plan", help="a plan JSON instead of the group options, corrections included "
+                                        "(cqil-fx correct --out): the student starts from the corrected plan")
     recover.add_argument("--groups", type=_groups, help="explicit groups, e.g. 3-5,8-9")
     recover.add_argument("--start", type=int)
     recover.add_argument("--end", type=int)
@@ -174,6 +176,20 @@ def _groups(text: str) -> list[list[int]]:
 def _config(args: argparse.Namespace) -> CQILConfig:
     return CQILConfig(groups=args.groups, start=args.start, end=args.end,
                       parallel=args.parallel, bypass=args.bypass)
+
+
+def _plan_file(args: argparse.Namespace, config: CQILConfig, verb: str):
+    """The plan read from ``--plan FILE``, or None when the group options name it; not both, not neither."""
+    from ..config import Plan
+
+    if bool(args.plan) == (not config.wants_default_plan):
+        raise CQILConfigError(f"name the plan to {verb} once: --groups or --start/--end, or --plan FILE")
+    if not args.plan:
+        return None
+    try:
+        return Plan.load(args.plan)
+    except OSError as e:
+        raise CQILConfigError(f"--plan {args.plan!r}: {e.strerror or e}") from e
 
 
 def _load(name: str):
@@ -288,6 +304,8 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     from ..eager.distill import run_recovery
     from .models import recovery_windows, token_batches
 
+    plan = _plan_file(args, config, "recover")
+    config = CQILConfig(plan=plan) if plan is not None else config
     model, tokenizer = _load(args.model)
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
     if args.data in ("self", "mixed"):  # text the model writes: the data-free distillation of LLM-QAT
@@ -313,7 +331,6 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
     import dataclasses
     import time
 
-    from ..config import Plan
     from ..eager.correction import fit_corrections
     from ..eager.quality import perplexity
     from ..eager.reference import resolve_plan
@@ -324,13 +341,8 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
                               f"{args.seq_len}, --held-out {args.held_out}: the rank is 0 or more, a window 2 "
                               "tokens or more, the self-written text at least one window, held-out windows 0 "
                               "or more")
-    if bool(args.plan) == (not config.wants_default_plan):
-        raise CQILConfigError("name the plan to correct once: --groups or --start/--end, or --plan FILE")
-    if args.plan:
-        try:
-            config = CQILConfig(plan=Plan.load(args.plan).without_corrections())
-        except OSError as e:
-            raise CQILConfigError(f"--plan {args.plan!r}: {e.strerror or e}") from e
+    plan = _plan_file(args, config, "correct")
+    config = CQILConfig(plan=plan.without_corrections()) if plan is not None else config
     model, tokenizer = _load(args.model)
     plan = resolve_plan(model, config)
     if not plan.groups:
