@@ -279,6 +279,7 @@ def test_run_recovery_writes_weights_and_summary_that_eval_can_load(tmp_path):
     summary = run_recovery(fresh(), CONFIG, TRAIN, HELD_OUT, HELD_OUT, tmp_path, command="test", steps=2,
                            lr=3e-3, eval_every=1, progress=False)
     assert set(summary["perplexity"]) == {"original", "cqil", "recovered"}
+    assert Plan.from_dict(summary["plan"]) == PLAN and summary["plan_repr"] == repr(PLAN)
     assert [r["step"] for r in summary["history"]] == [0, 1, 2]
     assert (tmp_path / "recovery.json").is_file() and (tmp_path / "recovered.safetensors").is_file()
     [(model, plan)] = _recovered_models(fresh(), [str(tmp_path)])

@@ -658,7 +658,9 @@ def run_recovery(model: nn.Module, plan: Plan | CQILConfig, train, validation, e
         "command": command,
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "plan": json.loads(plan.to_json()),
+        # the groups; a correction's factors (megabytes at a low rank) stay in plan.json beside this file
+        "plan": json.loads(plan.without_corrections().to_json()),
+        "plan_repr": repr(plan),
         "settings": {k: v for k, v in kwargs.items() if isinstance(v, (int, float, str, type(None)))},
         "train_windows": len(train),
         "train_tokens_per_step": int(train[0].numel()),
