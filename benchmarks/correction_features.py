@@ -34,6 +34,7 @@ from cqil_fx.eager.correction import fit_corrections, group_activations
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.eager.reference import cqil_semantics
 from cqil_fx.stack import decoder_layers
+from cqil_fx.tools.cli import parse_groups
 from cqil_fx.tools.models import correction_text, load_smollm2, token_batches
 
 SETS = {"deltas": ("d",), "deltas+x": ("d", "x"), "deltas+x+dx": ("d", "x", "dx")}
@@ -49,16 +50,14 @@ def features(x: torch.Tensor, deltas: list[torch.Tensor], parts: tuple[str, ...]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--groups", required=True, help="groups FIRST-LAST,FIRST-LAST,... e.g. 5-6,17-18")
+    parser.add_argument("--groups", required=True, type=parse_groups,
+                        help="groups FIRST-LAST,FIRST-LAST,... e.g. 5-6,17-18")
     parser.add_argument("--ridge", type=float, default=0.1)
     parser.add_argument("--self-tokens", type=int, default=16384)
     parser.add_argument("--held-out", type=int, default=24, help="256-token windows of the licence texts")
     parser.add_argument("--out")
     args = parser.parse_args()
-    try:
-        groups = [tuple(range(int(a), int(b) + 1)) for a, b in (g.split("-") for g in args.groups.split(","))]
-    except ValueError:
-        parser.error(f"--groups takes FIRST-LAST,FIRST-LAST,..., got {args.groups!r}")
+    groups = args.groups
     model, tokenizer = load_smollm2()
     model.eval()
     started = time.perf_counter()
@@ -66,7 +65,8 @@ def main() -> None:
     held_out = token_batches(tokenizer, "licenses", 256, args.held_out)
     original = perplexity(model, held_out)
     plan = fit_corrections(model, CQILConfig(groups=groups).plan_for(len(decoder_layers(model))), calibration)
-    result = {"groups": args.groups, "original": original, "affine": perplexity(model, held_out, plan) / original - 1}
+    result = {"groups": ",".join(f"{g[0]}-{g[-1]}" for g in groups), "original": original,
+              "affine": perplexity(model, held_out, plan) / original - 1}
     print(f"affine {result['affine']:+.1%} ({time.perf_counter() - started:.0f} s)", flush=True)
     everything = SETS["deltas+x+dx"]
     stats: dict[int, tuple] = {}

