@@ -103,6 +103,7 @@ from torch._dynamo.utils import counters  # noqa: E402
 from cqil_fx import CQILConfig, Plan, make_backend  # noqa: E402
 from cqil_fx.stack import decoder_layers, without_blocks  # noqa: E402
 from cqil_fx.tools.generation import TokenClock, compiled_twin  # noqa: E402
+from cqil_fx.graph.executor import segment_settings  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- shapes
@@ -330,17 +331,28 @@ def _cells(tiers: list[list[tuple]], batches: Sequence[int]) -> list[Cell]:
     return cells
 
 
-def restrict(cells: list[Cell], workloads: Sequence[str], plans: dict[str, dict[str, Plan]]) -> list[Cell]:
-    """Drop cells of other workloads, and columns of plans a model does not have; keep the first of duplicates."""
+def restrict(cells: list[Cell], workloads: Sequence[str], plans: dict[str, dict[str, Plan]],
+             only: Sequence[str] | None = None) -> list[Cell]:
+    """Drop cells of other workloads, columns of plans a model does not have and columns not in ``only``
+    (when given); keep the first of duplicates.  With ``only``, a cell whose columns a later cell of the
+    same model, workload and batch also has goes too: the later one measures it, and only it waits (see
+    ``--wait-for``) after compiling everything."""
     out, seen = [], set()
     for cell in cells:
         if cell.workload.split("-")[0] not in workloads:
             continue
-        columns = tuple(c for c in cell.columns if "|" not in c or c.split("|")[1] in plans[cell.model])
+        columns = tuple(c for c in cell.columns if ("|" not in c or c.split("|")[1] in plans[cell.model])
+                        and (only is None or c in only))
+        if not columns:
+            continue
         key = (cell.model, cell.workload, cell.batch, columns)
         if key not in seen:
             seen.add(key)
             out.append(dataclasses.replace(cell, columns=columns))
+    if only is not None:
+        out = [c for i, c in enumerate(out) if not any(
+            (d.model, d.workload, d.batch) == (c.model, c.workload, c.batch) and set(c.columns) <= set(d.columns)
+            for d in out[i + 1:])]
     return out
 
 
@@ -351,7 +363,9 @@ def restrict(cells: list[Cell], workloads: Sequence[str], plans: dict[str, dict[
 
 COMPILE_S = {  # (fixed, per layer, per concurrent segment)
     ("cuda", "inductor"): (6.0, 0.5, 0.8),
-    ("cpu", "inductor"): (5.0, 0.3, 1.5),  # 2 cores: SmolLM2 ~12 s a graph, ~55 s concurrent (user guide)
+    # cold, SmolLM2's decode graph on 2 cores: inductor 74 s, inductor-cpp 64 s, concurrent P2 75 s (2026-11-30;
+    # the 16-core machine's 74 s for inductor was no faster: mostly one g++ per graph)
+    ("cpu", "inductor"): (5.0, 2.0, 0.8),
     ("cpu", "light"): (2.0, 0.35, 0.1),
 }
 FIRST_COMPILE_S = {"cuda": 20.0, "cpu": 5.0}  # CUDA context, Triton's first kernels
@@ -448,7 +462,10 @@ def compile_settings(column: str, plans: dict[str, Plan], part: Part) -> tuple[d
             return {"backend": part.compiler}, None
         if kind == "inductor-graphs":
             return {"backend": "inductor", "mode": "reduce-overhead"}, None
-        return {"backend": inductor_with({"cpp_wrapper": True}) if kind == "inductor-cpp" else "inductor"}, None
+        # inductor-cpp: the settings of concurrent mode's shared segments (the C++ wrapper, built apart at
+        # -O1 from the kernels: the same per call, minutes less to compile; docs/performance.md)
+        cpp = segment_settings(shared=True, device_type="cpu")
+        return {"backend": inductor_with(cpp) if kind == "inductor-cpp" else "inductor"}, None
     plan = plans[key]
     if kind == "cqil-local-graphs":
         inner = inductor_with({"triton.cudagraphs": True}) if inductor else part.compiler
@@ -664,8 +681,9 @@ class Sweep:
     """Runs cells in order within the budget, keeping models and compiled twins for later cells."""
 
     def __init__(self, part: Part, shapes: dict[str, Shape], wide: int, out: Path, command: str,
-                 start: float | None = None):
-        self.part, self.shapes, self.wide, self.out = part, shapes, wide, out
+                 start: float | None = None, wait_for: Path | None = None):
+        self.part, self.shapes, self.wide, self.out, self.wait_for = part, shapes, wide, out, wait_for
+        self._waited = 0.0  # seconds spent waiting for ``wait_for`` in the current cell
         self.models: dict[str, torch.nn.Module] = {}
         self.ideals: dict[tuple[str, str], torch.nn.Module] = {}
         self.twins: dict[tuple[str, str], Twin] = {}
@@ -707,7 +725,7 @@ class Sweep:
               f"{', '.join(cell.columns)}", flush=True)
         started = time.perf_counter()
         self.run_cell(index, cell)
-        spent = time.perf_counter() - started
+        spent = time.perf_counter() - started - self._waited  # the estimates know nothing of waits
         self._estimated, self._spent = self._estimated + guess, self._spent + spent
         self.factor = min(max(self._spent / self._estimated, 0.5), 4.0)
         self.write()
@@ -724,6 +742,7 @@ class Sweep:
                 if seconds is not None:
                     compile_s[column] = seconds
         reps = self.part.reps[cell.workload.split("-")[0]]
+        self._waited = self.wait()
         started = time.perf_counter()
         samples = measure(calls, reps, max(self.part.warmup - 1, 0), self.sync, errors)
         plans = self.plans[cell.model]
@@ -739,7 +758,7 @@ class Sweep:
                                   for e in errors]
         self.result["cells"].append(dict(
             cell=index, model=cell.model, workload=cell.workload, batch=cell.batch, tier=cell.tier,
-            columns=list(cell.columns), compile_s=sum(compile_s.values()),
+            columns=list(cell.columns), compile_s=sum(compile_s.values()), waited_s=self._waited,
             measure_s=time.perf_counter() - started, counters=_counter_diff(before, _counter_snapshot())))
         print_cell(rows, summary)
 
@@ -796,6 +815,18 @@ class Sweep:
             self.twins[(name, column)] = Twin(module, StepClock(module, self.part.device == "cuda"), backend)
         return self.twins[(name, column)]
 
+    def wait(self) -> float:
+        """Seconds spent waiting until ``wait_for`` exists (0 without one)."""
+        if self.wait_for is None or self.wait_for.exists():
+            return 0.0
+        print(f"    waiting for {self.wait_for} before timing ...", end="", flush=True)
+        started = time.perf_counter()
+        while not self.wait_for.exists():
+            time.sleep(0.5)
+        waited = time.perf_counter() - started
+        print(f" {waited:.0f} s", flush=True)
+        return waited
+
     def sync(self) -> None:
         if self.part.device == "cuda":
             torch.cuda.synchronize()
@@ -808,7 +839,7 @@ class Sweep:
         self.result["meta"]["elapsed_s"] = self.elapsed()
         path = self.out / f"{self.part.file_stem}.json"
         path.write_text(json.dumps(self.result, indent=2, default=str) + "\n")
-        plot(self.result, self.part, self.out / f"{self.part.file_stem}.png")
+        plot(self.result, self.part.base, self.out / f"{self.part.file_stem}.png")
 
 
 def token_ids(shape: Shape, cell: Cell, part: Part) -> torch.Tensor:
@@ -860,7 +891,7 @@ def run_meta(part: Part, shapes: dict[str, Shape], wide: int, command: str) -> d
         torch=torch.__version__, transformers=transformers.__version__, cuda=torch.version.cuda,
         threads=torch.get_num_threads(), dtype=str(part.dtype).removeprefix("torch."), compiler=part.compiler,
         prompt=part.prompt, new_tokens=part.new_tokens, prefill=part.prefill, reps=part.reps,
-        warmup=part.warmup, budget_s=part.budget_s, wide=wide, notes=notes)
+        warmup=part.warmup, budget_s=part.budget_s, wide=wide, base=part.base, notes=notes)
 
 
 # ------------------------------------------------------------------------------------------------ output
@@ -883,8 +914,8 @@ COLOURS = {"inductor": "silver", "inductor-graphs": "gray", "inductor-cpp": "gra
            "cqil-concurrent-graphs": "tab:blue", "cqil-concurrent": "tab:blue", "ideal": "tab:orange"}
 
 
-def plot(result: dict, part: Part, path: Path) -> None:
-    """One panel per workload and batch: each column's median relative to the baseline of its cell."""
+def plot(result: dict, base: str, path: Path) -> None:
+    """One panel per workload and batch: each column's median relative to the baseline ``base`` of its cell."""
     try:
         import matplotlib
 
@@ -893,7 +924,7 @@ def plot(result: dict, part: Part, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no PNG", flush=True)
         return
-    latest = relative_times(result["rows"], part.base)
+    latest = relative_times(result["rows"], base)
     panels = sorted({key[:2] for key in latest})
     if not panels:
         return
@@ -902,11 +933,21 @@ def plot(result: dict, part: Part, path: Path) -> None:
         entries = {key[2:]: value for key, value in latest.items() if key[:2] == (workload, batch)}
         _bars(ax, entries)
         unit = "per new token" if workload == "decode" else "per forward"
-        ax.set_ylabel(f"time {unit} / {part.base}")
+        ax.set_ylabel(f"time {unit} / {base}")
         ax.set_title(f"{workload}, batch {batch} ({result['meta']['device']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def replot(paths: Sequence[Path]) -> None:
+    """Each JSON's PNG again (``plot``), e.g. for runs whose PNGs did not come back from the GPU machine."""
+    for path in paths:
+        result = json.loads(path.read_text())
+        meta = result["meta"]
+        base = meta.get("base") or ("inductor-cpp" if meta["part"] == "cpu" else "inductor-graphs")  # older runs
+        plot(result, base, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}", flush=True)
 
 
 def relative_times(rows: list[dict], base: str) -> dict[tuple, tuple[float, float, float]]:
@@ -1029,6 +1070,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads (default: every core; 1 with --cpu-small)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), help="GPU bfloat16, CPU float32 by default")
+    parser.add_argument("--columns", nargs="+", metavar="COLUMN",
+                        help="only these columns of each cell, e.g. inductor-cpp 'cqil-concurrent|P2' 'ideal|P2'")
+    parser.add_argument("--wait-for", type=Path, metavar="FILE",
+                        help="compile each cell's columns, then wait until FILE exists before timing them "
+                             "(to compile while another job on the machine times, and time alone)")
+    parser.add_argument("--replot", nargs="+", type=Path, metavar="JSON",
+                        help="only draw the PNG of each sweep JSON again, beside it")
     args = parser.parse_args(argv)
     check_args(parser, args)
     return parser, args
@@ -1051,7 +1099,12 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads is not None and not (args.cpu or args.cpu_small):
         parser.error("--threads applies to the CPU part (--cpu or --cpu-small)")
-    if not (args.dry_run or args.cpu or args.cpu_small or torch.cuda.is_available()):
+    columns = set(CPU_CORE + GPU_CORE + GPU_CONTEXT) | {f"{kind}|P{args.wide}" for kind in (
+        "cqil-concurrent", "cqil-concurrent-graphs", "ideal")}
+    unknown = sorted(set(args.columns or ()) - columns)
+    if unknown:
+        parser.error(f"--columns: unknown {', '.join(unknown)}; known: {', '.join(sorted(columns))}")
+    if not (args.replot or args.dry_run or args.cpu or args.cpu_small or torch.cuda.is_available()):
         parser.error("no CUDA device here: run the GPU part on a GPU machine; here use --dry-run, "
                      "--cpu (the CPU part) or --cpu-small (tiny models, to debug)")
 
@@ -1067,12 +1120,15 @@ def keep_every_compile() -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict | None:
     _, args = parse_args(argv)
+    if args.replot:
+        replot(args.replot)
+        return None
     part = make_part(args)
     shapes = selected_shapes(args)
     batches = args.batches or ([1, 8] if part.name == "gpu" and not part.small else [1])
     plans = {name: sweep_plans(shape.layers, args.wide) for name, shape in shapes.items()}
     work = gpu_work if part.name == "gpu" else cpu_work
-    cells = restrict(work(part, shapes, batches, args.wide), args.workloads, plans)
+    cells = restrict(work(part, shapes, batches, args.wide), args.workloads, plans, args.columns)
     if args.dry_run:
         dry_run(part, shapes, cells, plans, args.wide)
         return None
@@ -1082,7 +1138,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     command = "python benchmarks/gpu_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{part.name} sweep: {len(cells)} cells, budget {part.budget_s:.0f} s, "
           f"{part.device} {str(part.dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}", flush=True)
-    result = Sweep(part, shapes, args.wide, args.out, command, start=STARTED).run(cells)
+    result = Sweep(part, shapes, args.wide, args.out, command, start=STARTED, wait_for=args.wait_for).run(cells)
     done = len(result["cells"])
     print(f"done in {result['meta']['elapsed_s']:.0f} s: {done} cells measured, {len(result['skipped'])} skipped, "
           f"{len(result['errors'])} errors; wrote {args.out / part.file_stem}.json and .png", flush=True)

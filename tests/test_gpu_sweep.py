@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,7 @@ def test_dry_run_checks_every_plan_and_prints_the_work_list(sweep, capsys):
     (["--dry-run", "--reps", "1"], "--reps must be at least 2"),
     (["--dry-run", "--big-layers", "40"], "--big-layers must be between 4 and 32"),
     (["--threads", "4", "--dry-run"], "--threads applies to the CPU part"),
+    (["--dry-run", "--columns", "inductor", "cqil|P2"], "--columns: unknown cqil|P2"),
 ])
 def test_bad_arguments_are_usage_errors(sweep, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
@@ -75,6 +77,24 @@ def test_plans_ideals_and_the_work_list(sweep):
     plans = {"eight": sweep.sweep_plans(8, 4)}
     cells = sweep.restrict(sweep.gpu_work(part, shapes, [1], 4), ["decode"], plans)
     assert cells and all(c.workload == "decode" and not any("P4" in col for col in c.columns) for c in cells)
+    only = ("inductor-cpp", "ideal|P4")  # --columns: cells keep these alone; a cell that a later one holds goes
+    cells = sweep.restrict(sweep.cpu_work(part, {"tiny": shape}, [1], 4), ["decode", "prefill"],
+                           {"tiny": sweep.sweep_plans(shape.layers, 4)}, only)
+    assert [(c.workload, c.columns, c.tier) for c in cells] == [("decode", only, 2), ("prefill-32", only, 3)]
+
+
+def test_wait_for_holds_the_timing_until_the_file_exists(sweep, tmp_path):
+    flag = tmp_path / "gpu-part-done"
+    part = sweep.make_part(sweep.parse_args(["--cpu-small"])[1])
+    run = sweep.Sweep(part, {}, 4, tmp_path, "test", wait_for=flag)
+    timer = threading.Timer(1.0, flag.touch)
+    timer.start()
+    try:
+        assert 0.9 <= run.wait() < 30
+    finally:
+        timer.cancel()
+    assert run.wait() == 0.0  # already there
+    assert sweep.Sweep(part, {}, 4, tmp_path, "test").wait() == 0.0  # no file to wait for
 
 
 def test_tiny_cpu_run_writes_every_column(sweep, tmp_path):
