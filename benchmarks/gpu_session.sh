@@ -1,50 +1,74 @@
 #!/usr/bin/env bash
-# One lease of the GPU machine (one GPU, 16 cores) in one command of about ten minutes
-# (docs/gpu-sweep.md, "One lease"):
+# One device call (about ten minutes) on the GPU machine of docs/gpu-sweep.md (one GPU, 16 cores).
 #
-#   bash benchmarks/gpu_session.sh OUT [SECONDS] [GPU_BUDGET_S]
+#   bash benchmarks/gpu_session.sh gpu OUT [SECONDS] [GPU_SWEEP_ARGS...]
+#   bash benchmarks/gpu_session.sh cpu OUT [SECONDS]
 #
-# 1. The GPU part of benchmarks/gpu_sweep.py on the shapes the first run did not reach (Qwen2.5-0.5B
-#    and the 8B shape, batch 1 and 8) within GPU_BUDGET_S (default 300), then tests/test_gpu.py.
-# 2. At the same time, the CPU part in three processes (SmolLM2 P2, Qwen2.5-0.5B P2, SmolLM2 P4; decode;
-#    the baseline inductor-cpp, concurrent, ideal), which *compile* while the GPU works: Inductor's
-#    CPU compile is mostly one g++ per graph, minutes of one core each, so compiling alone would not
-#    fit in a lease.  Each waits (--wait-for) before *timing*: the first until the GPU work is done,
-#    the others until the one before has ended, so every timed call has the machine to itself.
+# gpu: benchmarks/gpu_sweep.py's GPU part alone on the machine, with the given arguments (e.g.
+#      --models llama-3.1-8b --batches 1 8) and --budget-s SECONDS - 60; tests/test_gpu.py after it
+#      if at least four minutes are left.
+# cpu: the 16-core CPU part's decode for the SmolLM2 and Qwen2.5-0.5B shapes, the original on 16, 8 and
+#      4 threads, CQIL P2 on 16 and 8 (members on 8 and 4) and the ideal on 16 and 8 (COLUMNS below).
+#      A cold CPU compile is mostly one g++ per graph (about a minute each), so fourteen compiles one
+#      after the other would not fit: first one process per shape and column compiles (--compile-only),
+#      all at once, filling Inductor's on-disk caches; then one process per shape compiles again from
+#      those caches and times its columns interleaved.  The two timed processes time one after the other
+#      (--ready, --wait-for), so every timed call has the machine to itself.
 #
 # Every step has a timeout inside SECONDS (default 570), so the script always ends and leaves what it
-# measured: OUT/gpu/gpu_sweep.json, OUT/cpu-*/cpu_sweep.json, OUT/gpu.log (sweep and tests),
-# OUT/cpu.log (the three CPU processes, lines prefixed).  The PNGs are removed (the device tool brings
-# back eight files at most); `python benchmarks/gpu_sweep.py --replot FILE.json` draws them again.
+# measured under OUT: gpu/gpu_sweep.json and gpu.log, or cpu-SHAPE/cpu_sweep.json and cpu.log.  The PNGs
+# are removed (the device tool brings back eight files at most); `python benchmarks/gpu_sweep.py --replot
+# FILE.json` draws them again.
 set -u
-out=${1:?usage: gpu_session.sh OUT [SECONDS] [GPU_BUDGET_S]}
-total=${2:-570}
-gpu_budget=${3:-300}
+part=${1:?usage: gpu_session.sh gpu|cpu OUT [SECONDS] [GPU_SWEEP_ARGS...]}
+out=${2:?usage: gpu_session.sh gpu|cpu OUT [SECONDS] [GPU_SWEEP_ARGS...]}
+total=${3:-570}
+shift $(( $# < 3 ? $# : 3 ))
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-flags=$(mktemp -d)
 mkdir -p "$out"
 left() { echo $(( total - SECONDS )); }
+log="$out/$part.log"
+{ nvidia-smi -L; nproc; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } > "$log" 2>&1
 
-{ nvidia-smi -L; nproc; python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } > "$out/gpu.log" 2>&1
-
-cpu_part() {  # NAME WAIT_FOR ARGS...: one CPU process, its lines prefixed; touches NAME when it ends
-    local name=$1 wait=$2
-    shift 2
-    timeout $(( $(left) - 10 )) python3 benchmarks/gpu_sweep.py --cpu --workloads decode --out "$out/$name" \
-        --wait-for "$flags/$wait" --budget-s $(( $(left) - 20 )) "$@" 2>&1 | sed -u "s/^/[$name] /" >> "$out/cpu.log"
-    touch "$flags/$name"
-}
-cpu_part cpu-smollm2-p2 gpu --models smollm2-135m --columns inductor-cpp 'cqil-concurrent|P2' 'ideal|P2' &
-cpu_part cpu-qwen-p2 cpu-smollm2-p2 --models qwen2.5-0.5b --columns inductor-cpp 'cqil-concurrent|P2' 'ideal|P2' &
-cpu_part cpu-smollm2-p4 cpu-qwen-p2 --models smollm2-135m --columns inductor-cpp 'cqil-concurrent|P4' 'ideal|P4' &
-
-timeout $(( gpu_budget + 60 )) python3 benchmarks/gpu_sweep.py --out "$out/gpu" --models qwen2.5-0.5b llama-3.1-8b \
-    --batches 1 8 --budget-s "$gpu_budget" >> "$out/gpu.log" 2>&1
-echo "gpu sweep exit $? at ${SECONDS} s" >> "$out/gpu.log"
-timeout $(( $(left) > 200 ? 150 : $(left) / 3 )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$out/gpu.log" 2>&1
-echo "tests/test_gpu.py exit $? at ${SECONDS} s" >> "$out/gpu.log"
-touch "$flags/gpu"
-wait
-echo "cpu part ended at ${SECONDS} s" >> "$out/cpu.log"
+case $part in
+gpu)
+    timeout $(( total - 30 )) python3 benchmarks/gpu_sweep.py --out "$out/gpu" --budget-s $(( total - 60 )) "$@" >> "$log" 2>&1
+    echo "gpu sweep exit $? at ${SECONDS} s" >> "$log"
+    if (( $(left) > 240 )); then
+        timeout $(( $(left) - 10 )) python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py >> "$log" 2>&1
+        echo "tests/test_gpu.py exit $? at ${SECONDS} s" >> "$log"
+    fi
+    ;;
+cpu)
+    COLUMNS=(inductor-cpp inductor-cpp@8 inductor-cpp@4 'cqil-concurrent|P2' 'cqil-concurrent|P2@8' 'ideal|P2' 'ideal|P2@8')
+    SHAPES=(smollm2-135m qwen2.5-0.5b)
+    flags=$(mktemp -d)
+    sweep() {  # TAG ARGS...: one CPU process, its lines prefixed with TAG
+        local tag=$1
+        shift
+        timeout $(( $(left) - 10 )) python3 benchmarks/gpu_sweep.py --cpu --workloads decode --budget-s 100000 "$@" \
+            2>&1 | sed -u "s/^/[$tag] /" >> "$log"
+    }
+    for shape in "${SHAPES[@]}"; do
+        for column in "${COLUMNS[@]}"; do
+            sweep "warm $shape $column" --compile-only --models "$shape" --columns "$column" --out "$flags/warm" &
+        done
+    done
+    wait
+    echo "caches filled at ${SECONDS} s" >> "$log"
+    # the first times once the second has compiled, the second once the first has ended
+    (sweep "${SHAPES[0]}" --models "${SHAPES[0]}" --columns "${COLUMNS[@]}" --out "$out/cpu-${SHAPES[0]}" \
+        --ready "$flags/ready-0" --wait-for "$flags/ready-1"; touch "$flags/done-0") &
+    sweep "${SHAPES[1]}" --models "${SHAPES[1]}" --columns "${COLUMNS[@]}" --out "$out/cpu-${SHAPES[1]}" \
+        --ready "$flags/ready-1" --wait-for "$flags/done-0"
+    touch "$flags/ready-1"  # if the second ended without compiling, the first must not wait for it for good
+    wait
+    echo "cpu part ended at ${SECONDS} s" >> "$log"
+    ;;
+*)
+    echo "unknown part $part: gpu or cpu" >&2
+    exit 2
+    ;;
+esac
 rm -f "$out"/*/*.png

@@ -34,8 +34,10 @@ ratio), ``cqil-local-graphs|P`` (``mode="local"``, Inductor with
 step one CUDA graph) and ``ideal|P``: the same model with the blocks the plan
 saves removed (every member of a group after the first), compiled like the
 baseline.  CPU: ``inductor`` (all threads), ``inductor-cpp`` (with
-``cpp_wrapper``, the setting concurrent segments use; the baseline), ``cqil-concurrent|P``
-and ``ideal|P`` (compiled like ``inductor-cpp``).  Plans: ``P2`` is the uniform
+``cpp_wrapper``, the settings concurrent mode's shared segments use; the baseline), ``cqil-concurrent|P``
+and ``ideal|P`` (compiled like ``inductor-cpp``).  ``--columns`` narrows every cell to the columns
+named; on the CPU a name may end in ``@THREADS``: that column compiled and called on THREADS threads
+(``inductor-cpp@8``; the summary then adds the fastest original, ``best_original``).  Plans: ``P2`` is the uniform
 plan P = 2, D = 0 over ``[round(0.4 N), N - 2)`` (the issue's S(0.4N)-E(N-2)),
 ``P4`` (``--wide``, or P3) the same span with P = 4; the span's start moves up
 until P divides it.
@@ -55,6 +57,9 @@ again, by later cells.  Before each cell the script estimates its cost
 skips it if it would end after ``--budget-s`` (GPU 480 s from the start of the
 process, CPU 300 s); skipped cells are listed in the JSON.  The JSON and PNG are
 rewritten after every cell, so a run that is cut off still leaves its results.
+To fit a lease (benchmarks/gpu_session.sh): ``--compile-only`` processes fill Inductor's on-disk
+caches in parallel; ``--ready FILE`` and ``--wait-for FILE`` let one process compile while another
+times and time only when the machine is its own.
 The script runs from a checkout without installing it (``cqil_fx`` from the
 repository root, ``passes/`` as ``cqil_fx.passes``).
 
@@ -239,6 +244,18 @@ GPU_CONTEXT = ("inductor", "cqil-local-graphs|P2")
 CPU_CORE = ("inductor", "inductor-cpp", "cqil-concurrent|P2", "ideal|P2")
 
 
+def column_parts(column: str) -> tuple[str, str, int | None]:
+    """``(kind, plan key, threads)`` of a column name ``KIND[|PLAN][@THREADS]``.
+
+    ``@THREADS`` (CPU only, with ``--columns``): the column compiled and called with
+    ``torch.set_num_threads(THREADS)`` instead of every core, e.g. ``inductor-cpp@8`` (the original on 8
+    threads) or ``cqil-concurrent|P2@8`` (its members on 4 each).
+    """
+    name, at, threads = column.partition("@")
+    kind, _, key = name.partition("|")
+    return kind, key, int(threads) if at else None
+
+
 def make_part(args: argparse.Namespace) -> Part:
     small = args.cpu_small
     if args.cpu or small:
@@ -334,15 +351,17 @@ def _cells(tiers: list[list[tuple]], batches: Sequence[int]) -> list[Cell]:
 def restrict(cells: list[Cell], workloads: Sequence[str], plans: dict[str, dict[str, Plan]],
              only: Sequence[str] | None = None) -> list[Cell]:
     """Drop cells of other workloads, columns of plans a model does not have and columns not in ``only``
-    (when given); keep the first of duplicates.  With ``only``, a cell whose columns a later cell of the
+    (when given: those columns, ``NAME@THREADS`` included where the cell has ``NAME``); keep the first of
+    duplicates.  With ``only``, a cell whose columns a later cell of the
     same model, workload and batch also has goes too: the later one measures it, and only it waits (see
     ``--wait-for``) after compiling everything."""
     out, seen = [], set()
     for cell in cells:
         if cell.workload.split("-")[0] not in workloads:
             continue
-        columns = tuple(c for c in cell.columns if ("|" not in c or c.split("|")[1] in plans[cell.model])
-                        and (only is None or c in only))
+        columns = tuple(c for c in cell.columns if not column_parts(c)[1] or column_parts(c)[1] in plans[cell.model])
+        if only is not None:  # in the order given; NAME@THREADS wherever the cell has NAME
+            columns = tuple(c for c in only if c.partition("@")[0] in columns)
         if not columns:
             continue
         key = (cell.model, cell.workload, cell.batch, columns)
@@ -373,7 +392,7 @@ CPP_WRAPPER_S = 5.0  # the C++ wrapper's own compile, per graph, on the CPU
 
 
 def estimate_compile_s(shape: Shape, column: str, plans: dict[str, Plan], part: Part) -> float:
-    kind, _, key = column.partition("|")
+    kind, key, _ = column_parts(column)
     device = "cuda" if part.device == "cuda" else "cpu"
     fixed, per_layer, per_segment = COMPILE_S[(device, "inductor" if part.compiler == "inductor" else "light")]
     layers = shape.layers - (plans[key].saved_blocks if kind == "ideal" else 0)
@@ -453,7 +472,7 @@ def inductor_with(patches: dict[str, Any]) -> Callable:
 
 def compile_settings(column: str, plans: dict[str, Plan], part: Part) -> tuple[dict[str, Any], Any]:
     """``torch.compile`` keyword arguments for ``column``, and its cqil backend (for its reports) or None."""
-    kind, _, key = column.partition("|")
+    kind, key, _ = column_parts(column)
     if kind == "ideal":
         kind = part.ideal_like
     inductor = part.compiler == "inductor"
@@ -570,6 +589,19 @@ def decode_call(twin: Twin, ids: torch.Tensor, part: Part) -> Callable[[], dict]
     return call
 
 
+def with_threads(call: Callable[[], dict], threads: int) -> Callable[[], dict]:
+    """``call`` under ``torch.set_num_threads(threads)`` (its first call compiles: Inductor reads the count then)."""
+    def threaded() -> dict:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            return call()
+        finally:
+            torch.set_num_threads(before)
+
+    return threaded
+
+
 def prefill_call(twin: Twin, ids: torch.Tensor) -> Callable[[], dict]:
     """One compiled forward of the whole prompt without a cache, the last position's logits only."""
     def call() -> dict:
@@ -627,7 +659,7 @@ def cell_rows(index: int, cell: Cell, samples: dict[str, list[dict]], plans: dic
     rows = []
     decode = cell.workload == "decode"
     for column, calls in samples.items():
-        key = column.partition("|")[2]
+        key = column_parts(column)[1]
         row = dict(cell=index, model=cell.model, workload=cell.workload, batch=cell.batch, column=column,
                    plan=plan_label(plans[key]) if key else "", n=len(calls), compile_s=compile_s.get(column))
         row.update(spread([c["token_ms" if decode else "call_ms"] for c in calls]))
@@ -648,17 +680,21 @@ def summarise(rows: list[dict], plans: dict[str, Plan], part: Part) -> list[dict
         return []
     out = []
     metrics = [("", "median_ms")] + ([("forward_", "forward_ms")] if "forward_ms" in base else [])
+    originals = {c: r for c, r in by_column.items() if c.partition("@")[0] == part.base and r["median_ms"]}
+    best = min(originals, key=lambda c: originals[c]["median_ms"])  # @THREADS columns: the user's best pick
     for column, row in by_column.items():
-        kind, _, key = column.partition("|")
+        kind, key, threads = column_parts(column)
         if not kind.startswith("cqil") or row["median_ms"] is None:
             continue
         entry = dict(cell=row["cell"], model=row["model"], workload=row["workload"], batch=row["batch"],
-                     plan=row["plan"], column=kind, base=part.base)
-        ideal = by_column.get(f"ideal|{key}")
+                     plan=row["plan"], column=kind if threads is None else f"{kind}@{threads}", base=part.base)
+        ideal = by_column.get(f"ideal|{key}@{threads}") or by_column.get(f"ideal|{key}")
         for prefix, metric in metrics:
             entry.update(_ratios(prefix, base.get(metric), row.get(metric), ideal and ideal.get(metric)))
         if "inductor" in by_column and part.base != "inductor" and by_column["inductor"]["median_ms"]:
             entry["reduction_vs_inductor"] = 1 - row["median_ms"] / by_column["inductor"]["median_ms"]
+        if best != part.base:
+            entry.update(best_original=best, reduction_vs_best_original=1 - row["median_ms"] / originals[best]["median_ms"])
         out.append(entry)
     return out
 
@@ -681,8 +717,10 @@ class Sweep:
     """Runs cells in order within the budget, keeping models and compiled twins for later cells."""
 
     def __init__(self, part: Part, shapes: dict[str, Shape], wide: int, out: Path, command: str,
-                 start: float | None = None, wait_for: Path | None = None):
+                 start: float | None = None, wait_for: Path | None = None, compile_only: bool = False,
+                 ready: Path | None = None):
         self.part, self.shapes, self.wide, self.out, self.wait_for = part, shapes, wide, out, wait_for
+        self.compile_only, self.ready = compile_only, ready
         self._waited = 0.0  # seconds spent waiting for ``wait_for`` in the current cell
         self.models: dict[str, torch.nn.Module] = {}
         self.ideals: dict[tuple[str, str], torch.nn.Module] = {}
@@ -741,6 +779,14 @@ class Sweep:
                 calls[column] = call
                 if seconds is not None:
                     compile_s[column] = seconds
+        if self.ready is not None:
+            self.ready.touch()
+        if self.compile_only:
+            self.result["cells"].append(dict(cell=index, model=cell.model, workload=cell.workload, batch=cell.batch,
+                                             tier=cell.tier, columns=list(cell.columns), compile_s=compile_s,
+                                             compile_only=True))
+            self.result["errors"] += [dict(cell=index, model=cell.model, **e) for e in errors]
+            return
         reps = self.part.reps[cell.workload.split("-")[0]]
         self._waited = self.wait()
         started = time.perf_counter()
@@ -773,6 +819,9 @@ class Sweep:
             print(f"    {column}: could not build: {type(error).__name__}: {error}", flush=True)
             return None, None
         call = decode_call(twin, ids, self.part) if cell.workload == "decode" else prefill_call(twin, ids)
+        threads = column_parts(column)[2]
+        if threads is not None:
+            call = with_threads(call, threads)
         if key in self.compiled:
             return call, None
         print(f"    compiling {column} ...", end="", flush=True)
@@ -804,7 +853,7 @@ class Sweep:
 
     def twin(self, name: str, column: str) -> Twin:
         if (name, column) not in self.twins:
-            kind, _, key = column.partition("|")
+            kind, key, _ = column_parts(column)
             model = self.model(name)
             if kind == "ideal":
                 if (name, key) not in self.ideals:
@@ -969,7 +1018,7 @@ def _bars(ax, entries: dict[tuple[str, str], tuple[float, float, float]]) -> Non
         xs = [i + (j - (len(columns) - 1) / 2) * width for i, _ in found]
         ys = [median for _, (median, _, _) in found]
         errors = [[m - lo for _, (m, lo, _) in found], [hi - m for _, (m, _, hi) in found]]
-        kind, _, key = column.partition("|")
+        kind, key, _ = column_parts(column)
         ax.bar(xs, ys, width, yerr=errors, label=column, color=COLOURS.get(kind, "k"),
                hatch="//" if key and key != "P2" else None, edgecolor="white", capsize=2)
     ax.axhline(1.0, color="k", lw=0.6)
@@ -978,10 +1027,10 @@ def _bars(ax, entries: dict[tuple[str, str], tuple[float, float, float]]) -> Non
 
 
 def _column_order(column: str) -> tuple:
-    kind, _, key = column.partition("|")
+    kind, key, threads = column_parts(column)
     order = ["inductor", "inductor-cpp", "inductor-graphs", "cqil-local-graphs", "cqil-concurrent",
              "cqil-concurrent-graphs", "ideal"]
-    return (key, order.index(kind) if kind in order else len(order))
+    return (key, order.index(kind) if kind in order else len(order), -(threads or 1 << 16))
 
 
 # --------------------------------------------------------------------------------------------- dry run
@@ -1075,6 +1124,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
     parser.add_argument("--wait-for", type=Path, metavar="FILE",
                         help="compile each cell's columns, then wait until FILE exists before timing them "
                              "(to compile while another job on the machine times, and time alone)")
+    parser.add_argument("--ready", type=Path, metavar="FILE",
+                        help="create FILE when a cell's columns have compiled, before --wait-for's wait (so another "
+                             "process can wait until this one has compiled)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile each cell's columns and time nothing: run beside other such processes to "
+                             "fill Inductor's on-disk caches in parallel, so the timed run's compiles are cache hits")
     parser.add_argument("--replot", nargs="+", type=Path, metavar="JSON",
                         help="only draw the PNG of each sweep JSON again, beside it")
     args = parser.parse_args(argv)
@@ -1101,9 +1156,16 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--threads applies to the CPU part (--cpu or --cpu-small)")
     columns = set(CPU_CORE + GPU_CORE + GPU_CONTEXT) | {f"{kind}|P{args.wide}" for kind in (
         "cqil-concurrent", "cqil-concurrent-graphs", "ideal")}
-    unknown = sorted(set(args.columns or ()) - columns)
+    unknown = sorted(c for c in args.columns or () if c.partition("@")[0] not in columns
+                     or c.partition("@")[1] and not c.partition("@")[2].isdigit())
     if unknown:
-        parser.error(f"--columns: unknown {', '.join(unknown)}; known: {', '.join(sorted(columns))}")
+        parser.error(f"--columns: unknown {', '.join(unknown)}; known: {', '.join(sorted(columns))}, each "
+                     f"with @THREADS on the CPU")
+    threaded = [c for c in args.columns or () if "@" in c]
+    if threaded and not (args.cpu or args.cpu_small):
+        parser.error(f"--columns {' '.join(threaded)}: @THREADS applies to the CPU part (--cpu or --cpu-small)")
+    if any(int(c.partition("@")[2]) < 1 for c in threaded):
+        parser.error(f"--columns {' '.join(threaded)}: @THREADS must be at least 1")
     if not (args.replot or args.dry_run or args.cpu or args.cpu_small or torch.cuda.is_available()):
         parser.error("no CUDA device here: run the GPU part on a GPU machine; here use --dry-run, "
                      "--cpu (the CPU part) or --cpu-small (tiny models, to debug)")
@@ -1138,7 +1200,8 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     command = "python benchmarks/gpu_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(f"{part.name} sweep: {len(cells)} cells, budget {part.budget_s:.0f} s, "
           f"{part.device} {str(part.dtype).removeprefix('torch.')}, threads {torch.get_num_threads()}", flush=True)
-    result = Sweep(part, shapes, args.wide, args.out, command, start=STARTED, wait_for=args.wait_for).run(cells)
+    result = Sweep(part, shapes, args.wide, args.out, command, start=STARTED, wait_for=args.wait_for,
+                   compile_only=args.compile_only, ready=args.ready).run(cells)
     done = len(result["cells"])
     print(f"done in {result['meta']['elapsed_s']:.0f} s: {done} cells measured, {len(result['skipped'])} skipped, "
           f"{len(result['errors'])} errors; wrote {args.out / part.file_stem}.json and .png", flush=True)

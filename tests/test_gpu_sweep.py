@@ -133,3 +133,29 @@ def test_tiny_cpu_run_writes_every_column(sweep, tmp_path):
     assert result["models"]["tiny"]["ideal_layers"] == {"P2": 7, "P3": 6}
     assert [c["counters"].get("cqil.groups_rewritten") for c in result["cells"]] == [2, 1]  # 2 twins x 1 group, 1 x 1
     assert (tmp_path / "gpu_sweep_small.png").exists() or importlib.util.find_spec("matplotlib") is None
+
+
+def test_columns_at_a_thread_count_run_under_it_and_are_summarised(sweep, tmp_path):
+    seen, before = [], torch.get_num_threads()
+    sweep.with_threads(lambda: seen.append(torch.get_num_threads()) or {}, before + 1)()
+    assert seen == [before + 1] and torch.get_num_threads() == before
+    assert sweep.column_parts("cqil-concurrent|P2@8") == ("cqil-concurrent", "P2", 8)
+    assert sweep.column_parts("inductor-cpp") == ("inductor-cpp", "", None)
+
+    shape = dataclasses.replace(sweep.TINY_SHAPES["tiny-llama"], name="tiny", layers=8, hidden=32, intermediate=64,
+                                vocab=128)
+    part = dataclasses.replace(sweep.make_part(sweep.parse_args(["--cpu", "--compiler", "eager", "--reps", "2"])[1]),
+                               prompt=8, new_tokens=3, warmup=1, budget_s=600)
+    columns = ("inductor-cpp", "inductor-cpp@1", "cqil-concurrent|P2@1", "ideal|P2")
+    with torch._dynamo.config.patch(recompile_limit=64):
+        result = sweep.Sweep(part, {"tiny": shape}, 4, tmp_path, "test").run([sweep.Cell("tiny", "decode", 1, columns, 1)])
+    assert [r["column"] for r in result["rows"]] == list(columns) and not result["errors"]
+    (summary,) = result["summary"]
+    assert summary["column"] == "cqil-concurrent@1" and summary["plan"].startswith("S4-E6 P2")
+    assert summary["ideal_ms"] == result["rows"][3]["median_ms"]  # no ideal|P2@1: the ideal on every thread
+    rows = {r["column"]: r["median_ms"] for r in result["rows"]}
+    if rows["inductor-cpp@1"] < rows["inductor-cpp"]:
+        assert summary["best_original"] == "inductor-cpp@1"
+        assert summary["reduction_vs_best_original"] == pytest.approx(1 - rows[columns[2]] / rows["inductor-cpp@1"])
+    else:
+        assert "best_original" not in summary
