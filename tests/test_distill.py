@@ -250,7 +250,8 @@ def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
     for argv, message in [(["--start", "12", "--end", "27"], "(end - start) = 15"),
                           ([], "name the plan to recover once"),
                           (["--start", "12", "--end", "28", "--plan", "p.json"], "name the plan to recover once"),
-                          (["--plan", str(tmp_path / "missing.json")], "missing.json")]:
+                          (["--plan", str(tmp_path / "missing.json")], "missing.json"),
+                          (["--plan", "p.json", "--parallel", "4"], "--parallel 4 describe groups to make")]:
         with pytest.raises(SystemExit) as e:
             cli_main(["recover", *argv, "--out", "unused"])
         assert e.value.code == 2

@@ -96,8 +96,8 @@ def _correct_parser(sub) -> None:
     correct.add_argument("--groups", type=parse_groups, help="explicit groups, e.g. 3-5,8-9")
     correct.add_argument("--start", type=int)
     correct.add_argument("--end", type=int)
-    correct.add_argument("--parallel", type=int, default=2)
-    correct.add_argument("--bypass", type=int, default=0)
+    correct.add_argument("--parallel", type=int, help="members per group with --start/--end (default 2)")
+    correct.add_argument("--bypass", type=int, help="bypass distance D (default 0)")
     correct.add_argument("--low-rank", type=int, default=128,
                          help="rank of the linear term per group (0: scale and bias only; >= hidden size: full)")
     correct.add_argument("--data", choices=("python", "self", "mixed"), default="mixed",
@@ -121,8 +121,8 @@ def _recover_parser(sub) -> None:
     recover.add_argument("--groups", type=parse_groups, help="explicit groups, e.g. 3-5,8-9")
     recover.add_argument("--start", type=int)
     recover.add_argument("--end", type=int)
-    recover.add_argument("--parallel", type=int, default=2)
-    recover.add_argument("--bypass", type=int, default=0)
+    recover.add_argument("--parallel", type=int, help="members per group with --start/--end (default 2)")
+    recover.add_argument("--bypass", type=int, help="bypass distance D (default 0)")
     recover.add_argument("--steps", type=int, default=400)
     recover.add_argument("--method", choices=("full", "lora"), default="full")
     recover.add_argument("--lr", type=float, help="peak learning rate (default 2e-4 full, 1e-3 lora)")
@@ -140,6 +140,9 @@ def _recover_parser(sub) -> None:
                          help="training text: the calibration split of the Python reference, text the model "
                               "writes itself (--self-tokens of it), or both (mixed)")
     recover.add_argument("--self-tokens", type=int, default=16384)
+    recover.add_argument("--self-openings", choices=("none", "varied"), default="none",
+                         help="self-written text from the BOS token alone, or from 16 openings of varied kinds "
+                              "(cqil_fx.eager.planner.VARIED_OPENINGS), one per round of texts")
     recover.add_argument("--evaluate-on", choices=("evaluation", "licenses"), default="evaluation",
                          help="held-out text for the before/after perplexity: the Python reference's evaluation "
                               "split, or the licence texts (another kind of text)")
@@ -176,7 +179,8 @@ def parse_groups(text: str) -> list[list[int]]:
 
 def _config(args: argparse.Namespace) -> CQILConfig:
     return CQILConfig(groups=args.groups, start=args.start, end=args.end,
-                      parallel=args.parallel, bypass=args.bypass)
+                      parallel=2 if args.parallel is None else args.parallel,
+                      bypass=0 if args.bypass is None else args.bypass)
 
 
 def _plan_file(args: argparse.Namespace, config: CQILConfig, verb: str):
@@ -187,6 +191,10 @@ def _plan_file(args: argparse.Namespace, config: CQILConfig, verb: str):
         raise CQILConfigError(f"name the plan to {verb} once: --groups or --start/--end, or --plan FILE")
     if not args.plan:
         return None
+    given = [f"--{name} {getattr(args, name)}" for name in ("parallel", "bypass") if getattr(args, name) is not None]
+    if given:
+        raise CQILConfigError(f"{' and '.join(given)} describe groups to make; the plan in --plan {args.plan} has "
+                              f"its own: drop them, or make the plan with them")
     try:
         return Plan.load(args.plan)
     except OSError as e:
@@ -310,10 +318,13 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     model, tokenizer = _load(args.model)
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
     if args.data in ("self", "mixed"):  # text the model writes: the data-free distillation of LLM-QAT
-        from ..eager.planner import self_generated_text
+        from ..eager.planner import VARIED_OPENINGS, self_generated_text
 
+        openings = None
+        if args.self_openings == "varied":
+            openings = [torch.tensor(tokenizer.encode(o, add_special_tokens=False)) for o in VARIED_OPENINGS]
         written = self_generated_text(model, tokens=args.self_tokens, window=args.seq_len, seed=args.seed,
-                                      progress=True)
+                                      progress=True, openings=openings)
         written = [torch.cat(written[i:i + args.batch]) for i in range(0, len(written) - args.batch + 1, args.batch)]
         train = train + written if args.data == "mixed" else written  # steps draw from both in random order
     if args.evaluate_on == "licenses":  # text of another kind than anything trained on
