@@ -10,6 +10,7 @@ import torch
 
 from cqil_fx import CQILConfig, Plan, cqil_reference, make_backend
 from cqil_fx import plan_cache
+from cqil_fx.errors import CQILConfigError
 from cqil_fx.eager import planner
 from cqil_fx.eager.correction import LowRankEquations, NormalEquations, fit_corrections
 from cqil_fx.eager.planner import DistortionMeter, plan_auto, self_generated_text
@@ -42,6 +43,20 @@ def test_more_windows_than_sequences_at_a_time_are_written_in_rounds_of_one_wind
     assert all(torch.equal(a, b) for a, b in zip(written, self_generated_text(model, tokens=96, window=16,
                                                                                 seed=3, batch=2)))
     assert len({tuple(w.flatten().tolist()) for w in written}) == 6  # each round samples anew
+
+
+def test_self_written_text_from_openings_starts_each_round_with_the_next_opening():
+    model = tiny_model("llama")
+    openings = [torch.tensor([5, 6, 7]), torch.tensor([9])]
+    written = self_generated_text(model, tokens=128, window=16, seed=3, openings=openings)  # 8 windows, batch 4
+    assert [w.shape for w in written] == [torch.Size([1, 16])] * 8
+    starts = [w[0, :3].tolist() if i < 4 else w[0, :1].tolist() for i, w in enumerate(written)]
+    assert starts == [[5, 6, 7]] * 4 + [[9]] * 4  # round 1 from the first opening, round 2 from the second
+    assert len({tuple(w.flatten().tolist()) for w in written}) == 8
+    assert all(torch.equal(a, b) for a, b in zip(written, self_generated_text(
+        model, tokens=128, window=16, seed=3, openings=openings)))
+    with pytest.raises(CQILConfigError, match="shorter than the window"):
+        self_generated_text(model, tokens=128, window=16, openings=[torch.arange(16)])
 
 
 @pytest.mark.parametrize(("measure", "correct"), [("kl", True), ("kl", False), ("perplexity", True)])
@@ -192,7 +207,6 @@ def test_a_low_rank_term_fitted_on_enough_text_brings_unseen_logits_closer_than_
 
 def test_a_low_rank_term_that_does_not_fit_its_correction_is_refused():
     from cqil_fx.config import GroupCorrection, LowRank
-    from cqil_fx.errors import CQILConfigError
 
     factors = LowRank((torch.zeros(4, 2), torch.zeros(4, 2)), torch.zeros(2, 4))
     GroupCorrection(((1.0,) * 4, (1.0,) * 4), (0.0,) * 4, factors)

@@ -143,8 +143,20 @@ def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(model(ids, use_cache=False).logits.float(), dim=-1)
 
 
+# Openings of many kinds of text, for self-written text that covers more than what a model writes from
+# its BOS token alone (``self_generated_text(openings=...)``, ``cqil-fx recover --self-openings varied``).
+# Chosen to vary the kind (prose, dialogue, code, data, instructions, letters, science, news, fiction);
+# nothing legal or licence-like, the kind of text the quality measurements hold out.
+VARIED_OPENINGS = (
+    "Chapter 1\n\n", "Ingredients:\n- ", "Q: How do", "Abstract. We study", "Dear Sam,\n\n", "BREAKING: ",
+    "def main():\n    ", "Once upon a time", "Step 1:", "User: Can you", "| Name | Age |", "In mathematics, ",
+    "The patient", "I bought this", "#include <stdio.h>\n", "Dialogue:\nA: ",
+)
+
+
 def self_generated_text(model: nn.Module, tokens: int | None = None, window: int | None = None,
-                        seed: int = 0, batch: int | None = None, progress: bool = False) -> list[torch.Tensor]:
+                        seed: int = 0, batch: int | None = None, progress: bool = False,
+                        openings: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """``tokens`` tokens the model writes itself, from its BOS token, as (1, window) batches of ids.
 
     Sampled at temperature 1 with top-p 0.95, ``batch`` sequences at a time
@@ -155,18 +167,34 @@ def self_generated_text(model: nn.Module, tokens: int | None = None, window: int
     distribution, so the plan search needs no data from the user (the
     data-free calibration of LLM-QAT, Liu et al. 2023). ``tokens`` and
     ``window`` default to :data:`SELF_TOKENS` and :data:`SELF_WINDOW`.
+
+    ``openings``: 1-D token ids (e.g. :data:`VARIED_OPENINGS` encoded) that
+    each text starts from, after the BOS token, one opening per round of
+    ``batch`` texts in turn; each window holds the opening and what follows.
+    By default ``batch`` is then chosen so that every opening is used.
     """
     tokens = SELF_TOKENS if tokens is None else tokens
     window = SELF_WINDOW if window is None else window
     windows = tokens // max(window, 1)
-    batch = batch or max(1, min(16, windows))
+    openings = list(openings or ())
+    batch = batch or max(1, min(16, windows // max(len(openings), 1)))
     if tokens < window or window < 2:
         raise CQILConfigError(f"tokens={tokens} and window={window}: need at least one window of two or more tokens")
+    if any(o.dim() != 1 or not 0 < len(o) < window for o in openings):
+        raise CQILConfigError(f"openings must be 1-D token ids shorter than the window ({window}), got shapes "
+                              f"{[tuple(o.shape) for o in openings]}")
     start = _start_token(model)
     device = next(model.parameters()).device
     ids = torch.full((batch, 1), start, dtype=torch.long, device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
+        if openings:  # rounds of ``batch`` texts, each round from the next opening
+            rounds = []
+            for r in _progress(range(-(-windows // batch)), progress, "self-generated text"):
+                opening = openings[r % len(openings)].to(device)
+                prompt = torch.cat([ids, opening.expand(batch, -1)], dim=1)
+                rounds.append(_sample(model, prompt, window - len(opening), False)[:, 1:].cpu())
+            return token_windows(torch.cat(rounds), window, windows)
         if windows <= batch:  # one round of sequences long enough for every window
             out = _sample(model, ids, -(-tokens // batch), progress)
             return token_windows(out[:, 1:].cpu(), window, windows)
