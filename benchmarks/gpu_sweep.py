@@ -590,12 +590,21 @@ def decode_call(twin: Twin, ids: torch.Tensor, part: Part) -> Callable[[], dict]
 
 
 def with_threads(call: Callable[[], dict], threads: int) -> Callable[[], dict]:
-    """``call`` under ``torch.set_num_threads(threads)`` (its first call compiles: Inductor reads the count then)."""
+    """``call`` under ``torch.set_num_threads(threads)`` (its first call compiles: Inductor reads the count then).
+
+    Inductor's ``cpp.threads`` is set to the same count for the call: its FX graph cache keys include the
+    thread count a C++ kernel bakes in only from torch 2.13 on, and the cache must not hand a compile made
+    on one count to a column on another (gpu_session.sh fills it from processes of different counts).
+    Members of a concurrent group keep their own ``cpp.threads`` (``threads // P``).
+    """
+    from torch._inductor import config as inductor_config
+
     def threaded() -> dict:
         before = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            return call()
+            with inductor_config.patch({"cpp.threads": threads}):
+                return call()
         finally:
             torch.set_num_threads(before)
 
