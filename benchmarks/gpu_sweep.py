@@ -1212,6 +1212,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     result = Sweep(part, shapes, args.wide, args.out, command, start=STARTED, wait_for=args.wait_for,
                    compile_only=args.compile_only, ready=args.ready).run(cells)
     done = len(result["cells"])
+    if args.compile_only:
+        print(f"done in {result['meta']['elapsed_s']:.0f} s: {done} cells compiled (nothing timed), "
+              f"{len(result['skipped'])} skipped, {len(result['errors'])} errors", flush=True)
+        return result
     print(f"done in {result['meta']['elapsed_s']:.0f} s: {done} cells measured, {len(result['skipped'])} skipped, "
           f"{len(result['errors'])} errors; wrote {args.out / part.file_stem}.json and .png", flush=True)
     return result
