@@ -359,7 +359,7 @@ def restrict(cells: list[Cell], workloads: Sequence[str], plans: dict[str, dict[
     for cell in cells:
         if cell.workload.split("-")[0] not in workloads:
             continue
-        columns = tuple(c for c in cell.columns if not column_parts(c)[1] or column_parts(c)[1] in plans[cell.model])
+        columns = tuple(c for c in cell.columns if column_parts(c)[1] in ("", *plans[cell.model]))
         if only is not None:  # in the order given; NAME@THREADS wherever the cell has NAME
             columns = tuple(c for c in only if c.partition("@")[0] in columns)
         if not columns:
