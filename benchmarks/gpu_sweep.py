@@ -1163,6 +1163,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads is not None and not (args.cpu or args.cpu_small):
         parser.error("--threads applies to the CPU part (--cpu or --cpu-small)")
+    missing = [str(path) for path in args.replot or () if not path.is_file()]
+    if missing:
+        parser.error(f"--replot: no such file {', '.join(missing)}")
     columns = set(CPU_CORE + GPU_CORE + GPU_CONTEXT) | {f"{kind}|P{args.wide}" for kind in (
         "cqil-concurrent", "cqil-concurrent-graphs", "ideal")}
     unknown = sorted(c for c in args.columns or () if c.partition("@")[0] not in columns

@@ -56,6 +56,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--windows", type=int, default=24, help="licence windows of 256 tokens")
     parser.add_argument("--out", type=Path, help="also write the table as JSON here")
     args = parser.parse_args(argv)
+    missing = [d for d in args.adapters if not (Path(d) / "adapters.safetensors").is_file()]
+    if missing:  # before minutes of loading and evaluating
+        parser.error(f"--adapters {', '.join(missing)}: no adapters.safetensors there; give directories written by "
+                     f"cqil-fx recover --method lora")
+    if args.windows < 1:
+        parser.error(f"--windows must be at least 1, got {args.windows}")
 
     model, tokenizer = load_smollm2()
     windows = token_batches(tokenizer, "licenses", 256, args.windows)

@@ -53,6 +53,7 @@ def test_dry_run_checks_every_plan_and_prints_the_work_list(sweep, capsys):
     (["--dry-run", "--big-layers", "40"], "--big-layers must be between 4 and 32"),
     (["--threads", "4", "--dry-run"], "--threads applies to the CPU part"),
     (["--dry-run", "--columns", "inductor", "cqil|P2"], "--columns: unknown cqil|P2"),
+    (["--replot", "no-such-sweep.json"], "--replot: no such file no-such-sweep.json"),
 ])
 def test_bad_arguments_are_usage_errors(sweep, capsys, argv, message):
     with pytest.raises(SystemExit) as info:
