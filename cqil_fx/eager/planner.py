@@ -188,21 +188,17 @@ def self_generated_text(model: nn.Module, tokens: int | None = None, window: int
     ids = torch.full((batch, 1), start, dtype=torch.long, device=device)
     with torch.no_grad(), torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         torch.manual_seed(seed)
-        if openings:  # rounds of ``batch`` texts, each round from the next opening
-            rounds = []
-            for r in _progress(range(-(-windows // batch)), progress, "self-generated text"):
-                opening = openings[r % len(openings)].to(device)
-                prompt = torch.cat([ids, opening.expand(batch, -1)], dim=1)
-                rounds.append(_sample(model, prompt, window - len(opening), False)[:, 1:].cpu())
-            return token_windows(torch.cat(rounds), window, windows)
-        if windows <= batch:  # one round of sequences long enough for every window
+        if windows <= batch and not openings:  # one round of sequences long enough for every window
             out = _sample(model, ids, -(-tokens // batch), progress)
             return token_windows(out[:, 1:].cpu(), window, windows)
         # Rounds of ``batch`` sequences of one window each, so each window is a text from its start
         # and no cache grows past a window (16 sequences of 2,048 tokens took over half an hour on
-        # 2 cores, most of it copying the growing caches).
-        rounds = [_sample(model, ids, window, False)[:, 1:].cpu()
-                  for _ in _progress(range(-(-windows // batch)), progress, "self-generated text")]
+        # 2 cores, most of it copying the growing caches); each round from the next opening, if any.
+        prompts = [torch.cat([ids, o.to(device).expand(batch, -1)], dim=1) for o in openings] or [ids]
+        rounds = []
+        for r in _progress(range(-(-windows // batch)), progress, "self-generated text"):
+            prompt = prompts[r % len(prompts)]
+            rounds.append(_sample(model, prompt, window + 1 - prompt.shape[1], False)[:, 1:].cpu())
     return token_windows(torch.cat(rounds), window, windows)
 
 
