@@ -251,7 +251,8 @@ def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
                           ([], "name the plan to recover once"),
                           (["--start", "12", "--end", "28", "--plan", "p.json"], "name the plan to recover once"),
                           (["--plan", str(tmp_path / "missing.json")], "missing.json"),
-                          (["--plan", "p.json", "--parallel", "4"], "--parallel 4 describe groups to make")]:
+                          (["--plan", "p.json", "--parallel", "4"], "--parallel 4 describe groups to make"),
+                          (["--start", "12", "--end", "28", "--self-openings", "varied"], "--data python does not use")]:
         with pytest.raises(SystemExit) as e:
             cli_main(["recover", *argv, "--out", "unused"])
         assert e.value.code == 2

@@ -313,6 +313,9 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     from ..eager.distill import run_recovery
     from .models import recovery_windows, token_batches
 
+    if args.self_openings != "none" and args.data == "python":
+        raise CQILConfigError(f"--self-openings {args.self_openings} shapes self-written text, which --data python "
+                              f"does not use: add --data self or --data mixed")
     plan = _plan_file(args, config, "recover")
     config = CQILConfig(plan=plan) if plan is not None else config
     model, tokenizer = _load(args.model)
