@@ -39,6 +39,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import networkx as nx
 import torch
 import torch.fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cqil_fx.errors import CQILPlanError, CQILUnsupportedError
@@ -93,7 +94,6 @@ def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_na
     :class:`~cqil_fx.errors.CQILPlanError`: attention replicated, MLP split.
     """
     gm = rewritten.gm
-    _check_static(gm.graph)
     grouped = {i for r in rewritten.rewrites for i in r.members}
     shard = _Shard(gm.graph, rank, world_size, group_name, dict(presharded or {}))
     sharded, whole = [], []
@@ -114,16 +114,14 @@ def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_na
     return dataclasses.replace(rewritten, sharding=sharding)
 
 
-def _check_static(graph: torch.fx.Graph) -> None:
-    """The size arguments the pass fixes are the ints Dynamo traced; symbolic sizes it cannot split."""
+def _dynamic_input(graph: torch.fx.Graph) -> tuple[str, object] | None:
+    """A graph input with symbolic sizes (name, example value), or None when every size is an int."""
     for node in graph.find_nodes(op="placeholder"):
         value = node.meta.get("example_value")
         sizes = value.shape if isinstance(value, torch.Tensor) else (value,)
         if any(isinstance(size, torch.SymInt) for size in sizes):
-            raise CQILUnsupportedError(
-                f"tensor_parallel=True splits graphs with static shapes only, and this graph has dynamic sizes "
-                f"({node.name}: {value}; Dynamo makes a graph dynamic once it sees a second input shape): "
-                "compile with torch.compile(..., dynamic=False)")
+            return node.name, value
+    return None
 
 
 def _branch_regions(block: Block) -> list[set[torch.fx.Node]]:
@@ -199,8 +197,25 @@ class _Shard:
                  presharded: dict[str, str]):
         self.graph, self.rank, self.world, self.group = graph, rank, world_size, group_name
         self.presharded = presharded
-        self.fake = FakeTensorMode(allow_non_fake_inputs=True)
+        # A dynamic graph (a dynamic KV cache's growing length) is split only where a per-rank loader
+        # sharded the weights: no traced size to fix; its values are recomputed over Dynamo's symbols.
+        self.dynamic = _dynamic_input(graph)
+        shape_env = None
+        if self.dynamic:
+            shape_env = detect_fake_mode([n.meta.get("example_value") for n in graph.find_nodes(op="placeholder")
+                                          ]).shape_env
+        self.fake = FakeTensorMode(allow_non_fake_inputs=True, shape_env=shape_env)
         self.columns = self.rows = 0
+
+    def _require_static(self, what: str) -> None:
+        """The size arguments the pass fixes are the ints Dynamo traced; symbolic sizes it cannot split."""
+        if self.dynamic:
+            name, value = self.dynamic
+            raise CQILUnsupportedError(
+                f"tensor_parallel=True splits {what} in graphs with static shapes only, and this graph has dynamic "
+                f"sizes ({name}: {value}; Dynamo makes a graph dynamic once it sees a second input shape, e.g. "
+                "the decode steps of a dynamic KV cache): compile with torch.compile(..., dynamic=False) and a "
+                "static cache, or load the weights sharded (cqil_fx.graph.weights.load_rank_weights)")
 
     # -- the branch: column linears -> split values -> row linear + all_reduce
     def branch(self, block: Block, region: set[torch.fx.Node], fallback: bool = False) -> bool:
@@ -243,6 +258,7 @@ class _Shard:
                 self._all_reduce(row, _arg(row, 2, "bias"))
             self.columns += len(columns)
             return
+        self._require_static(f"block {block.index}'s branches")
         split: dict[torch.fx.Node, int] = {}  # node -> the dimension its value is split along
         for col in columns:
             self._column(col, block, split)
@@ -494,6 +510,7 @@ class _Shard:
             return self._gather_logits(linear)
         if vocab % self.world:
             return False  # documented: a vocabulary that does not divide stays whole on every rank
+        self._require_static("the LM head")
         size = vocab // self.world
         with self.graph.inserting_before(linear):
             linear.update_arg(1, self._narrow(weight, 0, size))
@@ -532,6 +549,7 @@ class _Shard:
         elif rows % self.world:
             return False  # documented: a vocabulary that does not divide stays whole on every rank
         else:
+            self._require_static("the input embedding")
             size = rows // self.world
             with self.graph.inserting_before(lookup):
                 table = self._narrow(weight, 0, size)

@@ -428,9 +428,9 @@ def tp_generation(rank: int, world_size: int) -> dict:
     return generation(rank, world_size, tensor_parallel=True)
 
 
-def loaded_tp_generation(rank: int, world_size: int) -> dict:
-    """Static-cache generate() of a model each rank loaded with :func:`load_rank_weights` (TP), and the
-    number of key/value heads each layer's cache holds."""
+def loaded_tp_generation(rank: int, world_size: int, cache: str = "static") -> dict:
+    """generate() with a ``cache`` ("static" or "dynamic") KV cache of a model each rank loaded with
+    :func:`load_rank_weights` (TP), and the number of key/value heads each layer's cache holds."""
     from test_generate import greedy_without_cache, left_padded, small_model
 
     from cqil_fx.graph.weights import load_rank_weights
@@ -445,7 +445,8 @@ def loaded_tp_generation(rank: int, world_size: int) -> dict:
         full.save_pretrained(path)
     dist.barrier()
     model, _ = load_rank_weights(full.config, path, config)
-    model.generation_config.cache_implementation = "static"
+    if cache == "static":
+        model.generation_config.cache_implementation = "static"
     backend = make_backend(config)
     model.forward = torch.compile(model.forward, backend=backend)
     with torch.no_grad():
@@ -456,3 +457,8 @@ def loaded_tp_generation(rank: int, world_size: int) -> dict:
                 cache_elements=[layer.keys.untyped_storage().nbytes() // layer.keys.element_size()
                                 for layer in out.past_key_values.layers],
                 kv_heads=full.config.num_key_value_heads)
+
+
+def loaded_tp_dynamic_generation(rank: int, world_size: int) -> dict:
+    """:func:`loaded_tp_generation` with transformers' default (dynamic) cache."""
+    return loaded_tp_generation(rank, world_size, cache="dynamic")
