@@ -6,12 +6,15 @@ For SmolLM2-135M-Instruct on the 24 licence windows of 256 tokens (the held-out 
 docs/distillation.md), prints the original's perplexity over spans of positions, and beside it the
 training-free plan's and each recovered model's, with their increase over the original on the same
 span.  The plan is the one the adapters were trained for (their plan.json).  Positions are those of
-the predicted token (1 = the second token of a window).
+the predicted token (1 = the second token of a window).  The last column is in-context copying: the
+share of 8 repeated random sequences of 64 tokens whose second occurrence the model predicts from its
+first (``cqil_fx.eager.quality.copying``, the "copying" of ``cqil-fx eval``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from cqil_fx.eager.distill import load_adapters  # noqa: E402
+from cqil_fx.eager.quality import copying, repeated_random_tokens  # noqa: E402
 from cqil_fx.eager.reference import cqil_semantics  # noqa: E402
 from cqil_fx.tools.models import load_smollm2, token_batches  # noqa: E402
 
@@ -42,6 +46,13 @@ def position_nll(model, windows, plan=None) -> torch.Tensor:
             logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
             total -= logp.gather(1, ids[0, 1:, None])[:, 0]
     return total / len(windows)
+
+
+def copied(model, plan=None, length: int = 64) -> float:
+    """In-context copying (see the module docs) of ``model``, under ``plan`` when given."""
+    ids = repeated_random_tokens(model.config.vocab_size, 8, length, bos=model.config.bos_token_id)
+    with torch.no_grad(), cqil_semantics(model, plan) if plan is not None else contextlib.nullcontext():
+        return copying(model(ids, use_cache=False).logits, ids, length)
 
 
 def span_perplexities(nll: torch.Tensor) -> list[float]:
@@ -66,24 +77,28 @@ def main(argv=None) -> dict:
     model, tokenizer = load_smollm2()
     windows = token_batches(tokenizer, "licenses", 256, args.windows)
     rows = {"original": position_nll(model, windows)}
+    copies = {"original": copied(model)}
     for directory in args.adapters:
         student, _ = load_smollm2()
         plan = load_adapters(student, directory)
         if len(rows) == 1:
             rows[f"training-free {plan!r}"] = position_nll(model, windows, plan)
+            copies[f"training-free {plan!r}"] = copied(model, plan)
         rows[f"recovered {directory}"] = position_nll(student, windows, plan)
+        copies[f"recovered {directory}"] = copied(student, plan)
 
     original = span_perplexities(rows["original"])
     header = " | ".join(f"{lo}-{hi}" for lo, hi in SPANS)
-    print(f"| perplexity by position | all | {header} |")
-    print("|---|---:|" + "---:|" * len(SPANS))
+    print(f"| perplexity by position | all | {header} | copying |")
+    print("|---|---:|" + "---:|" * (len(SPANS) + 1))
     table = {}
     for name, nll in rows.items():
         spans = span_perplexities(nll)
         whole = math.exp(nll.mean().item())
         cells = [f"{p:.2f}" if name == "original" else f"{p:.2f} ({p / o - 1:+.1%})" for p, o in zip(spans, original)]
-        print(f"| {name} | {whole:.2f} | " + " | ".join(cells) + " |")
-        table[name] = dict(all=whole, spans=dict(zip([f"{lo}-{hi}" for lo, hi in SPANS], spans)))
+        print(f"| {name} | {whole:.2f} | " + " | ".join(cells) + f" | {copies[name]:.1%} |")
+        table[name] = dict(all=whole, spans=dict(zip([f"{lo}-{hi}" for lo, hi in SPANS], spans)),
+                           copying=copies[name])
     if args.out:
         args.out.write_text(json.dumps(table, indent=2) + "\n")
     return table

@@ -238,6 +238,20 @@ def test_bad_input_raises_clear_errors(kwargs, match):
         distill_plan(tiny_model("llama"), args.pop("plan"), args.pop("data"), **args)
 
 
+def test_repeated_windows_copy_their_first_half_into_their_second():
+    from cqil_fx.eager.distill import repeated_windows
+
+    windows = [torch.arange(10 * i, 10 * i + 9).reshape(1, 9) for i in range(4)]
+    repeated = repeated_windows(windows, 0.5, seed=3)
+    assert len(repeated) == 2 and repeated == sorted(repeated, key=lambda w: w[0, 0].item())  # in window order
+    for window in repeated:
+        assert window.shape == (1, 8) and torch.equal(window[:, :4], window[:, 4:])
+        assert any(torch.equal(window[:, :4], w[:, :4]) for w in windows)
+    assert repeated_windows(windows, 0.0) == [] and len(repeated_windows(windows, 1.0)) == 4
+    with pytest.raises(CQILConfigError, match="in \\[0, 1\\], got 1.5"):
+        repeated_windows(windows, 1.5)
+
+
 def test_bad_recovered_weights_raise_clear_errors(tmp_path):
     with pytest.raises(RecoveredWeightsError, match="does not exist"):
         load_recovered(fresh(), tmp_path)
@@ -252,7 +266,8 @@ def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
                           (["--start", "12", "--end", "28", "--plan", "p.json"], "name the plan to recover once"),
                           (["--plan", str(tmp_path / "missing.json")], "missing.json"),
                           (["--plan", "p.json", "--parallel", "4"], "--parallel 4 describe groups to make"),
-                          (["--start", "12", "--end", "28", "--self-openings", "varied"], "--data python does not use")]:
+                          (["--start", "12", "--end", "28", "--self-openings", "varied"], "--data python does not use"),
+                          (["--start", "12", "--end", "28", "--repeats", "1.5"], "--repeats 1.5: a fraction")]:
         with pytest.raises(SystemExit) as e:
             cli_main(["recover", *argv, "--out", "unused"])
         assert e.value.code == 2

@@ -191,6 +191,21 @@ def test_bad_plan_fields(fields, message):
         CQILConfig(**fields)
 
 
+def test_copying_is_the_share_of_the_second_occurrence_predicted():
+    from cqil_fx.eager.quality import copying, repeated_random_tokens
+
+    ids = repeated_random_tokens(100, count=3, length=5, bos=1)
+    assert ids.shape == (3, 11) and torch.equal(ids[:, 1:6], ids[:, 6:]) and (ids[:, 0] == 1).all()
+    assert not torch.equal(ids, repeated_random_tokens(100, count=3, length=5, bos=1, seed=1))
+    following = torch.nn.functional.one_hot(ids.roll(-1, dims=1), 100).float()  # ranks each next token first
+    assert copying(following, ids, 5) == 1.0
+    assert copying(torch.zeros(3, 11, 100), ids, 5) == 0.0  # argmax 0: never one of the random ids
+    following[0, 7] = following[0, 8]  # one of the 3 x 4 predicted tokens wrong
+    assert copying(following, ids, 5) == pytest.approx(11 / 12)
+    with pytest.raises(CQILConfigError, match="length 1"):
+        repeated_random_tokens(100, length=1)
+
+
 def test_quality_study_writes_its_report(tmp_path):
     from cqil_fx.eager.quality import QualityProbe
     from cqil_fx.eager.study import run_study, write_report
@@ -200,6 +215,7 @@ def test_quality_study_writes_its_report(tmp_path):
     rows, similarity = run_study(model, CALIBRATION, probe, budgets=(0.5,), screen=4, default=False,
                                  spans=((2, 6),), beam=2)
     assert rows[0].method == "original" and rows[0].next_token == 1.0 and rows[0].greedy == 1.0
+    assert all(0.0 <= r.copying <= 1.0 for r in rows)
     assert {r.method for r in rows} == {"original", "cqil", "removal"}
     assert {"uniform S2-E6 P2 D0", "uniform S2-E6 P2 D0 corrected", "auto P2 KL corrected +10%",
             "auto P2 KL corrected +10% beam 2"} <= {r.name for r in rows}
@@ -209,7 +225,7 @@ def test_quality_study_writes_its_report(tmp_path):
     write_report(rows, similarity, tmp_path, "cqil-fx eval --test", {"calibration": 96, "evaluation": 64})
     text = (tmp_path / "quality.md").read_text()
     assert "    cqil-fx eval --test" in text and "| original | original | 0 |  |" in text
-    assert "Targets:" in text and "promised" in text
+    assert "Targets:" in text and "promised" in text and "| copying |" in text
     for name in ("quality.png", "similarity.png", "quality.json"):
         assert (tmp_path / name).stat().st_size > 0
 

@@ -4,12 +4,18 @@
     ppl = perplexity(model, batches, plan=CQILConfig(start=12, end=28))
     ppl = perplexity(model, batches, removed=[25, 26, 27])        # ShortGPT-style removal
     probe = QualityProbe(model, batches, prompts)                 # perplexity and agreement with the original
-    probe.measure(plan=plan)                                      # Quality(perplexity, next_token, greedy)
+    probe.measure(plan=plan)                                      # Quality(perplexity, next_token, greedy, copying)
 
 Perplexity is exp of the mean next-token cross-entropy over every predicted
 token of every batch, computed eagerly with the reference semantics
 (:func:`cqil_fx.eager.reference.cqil_semantics`): the backend computes the same
 logits (tests check it), so the numbers hold for compiled models too.
+
+"copying" is the share of a repeated random sequence a model predicts from
+its first occurrence (:func:`repeated_random_tokens`): in-context copying,
+which needs attention to compose across blocks (an induction head reads
+what an earlier block's attention wrote) and which grouping adjacent blocks
+can break while perplexity on ordinary text hides it.
 """
 
 from __future__ import annotations
@@ -73,19 +79,45 @@ class Quality:
     perplexity: float
     next_token: float  # share of positions whose most likely next token is the original's
     greedy: float  # share of greedy continuation tokens equal to the original's, position by position
+    copying: float  # share of a repeated random sequence's second half predicted from its first
+
+
+def repeated_random_tokens(vocab_size: int, count: int = 8, length: int = 64, seed: int = 0,
+                           bos: int | None = None) -> torch.Tensor:
+    """``count`` rows of ``[bos,] r, r``: ``length`` random ids (from the middle of the vocabulary, away
+    from special tokens at its start) written twice. Only copying predicts the second ``r``."""
+    if length < 2 or count < 1 or vocab_size < 8:
+        raise CQILConfigError(f"repeated_random_tokens: length {length} (>= 2), count {count} (>= 1), "
+                              f"vocabulary {vocab_size} (>= 8)")
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(vocab_size // 8, vocab_size // 2, (count, length), generator=generator)
+    rows = torch.cat([ids, ids], dim=1)
+    return rows if bos is None else torch.cat([torch.full((count, 1), bos), rows], dim=1)
+
+
+def copying(logits: torch.Tensor, ids: torch.Tensor, length: int) -> float:
+    """Share of the second copy's tokens (all but its first, which nothing predicts) that ``logits``
+    (of ``ids`` from :func:`repeated_random_tokens`) rank first."""
+    second = ids.shape[1] - length  # where the second copy starts
+    predicted = logits[:, second:ids.shape[1] - 1].argmax(-1)
+    return (predicted == ids[:, second + 1:]).float().mean().item()
 
 
 class QualityProbe:
-    """Perplexity, next-token agreement and greedy-continuation agreement on fixed held-out data.
+    """Perplexity, next-token agreement, greedy-continuation agreement and copying on fixed held-out data.
 
     The original's answers (its argmax at every position, its greedy
     continuation of every prompt) are computed once, here; :meth:`measure`
-    then costs one pass over ``batches`` and one greedy generation.
+    then costs one pass over ``batches``, one greedy generation and one pass
+    over ``copy_rows`` repeated random sequences of ``copy_length`` tokens.
     """
 
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], prompts: torch.Tensor,
-                 new_tokens: int = 16):
+                 new_tokens: int = 16, copy_rows: int = 8, copy_length: int = 64):
         self.model, self.batches, self.prompts, self.new_tokens = model, list(batches), prompts, new_tokens
+        self.copy_length = copy_length
+        self.repeated = repeated_random_tokens(model.config.vocab_size, copy_rows, copy_length,
+                                               bos=getattr(model.config, "bos_token_id", None))
         with torch.no_grad():
             self.argmax = [model(ids, use_cache=False).logits.argmax(-1) for ids in self.batches]
         self.continuation = self._continue()
@@ -96,6 +128,7 @@ class QualityProbe:
         other = cls.__new__(cls)
         other.model, other.batches, other.prompts, other.new_tokens = model, probe.batches, probe.prompts, \
             probe.new_tokens
+        other.repeated, other.copy_length = probe.repeated, probe.copy_length
         other.argmax, other.continuation = probe.argmax, probe.continuation
         return other
 
@@ -109,8 +142,9 @@ class QualityProbe:
                 agree += (logits.argmax(-1) == reference).sum().item()
                 positions += reference.numel()
             continuation = self._continue()
+            copied = copying(self.model(self.repeated, use_cache=False).logits, self.repeated, self.copy_length)
         greedy = (continuation == self.continuation).float().mean().item()
-        return Quality(loss.perplexity, agree / positions, greedy)
+        return Quality(loss.perplexity, agree / positions, greedy, copied)
 
     def _continue(self) -> torch.Tensor:
         """Greedy continuations of the prompts, ``new_tokens`` each, with the KV cache."""

@@ -55,6 +55,7 @@ class Row:
     promise: float | None = None  # what the search measured on its calibration text (relative increase)
     next_token: float | None = None  # next-token agreement with the original on the held-out text
     greedy: float | None = None  # greedy-continuation agreement with the original on held-out prompts
+    copying: float | None = None  # share of a repeated random sequence predicted from its first occurrence
 
 
 def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], probe: QualityProbe,
@@ -77,7 +78,7 @@ def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], probe: Qual
         q = probe.measure(plan=plan, removed=removed)
         saved = plan.saved_blocks if plan is not None else len(removed)
         return Row(name, method, saved, detail or (repr(plan) if plan is not None else ""), q.perplexity, promise,
-                   q.next_token, q.greedy)
+                   q.next_token, q.greedy, q.copying)
 
     rows = [row("original", "original")]
     fit = calibration[::2]
@@ -128,7 +129,7 @@ def recovered_rows(recovered: Sequence[tuple[nn.Module, Plan]], probe: QualityPr
     for model, plan in recovered:
         q = QualityProbe.like(probe, model).measure(plan)
         rows.append(Row(f"recovered {plan_label(plan)}", "recovered", plan.saved_blocks, repr(plan),
-                        q.perplexity, None, q.next_token, q.greedy))
+                        q.perplexity, None, q.next_token, q.greedy, q.copying))
     return rows
 
 
@@ -175,14 +176,18 @@ def _markdown(rows: Sequence[Row], meta: dict) -> str:
         f"{meta['tokens']['calibration']} tokens of the `calibration` split of `pydoc_data.topics` (the default "
         "plan writes its own text instead). Perplexities are computed with the eager reference semantics "
         "(the backend's compiled logits equal them; tests/test_real_model.py). \"promise\" is what a search "
-        "measured on its calibration text; \"change\" is the outcome on the held-out text.",
+        "measured on its calibration text; \"change\" is the outcome on the held-out text. \"copying\": the "
+        "share of a repeated random sequence (8 x 64 tokens, `repeated_random_tokens`) whose second occurrence "
+        "the model predicts from its first, in-context copying that perplexity on ordinary text can hide.",
         "",
-        "| plan | method | saved block-times | promise | perplexity | change | next-token agreement | greedy agreement |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| plan | method | saved block-times | promise | perplexity | change | next-token agreement | greedy agreement "
+        "| copying |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         promise = f"{r.promise:+.1%}" if r.promise is not None else ""
         agree = f"{r.next_token:.1%} | {r.greedy:.1%}" if r.next_token is not None else " | "
+        agree += f" | {r.copying:.1%}" if r.copying is not None else " | "
         lines.append(f"| {r.name} | {r.method} | {r.saved_blocks} | {promise} | {r.perplexity:.2f} | "
                      f"{r.perplexity / base - 1:+.1%} | {agree} |")
     lines += ["", *_targets(rows), "", "![perplexity vs saved block-times](quality.png)", "",

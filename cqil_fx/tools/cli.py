@@ -143,6 +143,9 @@ def _recover_parser(sub) -> None:
     recover.add_argument("--self-openings", choices=("none", "varied"), default="none",
                          help="self-written text from the BOS token alone, or from 16 openings of varied kinds "
                               "(cqil_fx.eager.planner.VARIED_OPENINGS), one per round of texts")
+    recover.add_argument("--repeats", type=float, default=0.0, metavar="FRACTION",
+                         help="also train on this fraction of the training windows with their second half "
+                              "replaced by their first (in-context copying, which grouped blocks lose; default 0)")
     recover.add_argument("--evaluate-on", choices=("evaluation", "licenses"), default="evaluation",
                          help="held-out text for the before/after perplexity: the Python reference's evaluation "
                               "split, or the licence texts (another kind of text)")
@@ -289,7 +292,7 @@ def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
     for row in rows:
         promise = f"promise {row.promise:+6.1%}" if row.promise is not None else " " * 14
         print(f"{row.name:<36} saved {row.saved_blocks:>2}  {promise}  perplexity {row.perplexity:8.3f}  "
-              f"next-token {row.next_token:.1%}  greedy {row.greedy:.1%}")
+              f"next-token {row.next_token:.1%}  greedy {row.greedy:.1%}  copying {row.copying:.1%}")
     print(f"wrote {args.out}/quality.md, quality.json, quality.png, similarity.png")
     return 0
 
@@ -310,9 +313,11 @@ def _recovered_models(model, directories: list[str]) -> list:
 def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     import torch
 
-    from ..eager.distill import run_recovery
+    from ..eager.distill import repeated_windows, run_recovery
     from .models import recovery_windows, token_batches
 
+    if not 0 <= args.repeats <= 1:
+        raise CQILConfigError(f"--repeats {args.repeats}: a fraction of the training windows, from 0 to 1")
     if args.self_openings != "none" and args.data == "python":
         raise CQILConfigError(f"--self-openings {args.self_openings} shapes self-written text, which --data python "
                               f"does not use: add --data self or --data mixed")
@@ -330,6 +335,7 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
                                       progress=True, openings=openings)
         written = [torch.cat(written[i:i + args.batch]) for i in range(0, len(written) - args.batch + 1, args.batch)]
         train = train + written if args.data == "mixed" else written  # steps draw from both in random order
+    train = train + repeated_windows(train, args.repeats, seed=args.seed)
     if args.evaluate_on == "licenses":  # text of another kind than anything trained on
         evaluation = token_batches(tokenizer, "licenses", 256, 24)
     summary = run_recovery(model, config, train, validation, evaluation, args.out, command=args.command_line,
