@@ -2,6 +2,7 @@
 
     python benchmarks/plan_transfer.py --budgets 0.06 0.1 0.15 --out benchmarks/results/plan-transfer.json
     python benchmarks/plan_transfer.py --budgets 0.2 0.35 --beam 4 --held-out 24   # the frontier beyond +10 %
+    python benchmarks/plan_transfer.py --budgets 0.09 --held-out 24 --repeats 0 0.25   # calibrating on copying too
 
 The search of ``backend="cqil"`` with no arguments (``plan_auto`` with
 ``measure="kl"``, ``correct=True``, D = 0) on text SmolLM2 writes itself
@@ -10,18 +11,27 @@ cost on that text) next to its perplexity change on the held-out licence
 texts, with and without its corrections. This is what ``SAFETY`` in
 ``cqil_fx.eager.planner`` is set from. ``--beam B`` searches with a beam of
 ``B`` plans (``plan_auto(beam=B)``) instead of the default greedy growth.
+``--repeats F`` adds a fraction F of the text's windows again with their second
+half replaced by their first (``cqil_fx.tokens.repeated_windows``), so that the
+search also sees the in-context copying a plan costs; each row reports the
+plan's copying (``cqil_fx.eager.quality.copying``, original in ``copying_original``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from cqil_fx.eager.planner import plan_auto, self_generated_text
-from cqil_fx.eager.quality import perplexity
-from cqil_fx.tools.models import load_smollm2, token_batches
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cqil_fx.eager.planner import plan_auto, self_generated_text  # noqa: E402
+from cqil_fx.eager.quality import perplexity  # noqa: E402
+from cqil_fx.tokens import repeated_windows  # noqa: E402
+from cqil_fx.tools.models import load_smollm2, token_batches  # noqa: E402
+from position_gap import copied  # noqa: E402
 
 
 def main() -> None:
@@ -29,26 +39,31 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.06, 0.10, 0.15])
     parser.add_argument("--held-out", type=int, default=16, help="256-token windows of licence text")
     parser.add_argument("--beam", type=int, default=1, help="plans grown at once (1: the default's greedy growth)")
+    parser.add_argument("--repeats", type=float, nargs="+", default=[0.0],
+                        help="fractions of repeated windows added to the calibration text, one search each")
     parser.add_argument("--out", default="benchmarks/results/plan-transfer.json")
     args = parser.parse_args()
     if any(b <= 0 for b in args.budgets) or args.held_out < 1 or args.beam < 1:
         parser.error("budgets must be > 0, --held-out and --beam >= 1")
+    if any(not 0 <= r <= 1 for r in args.repeats):
+        parser.error(f"--repeats takes fractions from 0 to 1, got {args.repeats}")
     model, tokenizer = load_smollm2()
     t = time.perf_counter()
     text = self_generated_text(model, seed=0)
     result = {"date": time.strftime("%Y-%m-%d"), "generate_s": time.perf_counter() - t, "beam": args.beam,
-              "held_out_tokens": 256 * args.held_out, "rows": []}
+              "held_out_tokens": 256 * args.held_out, "copying_original": copied(model), "rows": []}
     held = token_batches(tokenizer, "licenses", 256, args.held_out)
     base = perplexity(model, held)
-    for budget in args.budgets:
+    for budget, repeats in [(b, r) for b in args.budgets for r in args.repeats]:
         t = time.perf_counter()
-        search = plan_auto(model, text, budget=budget, bypass=(0,), measure="kl", correct=True, progress=False,
-                           beam=args.beam)
+        search = plan_auto(model, text + repeated_windows(text, repeats), budget=budget, bypass=(0,),
+                           measure="kl", correct=True, progress=False, beam=args.beam)
         plan = search.plan
         change = perplexity(model, held, plan=plan) / base - 1 if plan.groups else 0.0
         plain = perplexity(model, held, plan=plan.without_corrections()) / base - 1 if plan.groups else 0.0
-        row = dict(budget=budget, plan=repr(plan), saved=plan.saved_blocks, promise=search.cost,
-                   held_out=change, held_out_uncorrected=plain, search_s=time.perf_counter() - t)
+        row = dict(budget=budget, repeats=repeats, plan=repr(plan), saved=plan.saved_blocks, promise=search.cost,
+                   held_out=change, held_out_uncorrected=plain, copying=copied(model, plan),
+                   search_s=time.perf_counter() - t)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,21 @@ def token_windows(ids: torch.Tensor | Sequence[torch.Tensor], shape: int | Seque
     return list(flat[: wanted * size].view(wanted, *shape).unbind(0))
 
 
+def repeated_windows(windows: Sequence[torch.Tensor], fraction: float, seed: int = 0) -> list[torch.Tensor]:
+    """A seeded random ``fraction`` of ``windows`` (each (batch, tokens)), each with its second half replaced
+    by its first: training text for in-context copying, which the grouped blocks of a plan lose and
+    ordinary text rarely exercises (docs/distillation.md, "In-context copying")."""
+    if not 0 <= fraction <= 1:
+        raise CQILConfigError(f"the fraction of repeated windows must be in [0, 1], got {fraction}")
+    generator = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(windows), generator=generator)[:int(fraction * len(windows))]
+    out = []
+    for i in sorted(picked.tolist()):
+        half = windows[i][:, :windows[i].shape[1] // 2]
+        out.append(torch.cat([half, half], dim=1))
+    return out
+
+
 class NextTokenLoss:
     """Next-token cross-entropy summed over every predicted token of every batch added."""
 

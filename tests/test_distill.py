@@ -239,7 +239,7 @@ def test_bad_input_raises_clear_errors(kwargs, match):
 
 
 def test_repeated_windows_copy_their_first_half_into_their_second():
-    from cqil_fx.eager.distill import repeated_windows
+    from cqil_fx.tokens import repeated_windows
 
     windows = [torch.arange(10 * i, 10 * i + 9).reshape(1, 9) for i in range(4)]
     repeated = repeated_windows(windows, 0.5, seed=3)

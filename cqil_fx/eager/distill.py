@@ -261,21 +261,6 @@ def _windows(texts: list[str], tokenizer, seq_len: int) -> list[torch.Tensor]:
     return token_windows(ids, seq_len)
 
 
-def repeated_windows(windows: Sequence[torch.Tensor], fraction: float, seed: int = 0) -> list[torch.Tensor]:
-    """A seeded random ``fraction`` of ``windows`` (each (batch, tokens)), each with its second half replaced
-    by its first: training text for in-context copying, which the grouped blocks of a plan lose and
-    ordinary text rarely exercises (docs/distillation.md, "In-context copying")."""
-    if not 0 <= fraction <= 1:
-        raise CQILConfigError(f"the fraction of repeated windows must be in [0, 1], got {fraction}")
-    generator = torch.Generator().manual_seed(seed)
-    picked = torch.randperm(len(windows), generator=generator)[:int(fraction * len(windows))]
-    out = []
-    for i in sorted(picked.tolist()):
-        half = windows[i][:, :windows[i].shape[1] // 2]
-        out.append(torch.cat([half, half], dim=1))
-    return out
-
-
 def _order(count: int, steps: int, generator: torch.Generator) -> Iterator[int]:
     """``steps`` batch indices: seeded random permutations of ``range(count)``, one after another."""
     taken = 0

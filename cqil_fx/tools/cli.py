@@ -313,7 +313,8 @@ def _recovered_models(model, directories: list[str]) -> list:
 def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     import torch
 
-    from ..eager.distill import repeated_windows, run_recovery
+    from ..eager.distill import run_recovery
+    from ..tokens import repeated_windows
     from .models import recovery_windows, token_batches
 
     if not 0 <= args.repeats <= 1:
