@@ -201,7 +201,10 @@ def test_member_exception_reaches_the_caller_and_the_executor_survives(failing_l
     assert step <= set(ran)  # the other member of the step still ran to its end
     assert not {4, 5} & set(ran) or failing_layer > 3  # an error in the first step: the second never started
     failing[0] = False
-    torch.testing.assert_close(fast(ids, use_cache=False).logits, first, rtol=0, atol=0)
+    # float32's default tolerance, not bit equality: MKL's GEMM may round differently from one call to the
+    # next (its results depend on the buffers' alignment unless MKL_CBWR fixes a code path); once in a full
+    # run of the suite the thread-pool runner's logits differed by 1e-6 from the first call's
+    torch.testing.assert_close(fast(ids, use_cache=False).logits, first)
 
 
 def test_members_run_at_the_same_time_on_distinct_threads(runner):
