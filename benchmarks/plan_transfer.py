@@ -14,24 +14,20 @@ texts, with and without its corrections. This is what ``SAFETY`` in
 ``--repeats F`` adds a fraction F of the text's windows again with their second
 half replaced by their first (``cqil_fx.tokens.repeated_windows``), so that the
 search also sees the in-context copying a plan costs; each row reports the
-plan's copying (``cqil_fx.eager.quality.copying``, original in ``copying_original``).
+plan's copying (``cqil_fx.eager.quality.measure_copying``, original in ``copying_original``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cqil_fx.eager.planner import plan_auto, self_generated_text  # noqa: E402
-from cqil_fx.eager.quality import perplexity  # noqa: E402
-from cqil_fx.tokens import repeated_windows  # noqa: E402
-from cqil_fx.tools.models import load_smollm2, token_batches  # noqa: E402
-from position_gap import copied  # noqa: E402
+from cqil_fx.eager.planner import plan_auto, self_generated_text
+from cqil_fx.eager.quality import measure_copying, perplexity
+from cqil_fx.tokens import repeated_windows
+from cqil_fx.tools.models import load_smollm2, token_batches
 
 
 def main() -> None:
@@ -51,7 +47,7 @@ def main() -> None:
     t = time.perf_counter()
     text = self_generated_text(model, seed=0)
     result = {"date": time.strftime("%Y-%m-%d"), "generate_s": time.perf_counter() - t, "beam": args.beam,
-              "held_out_tokens": 256 * args.held_out, "copying_original": copied(model), "rows": []}
+              "held_out_tokens": 256 * args.held_out, "copying_original": measure_copying(model), "rows": []}
     held = token_batches(tokenizer, "licenses", 256, args.held_out)
     base = perplexity(model, held)
     for budget, repeats in [(b, r) for b in args.budgets for r in args.repeats]:
@@ -62,7 +58,7 @@ def main() -> None:
         change = perplexity(model, held, plan=plan) / base - 1 if plan.groups else 0.0
         plain = perplexity(model, held, plan=plan.without_corrections()) / base - 1 if plan.groups else 0.0
         row = dict(budget=budget, repeats=repeats, plan=repr(plan), saved=plan.saved_blocks, promise=search.cost,
-                   held_out=change, held_out_uncorrected=plain, copying=copied(model, plan),
+                   held_out=change, held_out_uncorrected=plain, copying=measure_copying(model, plan),
                    search_s=time.perf_counter() - t)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)

@@ -8,7 +8,7 @@ training-free plan's and each recovered model's, with their increase over the or
 span.  The plan is the one the adapters were trained for (their plan.json).  Positions are those of
 the predicted token (1 = the second token of a window).  The last column is in-context copying: the
 share of 8 repeated random sequences of 64 tokens whose second occurrence the model predicts from its
-first (``cqil_fx.eager.quality.copying``, the "copying" of ``cqil-fx eval``).  A second table splits
+first (``cqil_fx.eager.quality.measure_copying``, the "copying" of ``cqil-fx eval``).  A second table splits
 the licence positions into those whose bigram (previous token, token) occurred earlier in the window,
 which copying can predict, and the others.  ``--pairs`` adds the training-free copying of every
 single adjacent pair ``[i, i+1]`` grouped alone.
@@ -17,7 +17,6 @@ single adjacent pair ``[i, i+1]`` grouped alone.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from cqil_fx.config import CQILConfig  # noqa: E402
 from cqil_fx.eager.distill import load_adapters  # noqa: E402
-from cqil_fx.eager.quality import copying, repeated_random_tokens  # noqa: E402
+from cqil_fx.eager.quality import measure_copying as copied  # noqa: E402
 from cqil_fx.eager.reference import cqil_semantics  # noqa: E402
 from cqil_fx.tools.models import load_smollm2, token_batches  # noqa: E402
 
@@ -62,13 +61,6 @@ def repeated_bigrams(windows) -> torch.Tensor:
             seen.add((previous, token))
         rows.append(row)
     return torch.tensor(rows)
-
-
-def copied(model, plan=None, length: int = 64) -> float:
-    """In-context copying (see the module docs) of ``model``, under ``plan`` when given."""
-    ids = repeated_random_tokens(model.config.vocab_size, 8, length, bos=model.config.bos_token_id)
-    with torch.no_grad(), cqil_semantics(model, plan) if plan is not None else contextlib.nullcontext():
-        return copying(model(ids, use_cache=False).logits, ids, length)
 
 
 def span_perplexities(nll: torch.Tensor) -> list[float]:

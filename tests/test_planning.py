@@ -10,7 +10,7 @@ from cqil_fx import CQILConfig, CQILConfigError, CQILPlanError, Plan, cqil_refer
 from cqil_fx.graph.calibration import GraphCalibration
 from cqil_fx.tools.inspect import capture_graph
 from cqil_fx.eager.planner import plan_auto
-from cqil_fx.eager.quality import perplexity, removed_blocks
+from cqil_fx.eager.quality import measure_copying, perplexity, removed_blocks
 from cqil_fx.eager.similarity import measure_similarity, save_heatmap
 from cqil_fx.passes import find_blocks
 from cqil_fx.planning import SimilarityReport, search_plan
@@ -216,6 +216,9 @@ def test_quality_study_writes_its_report(tmp_path):
                                  spans=((2, 6),), beam=2)
     assert rows[0].method == "original" and rows[0].next_token == 1.0 and rows[0].greedy == 1.0
     assert all(0.0 <= r.copying <= 1.0 for r in rows)
+    assert rows[0].copying == measure_copying(model)  # the probe's sequences are measure_copying's
+    plan = CQILConfig(start=2, end=6).plan_for(8)
+    assert next(r.copying for r in rows if r.name == "uniform S2-E6 P2 D0") == measure_copying(model, plan)
     assert {r.method for r in rows} == {"original", "cqil", "removal"}
     assert {"uniform S2-E6 P2 D0", "uniform S2-E6 P2 D0 corrected", "auto P2 KL corrected +10%",
             "auto P2 KL corrected +10% beam 2"} <= {r.name for r in rows}

@@ -103,6 +103,16 @@ def copying(logits: torch.Tensor, ids: torch.Tensor, length: int) -> float:
     return (predicted == ids[:, second + 1:]).float().mean().item()
 
 
+def measure_copying(model: nn.Module, plan: Plan | CQILConfig | None = None, rows: int = 8,
+                    length: int = 64) -> float:
+    """:func:`copying` of ``model`` (under ``plan``) on ``rows`` repeated random sequences of ``length`` tokens."""
+    ids = repeated_random_tokens(model.config.vocab_size, rows, length,
+                                 bos=getattr(model.config, "bos_token_id", None))
+    semantics = cqil_semantics(model, plan) if plan is not None else contextlib.nullcontext()
+    with semantics, torch.no_grad():
+        return copying(model(ids, use_cache=False).logits, ids, length)
+
+
 class QualityProbe:
     """Perplexity, next-token agreement, greedy-continuation agreement and copying on fixed held-out data.
 
