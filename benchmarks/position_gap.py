@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from cqil_fx.config import CQILConfig  # noqa: E402
 from cqil_fx.eager.distill import load_adapters  # noqa: E402
-from cqil_fx.eager.quality import measure_copying as copied  # noqa: E402
+from cqil_fx.eager.quality import measure_copying  # noqa: E402
 from cqil_fx.eager.reference import cqil_semantics  # noqa: E402
 from cqil_fx.tools.models import load_smollm2, token_batches  # noqa: E402
 
@@ -87,15 +87,15 @@ def main(argv=None) -> dict:
     model, tokenizer = load_smollm2()
     windows = token_batches(tokenizer, "licenses", 256, args.windows)
     rows = {"original": token_nll(model, windows)}
-    copies = {"original": copied(model)}
+    copies = {"original": measure_copying(model)}
     for directory in args.adapters:
         student, _ = load_smollm2()
         plan = load_adapters(student, directory)
         if len(rows) == 1:
             rows[f"training-free {plan!r}"] = token_nll(model, windows, plan)
-            copies[f"training-free {plan!r}"] = copied(model, plan)
+            copies[f"training-free {plan!r}"] = measure_copying(model, plan)
         rows[f"recovered {directory}"] = token_nll(student, windows, plan)
-        copies[f"recovered {directory}"] = copied(student, plan)
+        copies[f"recovered {directory}"] = measure_copying(student, plan)
 
     original = span_perplexities(rows["original"])
     header = " | ".join(f"{lo}-{hi}" for lo, hi in SPANS)
@@ -129,7 +129,7 @@ def main(argv=None) -> dict:
         print("\n| pair grouped alone, training-free | copying |\n|---|---:|")
         table["pair_copying"] = {}
         for i in range(model.config.num_hidden_layers - 1):
-            value = copied(model, CQILConfig(groups=[[i, i + 1]]).plan_for(model.config.num_hidden_layers))
+            value = measure_copying(model, CQILConfig(groups=[[i, i + 1]]).plan_for(model.config.num_hidden_layers))
             table["pair_copying"][f"{i}-{i + 1}"] = value
             print(f"| [{i}-{i + 1}] | {value:.1%} |", flush=True)
     if args.out:

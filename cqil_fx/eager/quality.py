@@ -106,11 +106,16 @@ def copying(logits: torch.Tensor, ids: torch.Tensor, length: int) -> float:
 def measure_copying(model: nn.Module, plan: Plan | CQILConfig | None = None, rows: int = 8,
                     length: int = 64) -> float:
     """:func:`copying` of ``model`` (under ``plan``) on ``rows`` repeated random sequences of ``length`` tokens."""
-    ids = repeated_random_tokens(model.config.vocab_size, rows, length,
-                                 bos=getattr(model.config, "bos_token_id", None))
     semantics = cqil_semantics(model, plan) if plan is not None else contextlib.nullcontext()
     with semantics, torch.no_grad():
-        return copying(model(ids, use_cache=False).logits, ids, length)
+        return _copying_now(model, rows, length)
+
+
+def _copying_now(model: nn.Module, rows: int, length: int) -> float:
+    """:func:`copying` of ``model`` as it computes now (under whatever semantics the caller entered)."""
+    ids = repeated_random_tokens(model.config.vocab_size, rows, length,
+                                 bos=getattr(model.config, "bos_token_id", None))
+    return copying(model(ids, use_cache=False).logits, ids, length)
 
 
 class QualityProbe:
@@ -125,9 +130,7 @@ class QualityProbe:
     def __init__(self, model: nn.Module, batches: Sequence[torch.Tensor], prompts: torch.Tensor,
                  new_tokens: int = 16, copy_rows: int = 8, copy_length: int = 64):
         self.model, self.batches, self.prompts, self.new_tokens = model, list(batches), prompts, new_tokens
-        self.copy_length = copy_length
-        self.repeated = repeated_random_tokens(model.config.vocab_size, copy_rows, copy_length,
-                                               bos=getattr(model.config, "bos_token_id", None))
+        self.copy_rows, self.copy_length = copy_rows, copy_length
         with torch.no_grad():
             self.argmax = [model(ids, use_cache=False).logits.argmax(-1) for ids in self.batches]
         self.continuation = self._continue()
@@ -138,7 +141,7 @@ class QualityProbe:
         other = cls.__new__(cls)
         other.model, other.batches, other.prompts, other.new_tokens = model, probe.batches, probe.prompts, \
             probe.new_tokens
-        other.repeated, other.copy_length = probe.repeated, probe.copy_length
+        other.copy_rows, other.copy_length = probe.copy_rows, probe.copy_length
         other.argmax, other.continuation = probe.argmax, probe.continuation
         return other
 
@@ -152,7 +155,7 @@ class QualityProbe:
                 agree += (logits.argmax(-1) == reference).sum().item()
                 positions += reference.numel()
             continuation = self._continue()
-            copied = copying(self.model(self.repeated, use_cache=False).logits, self.repeated, self.copy_length)
+            copied = _copying_now(self.model, self.copy_rows, self.copy_length)
         greedy = (continuation == self.continuation).float().mean().item()
         return Quality(loss.perplexity, agree / positions, greedy, copied)
 
