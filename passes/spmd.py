@@ -13,7 +13,10 @@ Group [g0, g1] on rank 1 (before -> after)::
 
 Generation graphs: the other members' cache writes go with them, but nodes
 the graph's outputs need (the cache tensors a prefill allocates, length
-counters) stay, so every rank returns a complete cache.
+counters) stay, so every rank returns a complete cache.  The other members'
+cache tensors become one element expanded to their shape (a static cache's
+``zeros``, a dynamic cache's ``cat``), so a rank neither holds nor computes
+K/V for a layer it never computes, and the cache's lengths stay right.
 
 With bypass (D > 0) member k's MLP reads attention outputs of members other
 ranks compute.  Every rank all-gathers its member's attention output once per
@@ -58,7 +61,7 @@ class Placement:
     all_reduces: int
     all_gathers: int
     nodes_removed: int
-    caches_released: int = 0  # cache tensors of dropped members allocated as one element (prefill graphs)
+    caches_released: int = 0  # cache tensors of dropped members made one element (static: prefill; dynamic: all)
 
     @property
     def collectives(self) -> int:
@@ -87,6 +90,8 @@ def place_members(rewritten: RewrittenGraph, rank: int, world_size: int, group_n
         _all_reduce_deltas(gm.graph, rewrite, rank, group_name)
     removed = _drop_other_members(gm.graph, owner, rank)
     released = _release_other_caches(gm.graph, owner, rank)
+    if released:  # a dynamic cache's K/V projections fed only the cache tensors just released
+        removed += _drop_other_members(gm.graph, owner, rank)
     gm.graph.lint()
     gm.recompile()
     dropped = tuple(i for r in rewrites for k, i in enumerate(r.members) if k != rank)
@@ -167,38 +172,90 @@ def _drop_other_members(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
 
 
 def _release_other_caches(graph: torch.fx.Graph, owner: dict, rank: int) -> int:
-    """Allocate the other members' KV-cache tensors as one element, expanded to their shape.
+    """Make the other members' KV-cache tensors one element, expanded to their shape.
 
-    What :func:`_drop_other_members` keeps of another member in a prefill graph
-    is the ``torch.zeros`` of its layer's static cache (transformers allocates
-    it at the first update, in the graph, and keeps it on the cache object).
-    No graph of this rank writes or reads it: its writes went with the member.
-    So it becomes ``zeros(()).expand(shape)``, which has the shape and dtype the
-    next graph is traced with but holds one element: a rank allocates no cache
-    for the layers it never computes.  (Filling it, as ``Cache.reset`` does,
-    works on such a view; writing part of it would raise, and never happens.)
+    What :func:`_drop_other_members` keeps of another member is what the graph
+    hands back as its layer's cache:
+
+    * a static cache's ``torch.zeros`` (transformers allocates it at the first
+      update, in a prefill graph, and keeps it on the cache object);
+    * a dynamic cache's ``torch.cat([past, new], dim=-2)`` (a sliding-window
+      layer slices it), which needs the member's K/V projections.
+
+    No graph of this rank reads either: the member's attention went with it.
+    So each becomes ``zeros(()).expand(shape)``, which has the shape and dtype
+    the next graph is traced with (and transformers reads the cache's length
+    from) but holds one element, and the projections behind a ``cat`` go (the
+    caller drops them).  (Filling such a view, as ``Cache.reset`` does, works;
+    writing part of it would raise, and never happens.)  A symbolic size is
+    rebuilt from the graph's ``SymInt`` inputs; one that cannot be is left as
+    it was.
     """
+    symbols = {p.meta["example_value"].node.expr: p for p in graph.find_nodes(op="placeholder")
+               if isinstance(p.meta.get("example_value"), torch.SymInt)}
     released = 0
     for node in list(graph.nodes):
         if not (node in owner and owner[node][1] != rank and node.op == "call_function"
-                and node.target is torch.zeros and len(node.args) == 1):
+                and all(u.op == "output" for u in node.users) and node.users):  # only handed back
             continue
         value = node.meta.get("example_value")
-        sizes = node.args[0]
-        if not (isinstance(value, torch.Tensor) and isinstance(sizes, (tuple, list))
-                and all(isinstance(n, int) for n in sizes) and value.numel() > 1
-                and all(u.op == "output" for u in node.users)):  # only handed back, never read here
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            continue
+        if node.target is torch.zeros and len(node.args) == 1 and isinstance(node.args[0], (tuple, list)):
+            sizes = node.args[0]
+            if not all(isinstance(n, int) for n in sizes) or value.numel() <= 1:
+                continue
+            kwargs = dict(node.kwargs)
+        elif _is_cache_concatenation(node):
+            if not all(isinstance(n, int) or _buildable(n.node.expr, symbols) for n in value.shape):
+                continue
+            with graph.inserting_before(node):
+                sizes = [n if isinstance(n, int) else _build(graph, n.node.expr, symbols)[0] for n in value.shape]
+            kwargs = dict(dtype=value.dtype, device=value.device)
+        else:
             continue
         with graph.inserting_before(node):
-            one = graph.call_function(torch.zeros, ((),), dict(node.kwargs))
+            one = graph.call_function(torch.zeros, ((),), kwargs)
             view = graph.call_method("expand", (one, *sizes))
         with value.fake_mode if hasattr(value, "fake_mode") else contextlib.nullcontext():
             one.meta = {**node.meta, "example_value": torch.zeros((), dtype=value.dtype, device=value.device)}
-            view.meta = {**node.meta, "example_value": one.meta["example_value"].expand(*sizes)}
+            view.meta = {**node.meta, "example_value": one.meta["example_value"].expand(*value.shape)}
         node.replace_all_uses_with(view)
-        graph.erase_node(node)
+        if node.target is torch.zeros:
+            graph.erase_node(node)
         released += 1
     return released
+
+
+def _is_cache_concatenation(node: torch.fx.Node) -> bool:
+    """``torch.cat`` (a dynamic cache's update), or slices of one (a sliding-window layer's)."""
+    while (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node)
+           and len(node.args[0].users) == 1):
+        node = node.args[0]
+    return node.op == "call_function" and node.target is torch.cat
+
+
+def _buildable(expr, symbols: dict) -> bool:
+    """Whether :func:`_build` can compute the size ``expr``: sums and products of integers and of
+    symbols the graph takes as ``SymInt`` inputs."""
+    if expr.is_Integer or expr.is_Symbol:
+        return expr.is_Integer or expr in symbols
+    return (expr.is_Add or expr.is_Mul) and all(_buildable(arg, symbols) for arg in expr.args)
+
+
+def _build(graph: torch.fx.Graph, expr, symbols: dict) -> tuple:
+    """(an int or a node computing the size ``expr``, its value); see :func:`_buildable`."""
+    if expr.is_Integer:
+        return int(expr), int(expr)
+    if expr.is_Symbol:
+        return symbols[expr], symbols[expr].meta["example_value"]
+    combine = operator.add if expr.is_Add else operator.mul
+    node, value = _build(graph, expr.args[0], symbols)
+    for arg in expr.args[1:]:
+        term, term_value = _build(graph, arg, symbols)
+        node, value = graph.call_function(combine, (node, term)), combine(value, term_value)
+        node.meta["example_value"] = value
+    return node, value
 
 
 def _ancestors(roots: list[torch.fx.Node]) -> set[torch.fx.Node]:

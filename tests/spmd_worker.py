@@ -399,17 +399,21 @@ def latency(rank: int, world_size: int) -> dict:
 LATENCY_MIN_REDUCTION = 0.15
 
 
-def generation(rank: int, world_size: int, tensor_parallel: bool = False) -> dict:
-    """Greedy static-cache generate() through the SPMD backend; the oracle recomputes without a cache."""
+def generation(rank: int, world_size: int, tensor_parallel: bool = False, cache: str = "static",
+               family: str = "llama") -> dict:
+    """Greedy generate() with a ``cache`` ("static" or "dynamic") KV cache through the SPMD backend; the
+    oracle recomputes without a cache."""
     from test_generate import greedy_without_cache, left_padded, small_model
 
-    model = copy.deepcopy(small_model("llama"))
+    model = copy.deepcopy(small_model(family))
     config = CQILConfig(groups=[[1, 2]], bypass=1)
     ids, mask = left_padded(batch=2, length=7, pads=(0, 3))
     expected, _ = greedy_without_cache(model, config, ids, mask)
     release_other_members(model, config)
-    model.generation_config.cache_implementation = "static"
-    backend = make_backend(config, mode="spmd", inner="aot_eager", collective_timeout=60,
+    if cache == "static":
+        model.generation_config.cache_implementation = "static"
+    graphs = []
+    backend = make_backend(config, mode="spmd", inner=recording("aot_eager", graphs), collective_timeout=60,
                            tensor_parallel=tensor_parallel)
     model.forward = torch.compile(model.forward, backend=backend)
     with torch.no_grad():
@@ -420,7 +424,31 @@ def generation(rank: int, world_size: int, tensor_parallel: bool = False) -> dic
     return dict(tokens=runs[0].sequences, again=runs[1].sequences, expected=expected,
                 reports=[repr(r) for r in backend.reports], placements=[r.placement for r in backend.reports],
                 cache_elements=[layer.keys.untyped_storage().nbytes() // layer.keys.element_size()
-                                for layer in layers])
+                                for layer in layers],
+                other_projections=[_projections_of(gm, 2 - rank) for gm in graphs],
+                own_projections=[_projections_of(gm, 1 + rank) for gm in graphs])
+
+
+PROJECTIONS = (torch._C._nn.linear, torch.nn.functional.linear, torch.addmm, torch.matmul)
+
+
+def _projections_of(gm, layer: int) -> list[str]:
+    """The matrix products of decoder layer ``layer`` in ``gm``."""
+    return [n.name for n in gm.graph.nodes
+            if n.target in PROJECTIONS and (ref := layer_of(n)) is not None and ref.index == layer]
+
+
+def dynamic_generation(rank: int, world_size: int, family: str = "llama") -> dict:
+    """:func:`generation` with transformers' default (dynamic) cache."""
+    return generation(rank, world_size, cache="dynamic", family=family)
+
+
+def dynamic_generation_gemma2(rank: int, world_size: int) -> dict:
+    return dynamic_generation(rank, world_size, family="gemma2")
+
+
+def dynamic_generation_gpt2(rank: int, world_size: int) -> dict:
+    return dynamic_generation(rank, world_size, family="gpt2")
 
 
 def tp_generation(rank: int, world_size: int) -> dict:

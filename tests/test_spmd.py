@@ -313,22 +313,34 @@ def test_the_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path, scen
         # blocks 0 and 3 tensor-parallel: their caches hold this rank's heads only; the group's members whole
         assert [r["cache_heads"][i] for i in (0, 3)] == [heads // 2] * 2, r["cache_heads"]
         assert r["cache_heads"][1 + rank] == heads, r["cache_heads"]
-        if scenario == "loaded_tp_generation":
-            assert r["cache_elements"][2 - rank] == 1, r["cache_elements"]  # the other member's: no cache at all
-        else:  # a dynamic cache: the graph still makes the other member's K/V (docs/architecture.md)
-            assert r["cache_heads"][2 - rank] == heads, r["cache_heads"]
+        assert r["cache_elements"][2 - rank] == 1, r["cache_elements"]  # the other member's: no cache at all
 
 
-@pytest.mark.parametrize("scenario", ["generation", "tp_generation"])
-def test_static_cache_generation_on_two_ranks(tmp_path, scenario):
+@pytest.mark.parametrize("scenario", ["generation", "tp_generation", "dynamic_generation",
+                                      "dynamic_generation_gemma2", "dynamic_generation_gpt2"])
+def test_cache_generation_on_two_ranks(tmp_path, scenario):
     results = run_ranks(scenario, tmp_path)
     for rank, r in enumerate(results):
         assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"])
         assert torch.equal(r["again"], r["expected"])  # a second generate() resets and reuses the cache
-        assert len(r["placements"]) == 2 and all(p is not None for p in r["placements"]), r["reports"]  # prefill, decode
-        assert all(p.kept == (1 + rank,) for p in r["placements"])
+        assert all(p is not None and p.kept == (1 + rank,) for p in r["placements"]), r["reports"]
         # the other member's layer (group [1, 2]): its cache holds one element on this rank, the others whole
         other = 2 - rank
         assert r["cache_elements"][other] == 1, r["cache_elements"]
         assert all(n > 1 for i, n in enumerate(r["cache_elements"]) if i != other), r["cache_elements"]
-        assert [p.caches_released for p in r["placements"]] == [2, 0]  # keys and values, in the prefill graph
+        assert not any(r["other_projections"]), r["other_projections"]  # nor does any graph compute its K/V
+        assert all(r["own_projections"]), r["own_projections"]  # (as it does its own member's)
+        if scenario.startswith("dynamic_generation"):  # prefill, the first decode step, then one graph of any length:
+            # every graph hands back a new cache tensor, and no graph computes the other member's K/V
+            assert [p.caches_released for p in r["placements"]] == [2, 2, 2], r["reports"]
+        else:  # prefill, decode: keys and values are allocated once, in the prefill graph
+            assert [p.caches_released for p in r["placements"]] == [2, 0], r["reports"]
+
+
+def test_released_cache_inputs_are_one_element_expanded():
+    from cqil_fx.graph.backend import released_inputs
+
+    whole, released = torch.zeros(2, 3, 4), torch.zeros(()).expand(2, 3, 4)
+    inputs = [whole, released, torch.zeros(()).expand(1, 1), torch.tensor(5), 7]
+    named = {0: "keys_0", 1: "keys_1", 2: "one", 3: "scalar", 4: "int"}
+    assert released_inputs(named, inputs) == ["keys_1"]

@@ -38,7 +38,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from ..config import CQILConfig, Plan
-from ..errors import CQILPlanError, SpmdPlacementError
+from ..errors import CQILPlanError, CQILUnsupportedError, SpmdPlacementError
 from ..passes import Block, GroupRewrite, Placement, RewrittenGraph, Sharding
 from .rewrite import Planned, Unchanged, apply_plan, plan_graph
 
@@ -156,6 +156,12 @@ class CQILBackend:
         shapes = input_shapes(inputs, example_inputs)
         if isinstance(outcome, Unchanged):
             agree(world, f"unchanged ({outcome.why}); inputs {shapes}")
+            released = released_inputs(inputs, example_inputs)
+            if released:
+                raise CQILUnsupportedError(
+                    f"rank {world.rank}: a graph compiled unchanged ({outcome.why}) would read {', '.join(released)}, "
+                    "the KV cache of a layer another rank computes, which this rank holds as one element; "
+                    "every graph that reads the cache must run the plan (docs/architecture.md)")
             report = _fallback(nodes, outcome)
         else:
             plan = outcome.plan
@@ -228,6 +234,15 @@ def user_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[int,
 def input_shapes(named: dict[int, str], example_inputs: Sequence) -> str:
     """``name: [sizes]`` of the inputs ``named`` (:func:`user_inputs`: token ids, masks, positions)."""
     return ", ".join(f"{name}: {list(example_inputs[i].shape)}" for i, name in named.items())
+
+
+def released_inputs(named: dict[int, str], example_inputs: Sequence) -> list[str]:
+    """Names of the inputs ``named`` (:func:`user_inputs`) that are one element expanded to a larger shape:
+    the KV-cache tensors an SPMD rank released for other ranks' members (:mod:`cqil_fx.passes.spmd`)."""
+    return [name for i, name in named.items()
+            if isinstance(x := example_inputs[i], torch.Tensor) and x.dim() > 0
+            and all(isinstance(s, int) and s == 0 for s in x.stride())
+            and not all(isinstance(n, int) and n <= 1 for n in x.shape)]
 
 
 def presharded_weights(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[str, str]:
