@@ -22,6 +22,10 @@ the graph side with copies of the captured graph
    cheapest extensions within the budget; it ends when no extension fits and
    returns the plan with the most groups (the cheapest among those).
 
+``admissible(groups, bypass)`` (optional) is a second condition every grown
+plan must meet besides the budget, checked only on plans within the budget
+(the eager planner's ``keep_copying``: in-context copying the plan must keep).
+
 The measured error decides; similarity only orders the work.  Windows can
 land anywhere in the stack, so the plan need not be uniform or contiguous.
 """
@@ -145,7 +149,8 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
                 similarity: SimilarityReport, base: float, evaluate: Callable[[Groups, int], float],
                 screen: int | None = None, progress: bool = True, *,
                 build: Callable[[Groups, int], Plan] | None = None, measure: str = "perplexity",
-                screen_evaluate: Callable[[Groups, int], float] | None = None, beam: int = 1) -> PlanSearch:
+                screen_evaluate: Callable[[Groups, int], float] | None = None, beam: int = 1,
+                admissible: Callable[[Groups, int], bool] | None = None) -> PlanSearch:
     """The rank / screen / grow search over any ``evaluate(groups, bypass) -> perplexity``.
 
     ``base`` is the original's value of the same measure. ``build(groups,
@@ -155,7 +160,7 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
     ``screen_evaluate`` (default ``evaluate``) measures the windows alone, to
     order them; a cheaper measure may do there, since every plan the search
     keeps is measured again with ``evaluate``. ``beam``: grow this many plans at once (module docs);
-    1 is the greedy growth.
+    1 is the greedy growth. ``admissible``: see the module docs; the windows alone are screened without it.
     """
     check_search_args(parallel, budget)
     if beam < 1:
@@ -166,19 +171,23 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
     limit = base * (1 + budget)
     trials: list[Trial] = []
 
-    def best(groups: tuple[tuple[int, ...], ...], accept_below: float, measure=evaluate) -> tuple[float, int]:
+    def best(groups: tuple[tuple[int, ...], ...], accept_below: float, measure=evaluate,
+             check: bool = True) -> tuple[float, int, bool]:
+        """The cheapest bypass distance's measure, the distance, and whether the plan is kept."""
         scored = [(measure(groups, d), d) for d in distances]
         ppl, d = min(scored)
-        trials.extend(Trial(groups, dd, p, p == ppl and p <= accept_below) for p, dd in scored)
-        return ppl, d
+        ok = ppl <= accept_below and (not check or admissible is None or admissible(groups, d))
+        trials.extend(Trial(groups, dd, p, p == ppl and ok) for p, dd in scored)
+        return ppl, d, ok
 
     screen_measure = screen_evaluate or evaluate
-    screened = {w: best((w,), limit, screen_measure) for w in _progress(windows, progress, "screen windows")}
-    cost = {w: ppl for w, (ppl, _) in screened.items()}
+    screened = {w: best((w,), limit, screen_measure, check=False)
+                for w in _progress(windows, progress, "screen windows")}
+    cost = {w: ppl for w, (ppl, _, _) in screened.items()}
     ordered = sorted(windows, key=cost.__getitem__)
     if beam > 1:
         usable = [w for w in ordered if cost[w] <= limit or screen_evaluate is not None]
-        known = {} if screen_evaluate is not None else {(w,): screened[w] for w in windows}
+        known = {} if screen_evaluate is not None or admissible is not None else {(w,): screened[w] for w in windows}
         chosen, chosen_ppl, chosen_d = _grow_beam(usable, beam, base, limit, best, known, progress)
         plan = build(chosen, chosen_d) if build is not None and chosen else Plan(num_blocks, chosen, chosen_d)
         return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials), measure)
@@ -192,8 +201,9 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
             break
         groups = tuple(sorted(chosen + (w,)))
         # a first window alone was measured by the screen, unless the screen measured otherwise
-        ppl, d = screened[w] if not chosen and screen_evaluate is None else best(groups, limit)
-        if ppl <= limit:
+        screened_alone = not chosen and screen_evaluate is None and admissible is None
+        ppl, d, ok = screened[w] if screened_alone else best(groups, limit)
+        if ok:
             chosen, chosen_ppl, chosen_d, misses = groups, ppl, d, 0
             log.info("planner: kept %s (perplexity %.3f, bypass %d)", list(w), ppl, d)
         else:
@@ -203,11 +213,13 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
 
 
 def _grow_beam(windows: Sequence[tuple[int, ...]], width: int, base: float, limit: float,
-               best: Callable[[Groups, float], tuple[float, int]], known: dict[Groups, tuple[float, int]],
+               best: Callable[[Groups, float], tuple[float, int, bool]],
+               known: dict[Groups, tuple[float, int, bool]],
                progress: bool) -> tuple[Groups, float, int]:
     """The beam growth of :func:`search_plan` over ``windows`` (cheapest alone first): the plan with the most
-    groups within ``limit`` (the cheapest of those), its measure and bypass distance. ``known``: plans
-    already measured the same way (the screened windows, when the screen measured with ``evaluate``)."""
+    groups kept by ``best`` (within ``limit`` and admissible; the cheapest of those), its measure and bypass
+    distance. ``known``: plans already measured the same way (the screened windows, when the screen
+    measured with ``evaluate``)."""
     measured = dict(known)
     kept: list[tuple[Groups, float, int]] = [((), base, 0)]
     result = kept[0]
@@ -221,8 +233,8 @@ def _grow_beam(windows: Sequence[tuple[int, ...]], width: int, base: float, limi
                 grown = tuple(sorted(groups + (w,)))
                 if grown not in measured:
                     measured[grown] = best(grown, limit)
-                if measured[grown][0] <= limit:
-                    extensions[grown] = measured[grown]
+                if measured[grown][2]:
+                    extensions[grown] = measured[grown][:2]
         kept = sorted(((g, p, d) for g, (p, d) in extensions.items()), key=lambda e: e[1])[:width]
         if kept:
             result = kept[0]  # more groups than any plan of the steps before

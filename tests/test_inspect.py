@@ -70,6 +70,10 @@ def test_cli_rejects_bad_input_with_a_message(capsys):
             with pytest.raises(SystemExit):
                 main([command, "--beam", width])
             assert "the beam is a number of plans, 1 or more" in capsys.readouterr().err
+    for share in ("0", "1.5", "most"):
+        with pytest.raises(SystemExit):
+            main(["plan", "--keep-copying", share])
+        assert "a share of the original's copying, in (0, 1]" in capsys.readouterr().err
 
 
 def test_cli_reports_every_cqil_error_as_a_message_not_a_traceback(capsys, tmp_path):

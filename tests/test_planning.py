@@ -125,6 +125,59 @@ def test_beam_finds_two_windows_where_greedy_growth_keeps_one():
         search_plan(4, 2, 0.045, (0,), similarity, 10.0, evaluate, progress=False, beam=0)
 
 
+@pytest.mark.parametrize("beam", [1, 2])
+def test_plans_that_are_not_admissible_are_not_kept(beam):
+    """Windows (0,1), (1,2), (2,3) as in the test above, at an 8 % budget, where every plan of them fits:
+    greedy growth keeps (1, 2) alone; refused by ``admissible``, it keeps (0,1) + (2,3), as the beam does."""
+    alone = {(0, 1): 0.02, (1, 2): 0.01, (2, 3): 0.02}
+    similarity = SimilarityReport(torch.ones(5, 5), tokens=1)
+    asked = []
+
+    def evaluate(groups, bypass):
+        return 10.0 * (1 + sum(alone[g] for g in groups))
+
+    def admissible(groups, bypass):
+        asked.append(groups)
+        return (1, 2) not in groups
+
+    free = search_plan(4, 2, 0.08, (0,), similarity, 10.0, evaluate, progress=False, beam=beam)
+    assert free.plan.groups == (((1, 2),) if beam == 1 else ((0, 1), (2, 3)))
+    search = search_plan(4, 2, 0.08, (0,), similarity, 10.0, evaluate, progress=False, beam=beam,
+                         admissible=admissible)
+    assert search.plan.groups == ((0, 1), (2, 3)) and search.perplexity == pytest.approx(10.4)
+    assert ((1, 2),) in asked  # the cheapest window alone is asked, and refused
+    assert not any(t.accepted for t in search.trials if (1, 2) in t.groups and len(t.groups) > 1)
+    refused = [t for t in search.trials if t.groups == ((1, 2),)]
+    assert refused[0].accepted and not refused[-1].accepted  # within budget when screened; refused when grown
+
+
+def test_keep_copying_keeps_only_plans_that_copy_enough(monkeypatch):
+    """``measure_copying`` stood in for (tiny random models do not copy): a plan grouping block 2 copies
+    half as well as the original; with ``keep_copying=0.9`` no such plan is kept."""
+    import cqil_fx.eager.planner as planner
+
+    seeds = set()
+
+    def copying(model, plan=None, seed=0):
+        seeds.add(seed)
+        return 0.5 if plan is not None and any(2 in g for g in plan.groups) else 1.0
+
+    model = tiny_model("qwen2")
+    free = plan_auto(model, CALIBRATION, parallel=2, budget=0.5, progress=False)
+    assert any(2 in g for g in free.plan.groups), free.plan  # without a floor block 2 is grouped
+    monkeypatch.setattr(planner, "measure_copying", copying)
+    for beam in (1, 2):
+        search = plan_auto(model, CALIBRATION, parallel=2, budget=0.5, progress=False, beam=beam, keep_copying=0.9)
+        assert search.plan.groups and not any(2 in g for g in search.plan.groups), search.plan
+        assert search.perplexity <= search.base_perplexity * 1.5
+    assert seeds == {planner.COPYING_SEED} != {0}  # not the sequences the quality reports measure
+    # a model that copies nothing (below MIN_COPYING) has nothing to keep: no floor
+    monkeypatch.setattr(planner, "measure_copying", lambda model, plan=None, seed=0: 0.01 if plan is None else 0.0)
+    assert plan_auto(model, CALIBRATION, parallel=2, budget=0.5, progress=False, keep_copying=0.9).plan == free.plan
+    with pytest.raises(CQILConfigError, match="keep_copying=1.5"):
+        plan_auto(model, CALIBRATION, keep_copying=1.5, progress=False)
+
+
 def test_beam_search_on_a_model_keeps_its_budget():
     model = tiny_model("qwen2")
     search = plan_auto(model, CALIBRATION, parallel=2, budget=0.3, progress=False, beam=3)

@@ -24,11 +24,21 @@ module hooks on calibration batches only. Two measures:
 measures on the other half, so a plan's promise is not measured on the data
 its corrections were fitted to.
 
+``keep_copying=F`` keeps only plans that keep at least a share ``F`` of the
+original's in-context copying (:func:`~cqil_fx.eager.quality.measure_copying`,
+on repeated random sequences of seed :data:`COPYING_SEED`, not the ones the
+quality reports measure). Perplexity and KL on ordinary text hardly see
+copying, which runs through attention composing across blocks, so a plan
+within its budget can lose most of it (docs/quality-notes.md). A model that
+copies less than :data:`MIN_COPYING` (random weights) has none to keep, and
+no floor is applied.
+
 :func:`plan_default` is the data-free plan of ``backend="cqil"``: the model
 writes its own calibration text (:func:`self_generated_text`), and the search
 runs on it with the KL measure and corrections, at the budget scaled by
 :data:`SAFETY` (the margin measured between calibration promise and held-out
-outcome, docs/quality.md).
+outcome, docs/quality.md), keeping :data:`KEEP_COPYING` of the original's
+copying.
 """
 
 from __future__ import annotations
@@ -47,7 +57,7 @@ from ..progress import progress as _progress
 from ..stack import decoder_layers
 from ..tokens import token_windows
 from .correction import fit_corrections
-from .quality import perplexity
+from .quality import measure_copying, perplexity
 from .reference import branches_of, cqil_semantics
 from .replay import BlockOutputs, first_group
 from .similarity import measure_similarity
@@ -61,22 +71,32 @@ MEASURES = ("perplexity", "kl")
 SAFETY = 0.9
 SELF_TOKENS = 2048  # tokens the model writes for plan_default
 SELF_WINDOW = 256  # ... in windows of this many tokens
+COPYING_SEED = 1  # the repeated random sequences keep_copying measures (quality reports measure seed 0)
+MIN_COPYING = 0.05  # keep_copying applies no floor to a model that copies less than this
+# plan_default keeps this share of the original's copying. Measured (benchmarks/plan_transfer.py
+# --keep-copying, docs/quality-notes.md): on SmolLM2 the search without it chose [17-18] [26-27] (copying
+# 62.7 % -> 35.3 %, licences +8.1 %), with it [14-15] [26-27] (63.5 %, +6.5 %).
+KEEP_COPYING = 0.9
 
 
 def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: int = 2,
               budget: float = DEFAULT_BUDGET, bypass: Sequence[int] | None = None,
               screen: int | None = None, progress: bool = True, measure: str = "perplexity",
-              correct: bool = False, beam: int = 1) -> PlanSearch:
+              correct: bool = False, beam: int = 1, keep_copying: float | None = None) -> PlanSearch:
     """Search a plan for ``model`` on ``calibration`` batches of token ids (see module docs).
 
     ``bypass``: the distances to consider (default: every legal one for the
     model's block kind and ``parallel``).  ``screen``: how many of the
     best-ranked windows to measure (default: all). ``beam``: plans grown at once
     (:func:`cqil_fx.planning.search_plan`; 1, the default, grows one greedily).
+    ``keep_copying``: the share of the original's in-context copying a plan must keep (module docs;
+    None: not measured).
     """
     check_search_args(parallel, budget)
     if measure not in MEASURES:
         raise CQILConfigError(f"measure={measure!r} is unknown; use one of {', '.join(MEASURES)}")
+    if keep_copying is not None and not 0 < keep_copying <= 1:
+        raise CQILConfigError(f"keep_copying={keep_copying} must be a share in (0, 1], e.g. 0.9, or None")
     calibration = list(calibration)
     if correct and len(calibration) < 2:
         raise CQILConfigError("correct=True needs at least two calibration batches (one to fit, one to measure)")
@@ -87,10 +107,13 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     similarity = measure_similarity(model, calibration, progress=progress)
     meter = DistortionMeter(model, held, measure)
     fit_outputs = BlockOutputs.of(model, fit) if correct else None  # the fit batches' original, once
+    built: dict[tuple[Groups, int], Plan] = {}
 
     def build(groups: Groups, d: int) -> Plan:
-        plan = Plan(len(layers), groups, d)
-        return fit_corrections(model, plan, fit, outputs=fit_outputs) if correct else plan
+        if (groups, d) not in built:
+            plan = Plan(len(layers), groups, d)
+            built[groups, d] = fit_corrections(model, plan, fit, outputs=fit_outputs) if correct else plan
+        return built[groups, d]
 
     def evaluate(groups: Groups, d: int) -> float:
         return meter(build(groups, d))
@@ -100,7 +123,29 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
 
     return search_plan(len(layers), parallel, budget, distances, similarity, meter.base, evaluate, screen,
                        progress, build=build, measure=measure, screen_evaluate=uncorrected if correct else None,
-                       beam=beam)
+                       beam=beam, admissible=None if keep_copying is None else _CopyingFloor(model, keep_copying,
+                                                                                             build))
+
+
+class _CopyingFloor:
+    """``admissible`` for :func:`search_plan`: the plan keeps ``share`` of the original's copying."""
+
+    def __init__(self, model: nn.Module, share: float, build) -> None:
+        self.model, self.build = model, build
+        self.original = measure_copying(model, seed=COPYING_SEED)
+        self.floor = share * self.original
+        if self.original < MIN_COPYING:
+            log.info("planner: the model copies %.1f %% of repeated random tokens: no copying to keep",
+                     100 * self.original)
+
+    def __call__(self, groups: Groups, d: int) -> bool:
+        if self.original < MIN_COPYING:
+            return True
+        kept = measure_copying(self.model, self.build(groups, d), seed=COPYING_SEED)
+        if kept < self.floor:
+            log.info("planner: %s copies %.1f %% (the original %.1f %%), below the floor %.1f %%: not kept",
+                     [list(g) for g in groups], 100 * kept, 100 * self.original, 100 * self.floor)
+        return kept >= self.floor
 
 
 class DistortionMeter:
@@ -271,7 +316,7 @@ def default_search_settings() -> dict[str, object]:
 
     return {"self_tokens": SELF_TOKENS, "self_window": SELF_WINDOW, "seed": 0, "safety": SAFETY,
             "measure": "kl", "bypass": [0], "correct": True, "ridge": DEFAULT_RIDGE,
-            "grow_patience": GROW_PATIENCE}
+            "grow_patience": GROW_PATIENCE, "keep_copying": KEEP_COPYING, "copying_seed": COPYING_SEED}
 
 
 def plan_default(model: nn.Module, parallel: int = 2, budget: float = DEFAULT_BUDGET, seed: int = 0,
@@ -279,7 +324,8 @@ def plan_default(model: nn.Module, parallel: int = 2, budget: float = DEFAULT_BU
     """The plan ``backend="cqil"`` uses with no arguments: measured on text the model writes itself.
 
     Bypass distance 0 (one step per group in concurrent mode), the KL measure,
-    corrections, and ``SAFETY * budget`` as the search's limit. The returned
+    corrections, ``SAFETY * budget`` as the search's limit, and ``KEEP_COPYING`` of the original's
+    in-context copying kept. The returned
     search's ``budget`` is ``budget``; its ``cost`` is the promise on the
     calibration text.
     """
@@ -289,6 +335,6 @@ def plan_default(model: nn.Module, parallel: int = 2, budget: float = DEFAULT_BU
     model = _uncompiled(model)  # its forward, not a compiled one: this runs inside a compile
     calibration = self_generated_text(model, tokens=tokens, seed=seed, progress=progress)
     search = plan_auto(model, calibration, parallel=parallel, budget=SAFETY * budget, bypass=(0,),
-                       progress=progress, measure="kl", correct=True)
+                       progress=progress, measure="kl", correct=True, keep_copying=KEEP_COPYING)
     return PlanSearch(search.plan, search.base_perplexity, search.perplexity, budget, search.similarity,
                       search.trials, search.measure)

@@ -104,16 +104,17 @@ def copying(logits: torch.Tensor, ids: torch.Tensor, length: int) -> float:
 
 
 def measure_copying(model: nn.Module, plan: Plan | CQILConfig | None = None, rows: int = 8,
-                    length: int = 64) -> float:
-    """:func:`copying` of ``model`` (under ``plan``) on ``rows`` repeated random sequences of ``length`` tokens."""
+                    length: int = 64, seed: int = 0) -> float:
+    """:func:`copying` of ``model`` (under ``plan``) on ``rows`` repeated random sequences of ``length`` tokens
+    (``seed`` 0: the sequences every quality report measures)."""
     semantics = cqil_semantics(model, plan) if plan is not None else contextlib.nullcontext()
     with semantics, torch.no_grad():
-        return _copying_now(model, rows, length)
+        return _copying_now(model, rows, length, seed)
 
 
-def _copying_now(model: nn.Module, rows: int, length: int) -> float:
+def _copying_now(model: nn.Module, rows: int, length: int, seed: int = 0) -> float:
     """:func:`copying` of ``model`` as it computes now (under whatever semantics the caller entered)."""
-    ids = repeated_random_tokens(model.config.vocab_size, rows, length,
+    ids = repeated_random_tokens(model.config.vocab_size, rows, length, seed=seed,
                                  bos=getattr(model.config, "bos_token_id", None))
     return copying(model(ids, use_cache=False).logits, ids, length)
 

@@ -59,10 +59,12 @@ def _parser() -> argparse.ArgumentParser:
                       help="what the search measures on the calibration windows")
     plan.add_argument("--correct", action="store_true", help="fit a closed-form correction per group")
     plan.add_argument("--beam", type=_beam, default=1, help="plans grown at once (a beam search; 1: greedy growth)")
+    plan.add_argument("--keep-copying", type=_share, default=None, metavar="F",
+                      help="keep only plans that keep this share of the original's in-context copying (e.g. 0.9)")
     plan.add_argument("--default", action="store_true",
                       help="the data-free default plan (the model writes its calibration text), stored in the "
                            "plan cache where backend='cqil' finds it; --windows, --seq-len, --measure, "
-                           "--correct and --beam do not apply")
+                           "--correct, --beam and --keep-copying do not apply")
     plan.add_argument("--out", help="write the plan as JSON here")
     plan.set_defaults(run=_plan, groups=None, start=None, end=None, bypass=0, verbose=False)
 
@@ -159,6 +161,16 @@ def _budgets(text: str) -> tuple[float, ...]:
         return tuple(float(b) for b in text.split(","))
     except ValueError as e:
         raise argparse.ArgumentTypeError(f"{text!r}: write budgets as numbers, e.g. 0.05,0.1") from e
+
+
+def _share(text: str) -> float:
+    try:
+        share = float(text)
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a share of the original's copying, in (0, 1], e.g. 0.9")
+    return share
 
 
 def _beam(text: str) -> int:
@@ -264,7 +276,7 @@ def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
         return 0
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
     search = plan_auto(model, calibration, parallel=args.parallel, budget=args.budget, measure=args.measure,
-                       correct=args.correct, beam=args.beam)
+                       correct=args.correct, beam=args.beam, keep_copying=args.keep_copying)
     print(search)
     if args.out:
         search.plan.save(args.out)
