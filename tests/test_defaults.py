@@ -381,6 +381,53 @@ def test_default_backend_searches_once_then_reuses_the_cached_plan(small_self_te
     assert second.reports[-1].source == "cached" and second.reports[-1].plan == report.plan
 
 
+class _PlainLM(torch.nn.Module):
+    """A causal LM that is not a transformers model: returns its logits as a tensor, takes no use_cache."""
+
+    def __init__(self, vocab: int = 100, width: int = 32, depth: int = 6):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.layers = torch.nn.ModuleList(_PlainBlock(width) for _ in range(depth))
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class _PlainBlock(torch.nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.ln1, self.ln2 = torch.nn.LayerNorm(width), torch.nn.LayerNorm(width)
+        self.attn = torch.nn.Linear(width, width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+@pytest.mark.parametrize("length", [16, 256])
+def test_default_backend_on_a_model_its_search_cannot_run_plans_on_the_graph_or_compiles_unchanged(caplog, length):
+    """The eager search calls a transformers causal LM; another module gets a WARNING and the graph's own
+    search on its first inputs (256 tokens or more), else the graph unchanged: never a crash."""
+    torch.manual_seed(0)
+    model, ids = _PlainLM().eval(), torch.randint(0, 100, (1, length))
+    backend = make_backend(inner="eager", mode="local")
+    with caplog.at_level(logging.INFO, logger="cqil_fx"), torch.no_grad():
+        actual = torch.compile(model, backend=backend)(ids)
+    assert "the default plan's search cannot run _PlainLM (AttributeError" in caplog.text
+    report = backend.reports[-1]
+    if length < 256:
+        assert report.fallback and "a model object the search cannot run" in report.fallback, report
+        torch.testing.assert_close(actual, model(ids), rtol=0, atol=1e-5)
+    else:
+        assert report.source == "searched on the first inputs" and report.plan.groups, report
+        assert relative_error(actual, cqil_reference(model, report.plan, ids)) <= 1e-5
+
+
 def test_default_backend_without_a_model_or_enough_tokens_compiles_unchanged(caplog):
     model, ids = tiny_model("gpt2"), tokens()
     backend = make_backend(inner="eager")

@@ -13,7 +13,9 @@
    ``model.generate`` with a compiled ``forward``) for an ``nn.Module`` that
    owns every parameter the graph takes, checked by identity. With it,
    :func:`cqil_fx.eager.planner.plan_default` lets the model write its own
-   calibration text and searches under the budget; the plan is cached.
+   calibration text and searches under the budget; the plan is cached. A
+   model that search cannot run (not a transformers causal LM: no ``.logits``,
+   no ``use_cache``) gets a WARNING and step 3.
 3. **First inputs.** Without a model object, the graph itself is searched on
    the token ids it was traced with, if there are at least
    :data:`MIN_FIRST_TOKENS` of them (:func:`cqil_fx.graph.calibration.search_graph_plan`).
@@ -61,9 +63,16 @@ def default_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Seq
         plan, info = cached
         return _checked(DefaultPlan(plan, "cached", info.get("cost")), blocks)
     model = find_model(example_inputs)
+    without = "no model object to plan on"
     if model is not None:
-        return _checked(search_and_cache(model, key, config), blocks)
-    return _first_inputs(gm, example_inputs, blocks, config)
+        without = "a model object the search cannot run (the WARNING above)"
+        try:
+            return _checked(search_and_cache(model, key, config), blocks)
+        except Exception as e:  # noqa: BLE001 - a model the eager search cannot run: say so, plan on the graph
+            log.warning("cqil: the default plan's search cannot run %s (%s: %s), which it calls as a "
+                        "transformers causal LM (model(ids, use_cache=False).logits); searching the graph on "
+                        "its first inputs instead", type(model).__name__, type(e).__name__, str(e)[:200])
+    return _first_inputs(gm, example_inputs, blocks, config, without)
 
 
 def model_plan_key(model: nn.Module, kinds: Sequence[str], config: CQILConfig) -> plan_cache.PlanKey:
@@ -127,7 +136,7 @@ def find_model(example_inputs: Sequence) -> nn.Module | None:
 
 
 def _first_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence[Block],
-                  config: CQILConfig) -> DefaultPlan:
+                  config: CQILConfig, without: str) -> DefaultPlan:
     from ..eager.planner import SAFETY
     from .calibration import _token_input_index, search_graph_plan
 
@@ -137,7 +146,7 @@ def _first_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Se
         ids = None
     if not isinstance(ids, torch.Tensor) or ids.numel() < MIN_FIRST_TOKENS:
         return DefaultPlan(None, None, why=(
-            "no cached plan, no model object to plan on, and too few traced tokens to plan on "
+            f"no cached plan, {without}, and too few traced tokens to plan on "
             f"(fewer than {MIN_FIRST_TOKENS}); compile with torch.compile(model, ...) and call it, run "
             "`cqil-fx plan --model DIR --default` once, or pass calibration= or a plan"))
     search = search_graph_plan(gm, example_inputs, blocks,
