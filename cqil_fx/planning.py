@@ -23,8 +23,9 @@ the graph side with copies of the captured graph
    returns the plan with the most groups (the cheapest among those).
 
 ``admissible(groups, bypass)`` (optional) is a second condition every grown
-plan must meet besides the budget, checked only on plans within the budget
-(the eager planner's ``keep_copying``: in-context copying the plan must keep).
+plan must meet besides the budget, checked only on plans within the budget:
+:class:`CopyingFloor`, the in-context copying a plan must keep (the eager
+planner's ``keep_copying``, and the backend's searches on the graph).
 
 The measured error decides; similarity only orders the work.  Windows can
 land anywhere in the stack, so the plan need not be uniform or contiguous.
@@ -46,6 +47,9 @@ from .progress import progress as _progress
 log = logging.getLogger(__name__)
 
 GROW_PATIENCE = 4  # growing stops after this many windows in a row that do not fit the budget
+KEEP_COPYING = 0.9  # the share of the original's in-context copying the backend's plans keep (CopyingFloor)
+COPYING_SEED = 1  # the repeated random sequences the floor measures (quality reports measure seed 0)
+MIN_COPYING = 0.05  # no floor for a model that copies less than this (random weights: nothing to keep)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +136,43 @@ class PlanSearch:
             measured = (f"calibration perplexity {self.base_perplexity:.3f} -> {self.perplexity:.3f} "
                         f"({self.cost:+.1%})")
         return f"{self.plan}: {measured}, budget +{self.budget:.0%}; {len(self.trials)} plans measured"
+
+
+class CopyingFloor:
+    """``admissible`` for :func:`search_plan`: the plan keeps ``share`` of the original's in-context copying.
+
+    ``copying(plan)`` measures it (``plan`` None: the original) on repeated random sequences
+    (:func:`cqil_fx.eager.quality.repeated_random_tokens` of seed :data:`COPYING_SEED`); ``build(groups,
+    bypass)`` makes the plan measured. Perplexity and KL on ordinary text hardly see copying, which runs
+    through attention composing across blocks, so a plan within its budget can lose most of it
+    (docs/quality-notes.md, "In-context copying"). A model that copies less than :data:`MIN_COPYING` has
+    none to keep: every plan passes.
+    """
+
+    def __init__(self, copying: Callable[[Plan | None], float], share: float,
+                 build: Callable[[Groups, int], Plan]) -> None:
+        check_keep_copying(share)
+        self.copying, self.build = copying, build
+        self.original = copying(None)
+        self.floor = share * self.original
+        if self.original < MIN_COPYING:
+            log.info("planner: the model copies %.1f %% of repeated random tokens: no copying to keep",
+                     100 * self.original)
+
+    def __call__(self, groups: Groups, bypass: int) -> bool:
+        if self.original < MIN_COPYING:
+            return True
+        kept = self.copying(self.build(groups, bypass))
+        if kept < self.floor:
+            log.info("planner: %s copies %.1f %% (the original %.1f %%), below the floor %.1f %%: not kept",
+                     [list(g) for g in groups], 100 * kept, 100 * self.original, 100 * self.floor)
+        return kept >= self.floor
+
+
+def check_keep_copying(share: float | None) -> None:
+    """Refuse a copying floor that is not a share in (0, 1] (None: no floor)."""
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+        raise CQILConfigError(f"keep_copying={share!r} must be a share in (0, 1], e.g. 0.9, or None")
 
 
 def check_search_args(parallel: int, budget: float) -> None:

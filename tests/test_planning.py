@@ -206,6 +206,53 @@ def test_backend_plans_on_the_graph_like_the_eager_planner():
     assert relative_error(logits, expected) <= 1e-4
 
 
+@pytest.mark.parametrize("length", [16, 17])
+def test_copying_on_the_graph_equals_the_eager_models(length, monkeypatch):
+    """GraphCalibration.copying: repeated random sequences shaped like the traced input (2 x length: four
+    windows for 8 rows), scored on the logits the eager model gives on them, with and without a plan."""
+    from cqil_fx.eager import quality
+    from cqil_fx.planning import COPYING_SEED
+
+    model, ids = tiny_model("llama"), tokens(batch=2, length=length)
+    gm = capture_graph(model, ids, use_cache=False)
+    runner = GraphCalibration(gm, _real_inputs(model, gm, ids), CALIBRATION)
+    vocab = model.config.vocab_size
+    rows = quality.repeated_random_tokens(vocab, 8, length // 2, seed=COPYING_SEED,
+                                          bos=vocab // 4 if length % 2 else None)
+    assert rows.shape == (8, length)
+    scored = []
+    real = quality.copying
+    monkeypatch.setattr(quality, "copying", lambda logits, ids, n: scored.append((logits, ids, n)) or real(logits, ids, n))
+    for plan in (None, Plan(LAYERS, ((2, 3),), 0)):
+        scored.clear()
+        share = runner.copying(plan)
+        assert [torch.equal(w, i) and n == length // 2 for w, (_, i, n) in zip(rows.split(2), scored)] == [True] * 4
+        with torch.no_grad():
+            for window, (logits, _, _) in zip(rows.split(2), scored):
+                eager = (cqil_reference(model, plan, window, use_cache=False) if plan else
+                         model(window, use_cache=False)).logits
+                assert relative_error(logits, eager) <= 1e-5
+        assert share == pytest.approx(sum(real(*s) for s in scored) / 4)
+
+
+def test_the_search_on_the_graph_keeps_the_original_copying(monkeypatch):
+    """GraphCalibration.copying stood in for: plans grouping block 2 copy half as well; the backend's
+    search on the graph keeps none of them (its floor is KEEP_COPYING)."""
+    def stand_in(self, plan=None, rows=8):
+        return 0.5 if plan is not None and any(2 in g for g in plan.groups) else 1.0
+
+    model, ids = tiny_model("llama"), CALIBRATION[0]
+    free = make_backend(plan="auto", calibration=CALIBRATION, budget=0.3, inner="eager")
+    torch.compile(model, backend=free)(ids, use_cache=False)
+    assert any(2 in g for g in free.reports[-1].plan.groups), free.reports[-1]
+    torch._dynamo.reset()
+    monkeypatch.setattr(GraphCalibration, "copying", stand_in)
+    floored = make_backend(plan="auto", calibration=CALIBRATION, budget=0.3, inner="eager")
+    torch.compile(model, backend=floored)(ids, use_cache=False)
+    plan = floored.reports[-1].plan
+    assert plan.groups and not any(2 in g for g in plan.groups), plan
+
+
 def test_plan_json_round_trip_and_use(tmp_path):
     plan = Plan(LAYERS, ((1, 2), (4, 5, 6)), 1)
     path = tmp_path / "plan.json"

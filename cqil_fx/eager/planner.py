@@ -26,12 +26,8 @@ its corrections were fitted to.
 
 ``keep_copying=F`` keeps only plans that keep at least a share ``F`` of the
 original's in-context copying (:func:`~cqil_fx.eager.quality.measure_copying`,
-on repeated random sequences of seed :data:`COPYING_SEED`, not the ones the
-quality reports measure). Perplexity and KL on ordinary text hardly see
-copying, which runs through attention composing across blocks, so a plan
-within its budget can lose most of it (docs/quality-notes.md). A model that
-copies less than :data:`MIN_COPYING` (random weights) has none to keep, and
-no floor is applied.
+on repeated random sequences of another seed than the ones the quality
+reports measure; :class:`cqil_fx.planning.CopyingFloor`).
 
 :func:`plan_default` is the data-free plan of ``backend="cqil"``: the model
 writes its own calibration text (:func:`self_generated_text`), and the search
@@ -52,7 +48,8 @@ from torch import nn
 
 from ..config import DEFAULT_BUDGET, Plan
 from ..errors import CQILConfigError
-from ..planning import Groups, PlanSearch, check_search_args, search_plan
+from ..planning import (COPYING_SEED, KEEP_COPYING, CopyingFloor, Groups, PlanSearch, check_keep_copying,
+                        check_search_args, search_plan)
 from ..progress import progress as _progress
 from ..stack import decoder_layers
 from ..tokens import token_windows
@@ -71,12 +68,9 @@ MEASURES = ("perplexity", "kl")
 SAFETY = 0.9
 SELF_TOKENS = 2048  # tokens the model writes for plan_default
 SELF_WINDOW = 256  # ... in windows of this many tokens
-COPYING_SEED = 1  # the repeated random sequences keep_copying measures (quality reports measure seed 0)
-MIN_COPYING = 0.05  # keep_copying applies no floor to a model that copies less than this
-# plan_default keeps this share of the original's copying. Measured (benchmarks/plan_transfer.py
-# --keep-copying, docs/quality-notes.md): on SmolLM2 the search without it chose [17-18] [26-27] (copying
-# 62.7 % -> 35.3 %, licences +8.1 %), with it [14-15] [26-27] (63.5 %, +6.5 %).
-KEEP_COPYING = 0.9
+# plan_default keeps KEEP_COPYING (cqil_fx.planning) of the original's copying. Measured
+# (benchmarks/plan_transfer.py --keep-copying, docs/quality-notes.md): on SmolLM2 the search without it chose
+# [17-18] [26-27] (copying 62.7 % -> 35.3 %, licences +8.1 %), with it [14-15] [26-27] (63.5 %, +6.5 %).
 
 
 def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: int = 2,
@@ -95,8 +89,7 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     check_search_args(parallel, budget)
     if measure not in MEASURES:
         raise CQILConfigError(f"measure={measure!r} is unknown; use one of {', '.join(MEASURES)}")
-    if keep_copying is not None and not 0 < keep_copying <= 1:
-        raise CQILConfigError(f"keep_copying={keep_copying} must be a share in (0, 1], e.g. 0.9, or None")
+    check_keep_copying(keep_copying)
     calibration = list(calibration)
     if correct and len(calibration) < 2:
         raise CQILConfigError("correct=True needs at least two calibration batches (one to fit, one to measure)")
@@ -121,31 +114,12 @@ def plan_auto(model: nn.Module, calibration: Sequence[torch.Tensor], parallel: i
     def uncorrected(groups: Groups, d: int) -> float:  # orders the windows; kept ones are measured corrected
         return meter(Plan(len(layers), groups, d))
 
+    floor = None if keep_copying is None else CopyingFloor(
+        lambda plan: measure_copying(model, plan, seed=COPYING_SEED), keep_copying, build)
+
     return search_plan(len(layers), parallel, budget, distances, similarity, meter.base, evaluate, screen,
                        progress, build=build, measure=measure, screen_evaluate=uncorrected if correct else None,
-                       beam=beam, admissible=None if keep_copying is None else _CopyingFloor(model, keep_copying,
-                                                                                             build))
-
-
-class _CopyingFloor:
-    """``admissible`` for :func:`search_plan`: the plan keeps ``share`` of the original's copying."""
-
-    def __init__(self, model: nn.Module, share: float, build) -> None:
-        self.model, self.build = model, build
-        self.original = measure_copying(model, seed=COPYING_SEED)
-        self.floor = share * self.original
-        if self.original < MIN_COPYING:
-            log.info("planner: the model copies %.1f %% of repeated random tokens: no copying to keep",
-                     100 * self.original)
-
-    def __call__(self, groups: Groups, d: int) -> bool:
-        if self.original < MIN_COPYING:
-            return True
-        kept = measure_copying(self.model, self.build(groups, d), seed=COPYING_SEED)
-        if kept < self.floor:
-            log.info("planner: %s copies %.1f %% (the original %.1f %%), below the floor %.1f %%: not kept",
-                     [list(g) for g in groups], 100 * kept, 100 * self.original, 100 * self.floor)
-        return kept >= self.floor
+                       beam=beam, admissible=floor)
 
 
 class DistortionMeter:

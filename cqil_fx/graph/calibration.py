@@ -8,6 +8,11 @@ the similarity ranking are recorded with a ``torch.fx.Interpreter``.
 
 Graphs traced with dynamic shapes are not calibrated (their shapes are
 symbols); the backend says so and uses the default plan.
+
+The search keeps :data:`~cqil_fx.planning.KEEP_COPYING` of the original's
+in-context copying (:class:`~cqil_fx.planning.CopyingFloor`), measured on
+repeated random sequences shaped like the traced token input
+(:meth:`GraphCalibration.copying`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,8 @@ from torch import nn
 from ..config import CQILConfig, Plan
 from ..errors import UncalibratableGraphError
 from ..passes import Block, find_blocks
-from ..planning import PlanSearch, SimilarityAccumulator, SimilarityReport, search_plan
+from ..planning import (COPYING_SEED, KEEP_COPYING, CopyingFloor, PlanSearch, SimilarityAccumulator,
+                        SimilarityReport, search_plan)
 from ..tokens import NextTokenLoss, token_windows
 from .rewrite import apply_plan
 
@@ -56,6 +62,27 @@ class GraphCalibration:
             for window in self.windows:
                 loss.add(gm(*self.inputs(window), *constants)[self.logits_index], window)
         return loss.perplexity
+
+    def copying(self, plan: Plan | None = None, rows: int = 8) -> float:
+        """In-context copying of the graph (rewritten for ``plan``): :func:`~cqil_fx.eager.quality.copying`
+        on at least ``rows`` repeated random sequences (seed :data:`~cqil_fx.planning.COPYING_SEED`), each
+        as long as the traced token input allows (after one fixed token when that length is odd)."""
+        from ..eager.quality import copying, repeated_random_tokens
+
+        gm, constants = (self.gm, ()) if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
+        example = self.example_inputs[self.token_index]
+        batch, length = (example.shape[0] if example.dim() > 1 else 1), example.shape[-1] // 2
+        vocab = self.gm.graph.find_nodes(op="output")[0].args[0]
+        vocab = (vocab[self.logits_index] if isinstance(vocab, (tuple, list)) else vocab).meta["example_value"].shape[-1]
+        windows = -(-rows // batch)
+        ids = repeated_random_tokens(vocab, windows * batch, length, seed=COPYING_SEED,
+                                     bos=None if example.shape[-1] % 2 == 0 else vocab // 4)
+        shares = []
+        with torch.no_grad():
+            for window in ids.to(example.dtype).split(batch):
+                logits = gm(*self.inputs(window.view(example.shape)), *constants)[self.logits_index]
+                shares.append(copying(logits.view(window.shape[0], window.shape[1], -1), window, length))
+        return sum(shares) / len(shares)
 
     def similarity(self, blocks: Sequence[Block]) -> SimilarityReport:
         """Mean cosine similarity of block inputs (and the stack output) over the windows."""
@@ -137,8 +164,12 @@ def search_graph_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks
     sequential = all(b.kind == "sequential" for b in blocks)
     distances = tuple(range(config.parallel)) if sequential else (0,)
 
+    def build(groups: tuple[tuple[int, ...], ...], d: int) -> Plan:
+        return Plan(len(blocks), groups, d)
+
     def evaluate(groups: tuple[tuple[int, ...], ...], d: int) -> float:
-        return runner.perplexity(Plan(len(blocks), groups, d))
+        return runner.perplexity(build(groups, d))
 
     return search_plan(len(blocks), config.parallel, config.budget, distances, runner.similarity(blocks),
-                       runner.perplexity(), evaluate, progress=False)
+                       runner.perplexity(), evaluate, progress=False,
+                       admissible=CopyingFloor(runner.copying, KEEP_COPYING, build))
