@@ -44,7 +44,7 @@ class GraphCalibration:
         self.gm = gm
         self.example_inputs = list(example_inputs)
         self.token_index = _token_input_index(gm)
-        self.logits_index = _logits_output_index(gm)
+        self.logits_index, self.vocab = _logits_output(gm)
         if self.example_inputs[self.token_index].shape[-1] < 2:
             raise UncalibratableGraphError("traced with one token per sequence: no next token to predict")
         self.windows = _windows_like(calibration, self.example_inputs[self.token_index])
@@ -72,11 +72,9 @@ class GraphCalibration:
         gm, constants = (self.gm, ()) if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
         example = self.example_inputs[self.token_index]
         batch, length = (example.shape[0] if example.dim() > 1 else 1), example.shape[-1] // 2
-        vocab = self.gm.graph.find_nodes(op="output")[0].args[0]
-        vocab = (vocab[self.logits_index] if isinstance(vocab, (tuple, list)) else vocab).meta["example_value"].shape[-1]
         windows = -(-rows // batch)
-        ids = repeated_random_tokens(vocab, windows * batch, length, seed=COPYING_SEED,
-                                     bos=None if example.shape[-1] % 2 == 0 else vocab // 4)
+        ids = repeated_random_tokens(self.vocab, windows * batch, length, seed=COPYING_SEED,
+                                     bos=None if example.shape[-1] % 2 == 0 else self.vocab // 4)
         shares = []
         with torch.no_grad():
             for window in ids.to(example.dtype).split(batch):
@@ -133,13 +131,14 @@ def _token_input_index(gm: torch.fx.GraphModule) -> int:
     raise UncalibratableGraphError("no placeholder of token ids feeds an embedding")
 
 
-def _logits_output_index(gm: torch.fx.GraphModule) -> int:
+def _logits_output(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """(the index of the (batch, tokens, vocab) logits among the graph's outputs, the vocabulary size)"""
     output = next(n for n in gm.graph.nodes if n.op == "output")
     values = output.args[0] if isinstance(output.args[0], (tuple, list)) else (output.args[0],)
     for i, v in enumerate(values):
         example = v.meta.get("example_value") if isinstance(v, torch.fx.Node) else None
         if isinstance(example, torch.Tensor) and example.dim() == 3 and example.is_floating_point():
-            return i
+            return i, example.shape[-1]
     raise UncalibratableGraphError("no (batch, tokens, vocab) logits among the graph outputs")
 
 
