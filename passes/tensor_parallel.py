@@ -215,7 +215,8 @@ class _Shard:
                 f"tensor_parallel=True splits {what} in graphs with static shapes only, and this graph has dynamic "
                 f"sizes ({name}: {value}; Dynamo makes a graph dynamic once it sees a second input shape, e.g. "
                 "the decode steps of a dynamic KV cache): compile with torch.compile(..., dynamic=False) and a "
-                "static cache, or load the weights sharded (cqil_fx.graph.weights.load_rank_weights)")
+                "static cache, or give each rank its shards before compiling: load them with "
+                "cqil_fx.graph.weights.load_rank_weights, or cut a model in memory with shard_rank_weights")
 
     # -- the branch: column linears -> split values -> row linear + all_reduce
     def branch(self, block: Block, region: set[torch.fx.Node], fallback: bool = False) -> bool:

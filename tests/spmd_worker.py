@@ -456,23 +456,28 @@ def tp_generation(rank: int, world_size: int) -> dict:
     return generation(rank, world_size, tensor_parallel=True)
 
 
-def loaded_tp_generation(rank: int, world_size: int, cache: str = "static") -> dict:
+def loaded_tp_generation(rank: int, world_size: int, cache: str = "static", in_memory: bool = False) -> dict:
     """generate() with a ``cache`` ("static" or "dynamic") KV cache of a model each rank loaded with
-    :func:`load_rank_weights` (TP), and the number of key/value heads each layer's cache holds."""
+    :func:`load_rank_weights` (TP), or sharded in memory from whole weights with :func:`shard_rank_weights`
+    (``in_memory``), and the number of key/value heads each layer's cache holds."""
     from test_generate import greedy_without_cache, left_padded, small_model
 
-    from cqil_fx.graph.weights import load_rank_weights
+    from cqil_fx.graph.weights import load_rank_weights, shard_rank_weights
 
     full = small_model("llama")
     config = CQILConfig(groups=[[1, 2]], bypass=1, mode="spmd", inner="aot_eager", collective_timeout=60,
                         tensor_parallel=True)
     ids, mask = left_padded(batch=2, length=7, pads=(0, 3))
     expected, _ = greedy_without_cache(full, config, ids, mask)
-    path = Path(os.environ["CQIL_TEST_DIR"]) / "small-llama"
-    if rank == 0:
-        full.save_pretrained(path)
-    dist.barrier()
-    model, _ = load_rank_weights(full.config, path, config)
+    if in_memory:
+        model = copy.deepcopy(full)
+        weights = shard_rank_weights(model, config)
+    else:
+        path = Path(os.environ["CQIL_TEST_DIR"]) / "small-llama"
+        if rank == 0:
+            full.save_pretrained(path)
+        dist.barrier()
+        model, weights = load_rank_weights(full.config, path, config)
     if cache == "static":
         model.generation_config.cache_implementation = "static"
     backend = make_backend(config)
@@ -484,9 +489,15 @@ def loaded_tp_generation(rank: int, world_size: int, cache: str = "static") -> d
                 cache_heads=[layer.keys.shape[1] for layer in out.past_key_values.layers],
                 cache_elements=[layer.keys.untyped_storage().nbytes() // layer.keys.element_size()
                                 for layer in out.past_key_values.layers],
-                kv_heads=full.config.num_key_value_heads)
+                kv_heads=full.config.num_key_value_heads, weights=weights,
+                parameters={n: (tuple(p.shape), p.untyped_storage().nbytes()) for n, p in model.named_parameters()})
 
 
 def loaded_tp_dynamic_generation(rank: int, world_size: int) -> dict:
     """:func:`loaded_tp_generation` with transformers' default (dynamic) cache."""
     return loaded_tp_generation(rank, world_size, cache="dynamic")
+
+
+def sharded_tp_dynamic_generation(rank: int, world_size: int) -> dict:
+    """:func:`loaded_tp_dynamic_generation` with the whole model sharded in memory (:func:`shard_rank_weights`)."""
+    return loaded_tp_generation(rank, world_size, cache="dynamic", in_memory=True)

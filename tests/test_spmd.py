@@ -205,7 +205,7 @@ def test_tensor_parallel_head_counts_that_do_not_divide_are_an_error_naming_them
         kind, message = results["conv1d"]["error"]
         assert kind == "CQILUnsupportedError" and "Conv1D" in message, results
         kind, message = results["dynamic"]["error"]
-        assert kind == "CQILUnsupportedError" and "dynamic=False" in message, results
+        assert kind == "CQILUnsupportedError" and "dynamic=False" in message and "shard_rank_weights" in message, results
 
 
 def test_load_rank_weights_keeps_attention_whole_only_with_tp_fallback(tmp_path):
@@ -304,9 +304,18 @@ def test_ranks_that_pass_other_inputs_raise_before_any_collective(tmp_path):
         assert "call the compiled model with" in message and "[1, 16]" in message and "[1, 20]" in message, message
 
 
-@pytest.mark.parametrize("scenario", ["loaded_tp_generation", "loaded_tp_dynamic_generation"])
+@pytest.mark.parametrize("scenario", ["loaded_tp_generation", "loaded_tp_dynamic_generation",
+                                      "sharded_tp_dynamic_generation"])
 def test_the_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path, scenario):
     results = run_ranks(scenario, tmp_path)
+    if scenario == "sharded_tp_dynamic_generation":  # sharded in memory: what loading would have read
+        (tmp_path / "loaded").mkdir()
+        loaded = run_ranks("loaded_tp_generation", tmp_path / "loaded")
+        for rank, (r, again) in enumerate(zip(results, loaded)):
+            assert r["parameters"] == again["parameters"], rank
+            assert (r["weights"].sharded, r["weights"].released) == (again["weights"].sharded,
+                                                                     again["weights"].released)
+            assert r["weights"].fraction == again["weights"].fraction < 0.6, r["weights"]
     for rank, r in enumerate(results):
         assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"], r["reports"])
         heads = r["kv_heads"]

@@ -27,6 +27,12 @@ reads only the rows or columns it keeps:
   vocabulary divides by the world size.  An LM head tied to it is the same
   parameter, so it holds the same rows, which is the LM head's split;
 * everything else (norms, position embeddings): whole.
+
+:func:`shard_rank_weights` does the same to a model already in memory, whole
+(``from_pretrained``): it replaces the parameters in place, so the rank keeps
+(after garbage collection) what :func:`load_rank_weights` would have read, and
+a graph traced afterwards is traced with the rank's slices, as after loading
+(a dynamic KV cache then works with ``tensor_parallel``).
 """
 
 from __future__ import annotations
@@ -50,11 +56,12 @@ log = logging.getLogger(__name__)
 
 SHARD_ATTRIBUTE = "_cqil_shard"  # "colwise" | "rowwise" on a parameter that holds only this rank's slice
 _SPLITS = {"colwise": 0, "colwise_gather_output": 0, "rowwise": 1}
+_RELEASED = "released"  # a parameter of another rank's member: a zero-stride stand-in
 
 
 @dataclasses.dataclass(frozen=True)
 class RankWeights:
-    """What :func:`load_rank_weights` materialised on one rank."""
+    """What :func:`load_rank_weights` materialised on one rank (or :func:`shard_rank_weights` kept)."""
 
     rank: int
     world_size: int
@@ -129,48 +136,92 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    if rank is None or world_size is None:
-        ready = dist.is_available() and dist.is_initialized()
-        rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
-    if config.wants_auto_plan:
-        raise CQILConfigError("load_rank_weights needs the plan before the model exists: give groups=, "
-                              "start=/end= or plan=, not an automatic plan")
+    rank, world_size = _rank_and_world(rank, world_size, config, "load_rank_weights needs the plan before the "
+                                       "model exists")
     path = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config)
     _retie(model)  # one parameter for a tied table, read from the file once
+    parts = _rank_parts(model, config, rank, world_size)
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    with PeakMemory() as peak, safe_open(path, framework="pt") as f:
+        names = set(f.keys())
+        for name, param in list(model.named_parameters()):
+            if parts[name] == _RELEASED:
+                value = torch.zeros((), dtype=param.dtype).expand(param.shape)
+            else:
+                value = _read(f, _stored_name(name, names), parts[name], rank, world_size, name)
+            _set(model, name, value, parts[name])
+    return model, _finish(model, parts, RankWeights(rank, world_size, config, 0, whole, (), (), peak.bytes))
+
+
+def shard_rank_weights(model: nn.Module, config: CQILConfig, rank: int | None = None,
+                       world_size: int | None = None) -> RankWeights:
+    """:func:`load_rank_weights` for ``model`` already in memory with its whole weights: in place.
+
+    Each parameter this rank would not have read is replaced (another rank's
+    member: a zero-stride stand-in; a tensor-parallel split: a copy of the
+    rank's slice, marked for the pass), so its whole tensor is freed once
+    nothing else holds it. Call it before ``torch.compile`` traces the model.
+    """
+    rank, world_size = _rank_and_world(rank, world_size, config, "shard_rank_weights needs the plan")
+    parts = _rank_parts(model, config, rank, world_size)
+    whole = parameter_bytes(model)
+    for name, param in list(model.named_parameters()):
+        if parts[name] == _RELEASED:
+            value = torch.zeros((), dtype=param.dtype, device=param.device).expand(param.shape)
+        elif parts[name] is not None:
+            dim, part = _part(param.shape, parts[name], rank, world_size, name)
+            value = param.detach()[part] if dim == 0 else param.detach()[:, part]
+            value = value.clone(memory_format=torch.contiguous_format)
+        else:
+            continue
+        _set(model, name, value, parts[name])
+    return _finish(model, parts, RankWeights(rank, world_size, config, 0, whole, (), ()))
+
+
+def _rank_and_world(rank: int | None, world_size: int | None, config: CQILConfig, needs: str) -> tuple[int, int]:
+    if config.wants_auto_plan:
+        raise CQILConfigError(f"{needs}: give groups=, start=/end= or plan=, not an automatic plan")
+    if rank is None or world_size is None:
+        ready = dist.is_available() and dist.is_initialized()
+        rank, world_size = (dist.get_rank(), dist.get_world_size()) if ready else (0, 1)
+    return rank, world_size
+
+
+def _rank_parts(model: nn.Module, config: CQILConfig, rank: int, world_size: int) -> dict[str, str | None]:
+    """Per parameter name, what this rank holds of it: ``_RELEASED`` (another rank's member), "colwise" or
+    "rowwise" (its slice), or None (whole)."""
     layers = decoder_layers(model)
     plan = config.plan_for(len(layers))
     owner = _layer_owner(model, layers)
     others = _other_members(plan, rank)
     tp_plan = _tp_plan(model) if config.tensor_parallel and world_size > 1 else {}
-    if tp_plan and not _heads_divide(model_config, world_size, config.tp_fallback):
+    if tp_plan and not _heads_divide(model.config, world_size, config.tp_fallback):
         tp_plan = {k: v for k, v in tp_plan.items() if "attn" not in k}  # tp_fallback: attention whole
-    whole = sum(p.numel() * p.element_size() for p in model.parameters())
     grouped = {i for g in plan.groups for i in g}
     vocabulary = _vocabulary_split(model, world_size) if tp_plan else None
-    sharded, released = [], []
-    with PeakMemory() as peak, safe_open(path, framework="pt") as f:
-        names = set(f.keys())
-        for name, param in list(model.named_parameters()):
-            key = _stored_name(name, names)
-            layer = owner.get(name)
-            if layer in others:
-                value = torch.zeros((), dtype=param.dtype).expand(param.shape)
-                released.append(name)
-            else:
-                split = "colwise" if name == vocabulary else (
-                    None if layer in grouped else _split_of(name, tp_plan, model))
-                value = _read(f, key, split, rank, world_size, name)
-                if split is not None:
-                    sharded.append(name)
-            _set(model, name, value, split)
+    parts = {}
+    for name, _ in model.named_parameters():
+        layer = owner.get(name)
+        if layer in others:
+            parts[name] = _RELEASED
+        else:
+            parts[name] = "colwise" if name == vocabulary else (
+                None if layer in grouped else _split_of(name, tp_plan, model))
+    return parts
+
+
+def _finish(model: nn.Module, parts: dict[str, str | None], weights: RankWeights) -> RankWeights:
+    """Tie again, eval mode, no grad; ``weights`` with what the model now holds."""
     _retie(model)
     model.eval().requires_grad_(False)
-    loaded = RankWeights(rank, world_size, config, parameter_bytes(model), whole, tuple(sharded), tuple(released),
-                         peak.bytes)
-    log.info("cqil: %s", loaded)
-    return model, loaded
+    weights = dataclasses.replace(
+        weights, bytes_loaded=parameter_bytes(model),
+        sharded=tuple(n for n, p in parts.items() if p not in (None, _RELEASED)),
+        released=tuple(n for n, p in parts.items() if p == _RELEASED))
+    log.info("cqil: %s", weights)
+    return weights
 
 
 def _layer_owner(model: nn.Module, layers) -> dict[str, int]:
@@ -257,15 +308,19 @@ def _read(f, key: str, split: str | None, rank: int, world_size: int, name: str)
     if split is None:
         return f.get_tensor(key)
     stored = f.get_slice(key)
-    shape = stored.get_shape()
+    dim, part = _part(stored.get_shape(), split, rank, world_size, name)
+    value = stored[part] if dim == 0 else stored[:, part]
+    return value.clone(memory_format=torch.contiguous_format)  # its own storage, not a view of the whole
+
+
+def _part(shape, split: str, rank: int, world_size: int, name: str) -> tuple[int, slice]:
+    """(the dimension ``split`` cuts a tensor of ``shape`` along, this rank's slice of it)."""
     dim = _SPLITS[split] if len(shape) > 1 else 0
     if shape[dim] % world_size:
         raise CQILPlanError(f"tensor_parallel=True: {name} has {shape[dim]} rows/columns along the split "
                             f"dimension, which do not divide by the world size {world_size}")
     size = shape[dim] // world_size
-    part = slice(rank * size, (rank + 1) * size)
-    value = stored[part] if dim == 0 else stored[:, part]
-    return value.clone(memory_format=torch.contiguous_format)  # its own storage, not a view of the whole
+    return dim, slice(rank * size, (rank + 1) * size)
 
 
 def _set(model: nn.Module, name: str, value: torch.Tensor, split: str | None) -> None:
