@@ -162,7 +162,8 @@ def shard_rank_weights(model: nn.Module, config: CQILConfig, rank: int | None = 
     Each parameter this rank would not have read is replaced (another rank's
     member: a zero-stride stand-in; a tensor-parallel split: a copy of the
     rank's slice, marked for the pass), so its whole tensor is freed once
-    nothing else holds it. Call it before ``torch.compile`` traces the model.
+    nothing else holds it. Call it before ``torch.compile`` traces the model. Like the loader, it
+    leaves the model in eval mode without gradients.
     """
     rank, world_size = _rank_and_world(rank, world_size, config, "shard_rank_weights needs the plan")
     parts = _rank_parts(model, config, rank, world_size)
