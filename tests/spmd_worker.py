@@ -333,6 +333,26 @@ def inputs_disagree(rank: int, world_size: int) -> dict:
     return out
 
 
+def compile_histories_differ(rank: int, world_size: int) -> dict:
+    """Rank 0 alone compiles the same forward on two lengths first (as a script timing the original on one
+    rank does), so Dynamo's automatic dynamic shapes make its SPMD graph dynamic; rank 1's is static. At the
+    second length rank 0 calls its graph while rank 1 compiles another: CQILDistributedError, saying why."""
+    model = copy.deepcopy(tiny_model("llama"))
+    with torch.no_grad():
+        if rank == 0:
+            warm = torch.compile(copy.deepcopy(model), backend="eager")
+            for length in (12, 16):
+                warm(tokens(batch=1, length=length), use_cache=False)
+        fast = torch.compile(model, backend=make_backend(**SPAN, mode="spmd", inner="eager", collective_timeout=20,
+                                                         transport="process_group"))
+        fast(tokens(batch=1, length=12), use_cache=False)
+        try:
+            fast(tokens(batch=1, length=20), use_cache=False)
+            return dict(error=None)
+        except Exception as e:  # noqa: BLE001
+            return dict(error=_unwrap(e))
+
+
 def rank_dies(rank: int, world_size: int) -> dict:
     return _first_call_then(rank, lambda: os._exit(3), "process_group")
 

@@ -304,6 +304,13 @@ def test_ranks_that_pass_other_inputs_raise_before_any_collective(tmp_path):
         assert "call the compiled model with" in message and "[1, 16]" in message and "[1, 20]" in message, message
 
 
+def test_ranks_whose_dynamo_compiled_different_graphs_raise_naming_the_cause(tmp_path):
+    for rank, r in enumerate(run_ranks("compile_histories_differ", tmp_path)):
+        kind, message = r["error"]
+        assert kind == "CQILDistributedError", (rank, r)
+        assert "some ranks compile a graph where others call one" in message and "torch._dynamo.reset()" in message
+
+
 @pytest.mark.parametrize("scenario", ["loaded_tp_generation", "loaded_tp_dynamic_generation",
                                       "sharded_tp_dynamic_generation"])
 def test_the_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path, scenario):

@@ -87,6 +87,9 @@ def spmd_world(timeout: float) -> SpmdWorld:
     return SpmdWorld(dist.get_rank(), dist.get_world_size(), _GROUPS[timeout], timeout)
 
 
+_CALL = "a call with inputs"  # how check_inputs describes a call to agree()
+
+
 def agree(world: SpmdWorld, what: str, action: str = "compile") -> None:
     """Raise on every rank unless all ranks are about to compile (``action``) the same ``what``."""
     digest = hashlib.sha256(what.encode()).hexdigest()[:16]
@@ -101,9 +104,14 @@ def agree(world: SpmdWorld, what: str, action: str = "compile") -> None:
         ) from e
     if len({d for d, _ in answers}) > 1:
         listing = "; ".join(f"rank {r}: {w}" for r, (_, w) in enumerate(answers))
+        calls = {w.startswith(_CALL) for _, w in answers}
+        history = ("; some ranks compile a graph where others call one they compiled before, so Dynamo's "
+                   "compiles differed between ranks: an earlier compile of the same forward on some ranks only "
+                   "makes their next one dynamic (automatic dynamic shapes); call torch._dynamo.reset() on those "
+                   "ranks after it, or compile with dynamic=False") if calls == {True, False} else ""
         raise CQILDistributedError(
             f"rank {world.rank}: the ranks disagree on what to {action} ({listing}); give every rank "
-            "the same model, plan and inputs"
+            f"the same model, plan and inputs{history}"
         )
 
 
@@ -148,7 +156,7 @@ def check_inputs(fn: Callable[..., Any], world: SpmdWorld, inputs: dict[int, str
             remaining[0] -= 1
             what = ", ".join(describe_input(name, args[i]) for i, name in inputs.items()
                              if isinstance(args[i], torch.Tensor))
-            agree(world, f"a call with inputs {what}", action="call the compiled model with")
+            agree(world, f"{_CALL} {what}", action="call the compiled model with")
         return fn(*args)
 
     return run
