@@ -510,7 +510,8 @@ def loaded_tp_generation(rank: int, world_size: int, cache: str = "static", in_m
                 cache_elements=[layer.keys.untyped_storage().nbytes() // layer.keys.element_size()
                                 for layer in out.past_key_values.layers],
                 kv_heads=full.config.num_key_value_heads, weights=weights,
-                parameters={n: (tuple(p.shape), p.untyped_storage().nbytes()) for n, p in model.named_parameters()})
+                parameters={n: (tuple(p.shape), p.untyped_storage().nbytes(), getattr(p, "_cqil_shard", None))
+                            for n, p in model.named_parameters()})
 
 
 def loaded_tp_dynamic_generation(rank: int, world_size: int) -> dict:

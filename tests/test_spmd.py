@@ -323,6 +323,9 @@ def test_the_cache_of_a_rank_loaded_tp_model_holds_only_its_heads(tmp_path, scen
             assert (r["weights"].sharded, r["weights"].released) == (again["weights"].sharded,
                                                                      again["weights"].released)
             assert r["weights"].fraction == again["weights"].fraction < 0.6, r["weights"]
+            marks = {n: mark for n, (_, _, mark) in r["parameters"].items()}  # what the pass reads as sharded
+            assert {n for n, m in marks.items() if m} == set(r["weights"].sharded), marks
+            assert {marks[n] for n in r["weights"].sharded} == {"colwise", "rowwise"}
     for rank, r in enumerate(results):
         assert torch.equal(r["tokens"], r["expected"]), (rank, r["tokens"], r["expected"], r["reports"])
         heads = r["kv_heads"]

@@ -151,7 +151,7 @@ def load_rank_weights(model_config, path: str | os.PathLike, config: CQILConfig,
                 value = torch.zeros((), dtype=param.dtype).expand(param.shape)
             else:
                 value = _read(f, _stored_name(name, names), parts[name], rank, world_size, name)
-            _set(model, name, value, parts[name])
+            _set(model, name, value, _split(parts[name]))
     return model, _finish(model, parts, RankWeights(rank, world_size, config, 0, whole, (), (), peak.bytes))
 
 
@@ -177,7 +177,7 @@ def shard_rank_weights(model: nn.Module, config: CQILConfig, rank: int | None = 
             value = value.clone(memory_format=torch.contiguous_format)
         else:
             continue
-        _set(model, name, value, parts[name])
+        _set(model, name, value, _split(parts[name]))
     return _finish(model, parts, RankWeights(rank, world_size, config, 0, whole, (), ()))
 
 
@@ -211,6 +211,11 @@ def _rank_parts(model: nn.Module, config: CQILConfig, rank: int, world_size: int
             parts[name] = "colwise" if name == vocabulary else (
                 None if layer in grouped else _split_of(name, tp_plan, model))
     return parts
+
+
+def _split(part: str | None) -> str | None:
+    """The split ``_set`` marks a parameter with: none for a whole one or a released stand-in."""
+    return None if part == _RELEASED else part
 
 
 def _finish(model: nn.Module, parts: dict[str, str | None], weights: RankWeights) -> RankWeights:
