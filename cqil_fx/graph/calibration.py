@@ -48,6 +48,18 @@ class GraphCalibration:
         if self.example_inputs[self.token_index].shape[-1] < 2:
             raise UncalibratableGraphError("traced with one token per sequence: no next token to predict")
         self.windows = _windows_like(calibration, self.example_inputs[self.token_index])
+        self._last: tuple | None = None  # (groups, bypass, copy, constants) of the last uncorrected plan
+
+    def _graph(self, plan: Plan | None) -> tuple[torch.fx.GraphModule, tuple]:
+        """The graph rewritten for ``plan`` and its constants. The copy for the last plan without
+        corrections is reused: the search measures a plan's perplexity, then its copying."""
+        if plan is None or not plan.groups:
+            return self.gm, ()
+        if plan.corrections:
+            return rewritten_copy(self.gm, plan)
+        if self._last is None or self._last[:2] != (plan.groups, plan.bypass):
+            self._last = (plan.groups, plan.bypass, *rewritten_copy(self.gm, plan))
+        return self._last[2], self._last[3]
 
     def inputs(self, window: torch.Tensor) -> list:
         args = list(self.example_inputs)
@@ -56,7 +68,7 @@ class GraphCalibration:
 
     def perplexity(self, plan: Plan | None = None) -> float:
         """Perplexity of the graph, rewritten for ``plan``, on the calibration windows."""
-        gm, constants = (self.gm, ()) if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
+        gm, constants = self._graph(plan)
         loss = NextTokenLoss()
         with torch.no_grad():
             for window in self.windows:
@@ -69,7 +81,7 @@ class GraphCalibration:
         as long as the traced token input allows (after one fixed token when that length is odd)."""
         from ..eager.quality import copying, repeated_random_tokens
 
-        gm, constants = (self.gm, ()) if plan is None or not plan.groups else rewritten_copy(self.gm, plan)
+        gm, constants = self._graph(plan)
         example = self.example_inputs[self.token_index]
         batch, length = (example.shape[0] if example.dim() > 1 else 1), example.shape[-1] // 2
         windows = -(-rows // batch)
