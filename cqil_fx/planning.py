@@ -224,12 +224,22 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
     screen_measure = screen_evaluate or evaluate
     screened = {w: best((w,), limit, screen_measure, check=False)
                 for w in _progress(windows, progress, "screen windows")}
+
+    def alone(w: tuple[int, ...]) -> tuple[float, int, bool]:
+        """A window alone as the screen measured it with ``evaluate`` (not measured again), kept only if
+        it is admissible too."""
+        ppl, d, ok = screened[w]
+        if ok and admissible is not None and not admissible((w,), d):
+            trials.append(Trial((w,), d, ppl, False))
+            ok = False
+        return ppl, d, ok
+
+    reuse = alone if screen_evaluate is None else None
     cost = {w: ppl for w, (ppl, _, _) in screened.items()}
     ordered = sorted(windows, key=cost.__getitem__)
     if beam > 1:
         usable = [w for w in ordered if cost[w] <= limit or screen_evaluate is not None]
-        known = {} if screen_evaluate is not None or admissible is not None else {(w,): screened[w] for w in windows}
-        chosen, chosen_ppl, chosen_d = _grow_beam(usable, beam, base, limit, best, known, progress)
+        chosen, chosen_ppl, chosen_d = _grow_beam(usable, beam, base, limit, best, reuse, progress)
         plan = build(chosen, chosen_d) if build is not None and chosen else Plan(num_blocks, chosen, chosen_d)
         return PlanSearch(plan, base, chosen_ppl, budget, similarity, tuple(trials), measure)
     chosen: tuple[tuple[int, ...], ...] = ()
@@ -242,8 +252,7 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
             break
         groups = tuple(sorted(chosen + (w,)))
         # a first window alone was measured by the screen, unless the screen measured otherwise
-        screened_alone = not chosen and screen_evaluate is None and admissible is None
-        ppl, d, ok = screened[w] if screened_alone else best(groups, limit)
+        ppl, d, ok = reuse(w) if reuse is not None and not chosen else best(groups, limit)
         if ok:
             chosen, chosen_ppl, chosen_d, misses = groups, ppl, d, 0
             log.info("planner: kept %s (perplexity %.3f, bypass %d)", list(w), ppl, d)
@@ -255,13 +264,13 @@ def search_plan(num_blocks: int, parallel: int, budget: float, distances: Sequen
 
 def _grow_beam(windows: Sequence[tuple[int, ...]], width: int, base: float, limit: float,
                best: Callable[[Groups, float], tuple[float, int, bool]],
-               known: dict[Groups, tuple[float, int, bool]],
+               alone: Callable[[tuple[int, ...]], tuple[float, int, bool]] | None,
                progress: bool) -> tuple[Groups, float, int]:
     """The beam growth of :func:`search_plan` over ``windows`` (cheapest alone first): the plan with the most
     groups kept by ``best`` (within ``limit`` and admissible; the cheapest of those), its measure and bypass
-    distance. ``known``: plans already measured the same way (the screened windows, when the screen
-    measured with ``evaluate``)."""
-    measured = dict(known)
+    distance. ``alone(window)``: a window alone as the screen measured it, when the screen measured with
+    ``evaluate`` (None: measure it again)."""
+    measured: dict[Groups, tuple[float, int, bool]] = {}
     kept: list[tuple[Groups, float, int]] = [((), base, 0)]
     result = kept[0]
     step = 0
@@ -273,7 +282,7 @@ def _grow_beam(windows: Sequence[tuple[int, ...]], width: int, base: float, limi
             for w in free:
                 grown = tuple(sorted(groups + (w,)))
                 if grown not in measured:
-                    measured[grown] = best(grown, limit)
+                    measured[grown] = alone(w) if alone is not None and not groups else best(grown, limit)
                 if measured[grown][2]:
                     extensions[grown] = measured[grown][:2]
         kept = sorted(((g, p, d) for g, (p, d) in extensions.items()), key=lambda e: e[1])[:width]

@@ -131,9 +131,10 @@ def test_plans_that_are_not_admissible_are_not_kept(beam):
     greedy growth keeps (1, 2) alone; refused by ``admissible``, it keeps (0,1) + (2,3), as the beam does."""
     alone = {(0, 1): 0.02, (1, 2): 0.01, (2, 3): 0.02}
     similarity = SimilarityReport(torch.ones(5, 5), tokens=1)
-    asked = []
+    asked, measured = [], []
 
     def evaluate(groups, bypass):
+        measured.append(groups)
         return 10.0 * (1 + sum(alone[g] for g in groups))
 
     def admissible(groups, bypass):
@@ -142,8 +143,11 @@ def test_plans_that_are_not_admissible_are_not_kept(beam):
 
     free = search_plan(4, 2, 0.08, (0,), similarity, 10.0, evaluate, progress=False, beam=beam)
     assert free.plan.groups == (((1, 2),) if beam == 1 else ((0, 1), (2, 3)))
+    measured.clear()
     search = search_plan(4, 2, 0.08, (0,), similarity, 10.0, evaluate, progress=False, beam=beam,
                          admissible=admissible)
+    assert sorted(measured[:3]) == sorted((w,) for w in alone)  # the screen, and no window alone again
+    assert all(len(g) > 1 for g in measured[3:])
     assert search.plan.groups == ((0, 1), (2, 3)) and search.perplexity == pytest.approx(10.4)
     assert ((1, 2),) in asked  # the cheapest window alone is asked, and refused
     assert not any(t.accepted for t in search.trials if (1, 2) in t.groups and len(t.groups) > 1)
