@@ -21,6 +21,7 @@ from cqil_fx.tools.models import (
     load_smollm2,
     python_reference_text,
     python_reference_topics,
+    text_file_windows,
     token_batches,
 )
 
@@ -106,6 +107,46 @@ def test_token_batches_refuses_more_windows_than_the_split_holds():
 def test_token_batches_rejects_nonpositive_sizes(seq_len, num_batches):
     with pytest.raises(TextSplitError):
         token_batches(_CharTokenizer(), "calibration", seq_len=seq_len, num_batches=num_batches)
+
+
+def _licence(monkeypatch, tmp_path, text):
+    (tmp_path / "licences").mkdir()
+    (tmp_path / "licences" / "L").write_text(text)
+    monkeypatch.setattr(models, "LICENSES_DIR", tmp_path / "licences")
+    monkeypatch.setattr(models, "LICENSE_FILES", ("L",))
+
+
+def test_text_files_give_windows_of_each_file_read_decompressed(monkeypatch, tmp_path):
+    import gzip
+
+    _licence(monkeypatch, tmp_path, "the held-out text " * 20)
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text("a" * 70)
+    (corpus / "sub" / "b.dz").write_bytes(gzip.compress(("b" * 50).encode()))
+    (corpus / "c.dat").write_bytes(bytes([0, 1, 200, 3]) * 40)  # not text: skipped
+    (corpus / "a.u8").symlink_to(corpus / "a.txt")  # read once
+    windows = text_file_windows(_CharTokenizer(), [corpus], seq_len=16)
+    texts = ["".join(map(chr, w[0].tolist())) for w in windows]
+    assert texts == ["a" * 16] * 4 + ["b" * 16] * 3  # each file cut on its own: no window spans two
+    some = text_file_windows(_CharTokenizer(), [corpus], seq_len=16, tokens=48, seed=1)
+    assert len(some) == 3 and all(any(torch.equal(w, v) for v in windows) for w in some)
+    with pytest.raises(TextSplitError, match="not UTF-8 text"):
+        text_file_windows(_CharTokenizer(), [corpus / "c.dat"], seq_len=16)
+    with pytest.raises(TextSplitError, match="no window of 100 tokens"):
+        text_file_windows(_CharTokenizer(), [corpus], seq_len=100)
+
+
+def test_text_files_that_hold_held_out_licence_text_are_refused(monkeypatch, tmp_path):
+    licence = "Permission is hereby granted to any person obtaining a copy of this software to deal in it"
+    _licence(monkeypatch, tmp_path, licence)
+    quoting = tmp_path / "quoting.txt"
+    quoting.write_text("Some prose, then: " + licence.upper().replace(" ", "\n  ") + ". More prose follows here.")
+    with pytest.raises(TextSplitError, match="quoting.txt shares text with the held-out licence"):
+        text_file_windows(_CharTokenizer(), [quoting], seq_len=8)
+    eleven = tmp_path / "eleven.txt"  # a shorter run than SHARED_WORDS is not the licence
+    eleven.write_text("Some prose, then: " + " ".join(licence.split()[:models.SHARED_WORDS - 1]) + " and so on.")
+    assert text_file_windows(_CharTokenizer(), [eleven], seq_len=8)
 
 
 # ------------------------------------------------------------ cache mechanics

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ..config import CQILConfig
 from ..errors import CQILConfigError, CQILError, ModelNotAvailableError
@@ -106,12 +107,43 @@ def _correct_parser(sub) -> None:
                          help="calibration text: the calibration split of the Python reference, text the model "
                               "writes itself (--self-tokens of it), or both (mixed: 122k tokens for SmolLM2)")
     correct.add_argument("--self-tokens", type=int, default=16384)
+    _text_arguments(correct, "calibration")
     correct.add_argument("--seq-len", type=int, default=128, help="tokens per calibration window")
     correct.add_argument("--held-out", type=int, default=24,
                          help="256-token windows of the licence texts to measure perplexity on (0: none)")
     correct.add_argument("--out", help="write the corrected plan as JSON here")
     correct.add_argument("-v", "--verbose", action="store_true")
     correct.set_defaults(run=_correct)
+
+
+def _text_arguments(parser: argparse.ArgumentParser, use: str) -> None:
+    parser.add_argument("--text", nargs="+", default=[], metavar="PATH",
+                        help=f"also use the text of these files as {use} text (directories: every text file under "
+                             "them; gzip-compressed files are read decompressed); a file that shares text with "
+                             "the held-out licence texts is refused")
+    parser.add_argument("--text-tokens", type=int, metavar="N",
+                        help="take a seeded random N tokens' worth of --text windows (default: all)")
+
+
+def _check_text_arguments(args: argparse.Namespace) -> None:
+    """Before anything loads: --text-tokens takes at least a window of files that exist."""
+    if args.text_tokens is not None and (not args.text or args.text_tokens < args.seq_len):
+        raise CQILConfigError(f"--text-tokens {args.text_tokens} takes at least one window ({args.seq_len} tokens) "
+                              "of the files --text names")
+    missing = [path for path in args.text if not Path(path).exists()]
+    if missing:
+        raise CQILConfigError(f"--text {' '.join(missing)}: no such file or directory")
+
+
+def _text_windows(args: argparse.Namespace, tokenizer) -> list:
+    """The --text windows, ``(1, seq_len)`` each."""
+    from .models import text_file_windows
+
+    if not args.text:
+        return []
+    windows = text_file_windows(tokenizer, args.text, args.seq_len, args.text_tokens, seed=getattr(args, "seed", 0))
+    print(f"--text: {len(windows)} windows of {args.seq_len} tokens", flush=True)
+    return windows
 
 
 def _recover_parser(sub) -> None:
@@ -142,6 +174,7 @@ def _recover_parser(sub) -> None:
                          help="training text: the calibration split of the Python reference, text the model "
                               "writes itself (--self-tokens of it), or both (mixed)")
     recover.add_argument("--self-tokens", type=int, default=16384)
+    _text_arguments(recover, "training")
     recover.add_argument("--self-openings", choices=("none", "varied"), default="none",
                          help="self-written text from the BOS token alone, or from 16 openings of varied kinds "
                               "(cqil_fx.eager.planner.VARIED_OPENINGS), one per round of texts")
@@ -331,6 +364,7 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
 
     if not 0 <= args.repeats <= 1:
         raise CQILConfigError(f"--repeats {args.repeats}: a fraction of the training windows, from 0 to 1")
+    _check_text_arguments(args)
     if args.self_openings != "none" and args.data == "python":
         raise CQILConfigError(f"--self-openings {args.self_openings} shapes self-written text, which --data python "
                               f"does not use: add --data self or --data mixed")
@@ -348,6 +382,8 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
                                       progress=True, openings=openings)
         written = [torch.cat(written[i:i + args.batch]) for i in range(0, len(written) - args.batch + 1, args.batch)]
         train = train + written if args.data == "mixed" else written  # steps draw from both in random order
+    files = _text_windows(args, tokenizer)
+    train = train + [torch.cat(files[i:i + args.batch]) for i in range(0, len(files) - args.batch + 1, args.batch)]
     train = train + repeated_windows(train, args.repeats, seed=args.seed)
     if args.evaluate_on == "licenses":  # text of another kind than anything trained on
         evaluation = token_batches(tokenizer, "licenses", 256, 24)
@@ -375,6 +411,7 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
                               f"{args.seq_len}, --held-out {args.held_out}: the rank is 0 or more, a window 2 "
                               "tokens or more, the self-written text at least one window, held-out windows 0 "
                               "or more")
+    _check_text_arguments(args)
     plan = _plan_file(args, config, "correct")
     config = CQILConfig(plan=plan.without_corrections()) if plan is not None else config
     model, tokenizer = _load(args.model)
@@ -383,7 +420,9 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
         raise CQILConfigError(f"{plan} has no groups to correct")
     started = time.perf_counter()
     calibration = correction_text(model, tokenizer, args.data, args.self_tokens, args.seq_len)
-    print(f"{plan}: calibration {sum(b.numel() for b in calibration)} tokens ({args.data})", flush=True)
+    calibration += _text_windows(args, tokenizer)
+    used = args.data + (" and --text" if args.text else "")
+    print(f"{plan}: calibration {sum(b.numel() for b in calibration)} tokens ({used})", flush=True)
     corrected = fit_corrections(model, plan, calibration, progress=True, low_rank=args.low_rank)
     print(f"{corrected}: fitted in {time.perf_counter() - started:.0f} s", flush=True)
     if args.out:

@@ -347,6 +347,86 @@ def correction_text(model, tokenizer: PreTrainedTokenizerBase, data: str = "mixe
     return text + (token_batches(tokenizer, "calibration", seq_len) if data != "self" else [])
 
 
+# A run of this many words shared with the held-out licence text marks a training file as holding it.
+SHARED_WORDS = 12
+
+
+def text_file_windows(tokenizer: PreTrainedTokenizerBase, paths: list[str | Path], seq_len: int,
+                      tokens: int | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """``(1, seq_len)`` windows of the text in ``paths``, a user's own training text.
+
+    A directory stands for the files under it (recursively, sorted; those that are
+    not UTF-8 text are skipped and counted in the log; a file reached twice, through a
+    link, is read once); gzip-compressed files (Debian's
+    ``.gz``, dictd's ``.dz``) are read decompressed. Each file is tokenised and cut on
+    its own, so no window spans two files. ``tokens``: keep a seeded random selection
+    of ``tokens // seq_len`` windows (None: all), so several kinds of text can be mixed
+    in known amounts.
+
+    Raises:
+        TextSplitError: a named file cannot be read as UTF-8 text, the files give no
+            window, or a file shares a run of :data:`SHARED_WORDS` words with the
+            held-out licence text (:func:`license_text`), which no training may see.
+    """
+    if seq_len < 2:
+        raise TextSplitError(f"seq_len={seq_len}: a training window needs at least 2 tokens")
+    files, skipped = _text_files(paths)
+    if skipped:
+        log.warning("skipped %d files that are not UTF-8 text under %s", skipped, ", ".join(map(str, paths)))
+    held_out = set(_runs(license_text())) if LICENSES_DIR.is_dir() else set()
+    windows: list[torch.Tensor] = []
+    for path, text in files:
+        shared = next((run for run in _runs(text) if run in held_out), None)
+        if shared is not None:
+            raise TextSplitError(f"{path} shares text with the held-out licence texts ({' '.join(shared)!r}); "
+                                 f"quality claims are measured there, so no training may read it")
+        ids = _token_ids(tokenizer, text)
+        windows += token_windows(ids, seq_len) if ids.numel() >= seq_len else []
+    if not windows:
+        raise TextSplitError(f"{', '.join(map(str, paths))} hold no window of {seq_len} tokens")
+    if tokens is not None:
+        keep = max(1, tokens // seq_len)
+        order = torch.randperm(len(windows), generator=torch.Generator().manual_seed(seed)).tolist()
+        windows = [windows[i] for i in sorted(order[:keep])]
+    return windows
+
+
+def _text_files(paths: list[str | Path]) -> tuple[list[tuple[Path, str]], int]:
+    """(path, text) of every file named or under a directory named, and how many were skipped."""
+    files, skipped, seen = [], 0, set()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise TextSplitError(f"{root} does not exist")
+        for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
+            if path.resolve() in seen:  # a link to a file already read (fortunes' .u8 links)
+                continue
+            seen.add(path.resolve())
+            text = _read_text(path)
+            if text is None and not root.is_dir():
+                raise TextSplitError(f"{path} is not UTF-8 text (nor gzip-compressed UTF-8 text)")
+            skipped += text is None
+            files += [(path, text)] if text is not None else []
+    return files, skipped
+
+
+def _read_text(path: Path) -> str | None:
+    """The file's text, decompressed if gzip-compressed; None if it is not UTF-8 text without NUL bytes."""
+    import gzip
+
+    data = path.read_bytes()
+    try:
+        text = (gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data).decode("utf-8")
+    except (UnicodeDecodeError, OSError, EOFError):
+        return None
+    return None if "\0" in text else text
+
+
+def _runs(text: str):
+    """Every run of :data:`SHARED_WORDS` consecutive words of ``text``, lower-cased."""
+    words = text.lower().split()
+    return (tuple(words[i:i + SHARED_WORDS]) for i in range(len(words) - SHARED_WORDS + 1))
+
+
 def recovery_windows(tokenizer, seq_len: int = 128, batch: int = 1, validation: int = 8
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     """(training, validation, evaluation) token batches of the Python reference text.
