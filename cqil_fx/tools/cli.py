@@ -372,6 +372,7 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     config = CQILConfig(plan=plan) if plan is not None else config
     model, tokenizer = _load(args.model)
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
+    files = _text_windows(args, tokenizer)  # before the minutes of self-written text: a refused file fails fast
     if args.data in ("self", "mixed"):  # text the model writes: the data-free distillation of LLM-QAT
         from ..eager.planner import VARIED_OPENINGS, self_generated_text
 
@@ -382,7 +383,6 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
                                       progress=True, openings=openings)
         written = [torch.cat(written[i:i + args.batch]) for i in range(0, len(written) - args.batch + 1, args.batch)]
         train = train + written if args.data == "mixed" else written  # steps draw from both in random order
-    files = _text_windows(args, tokenizer)
     train = train + [torch.cat(files[i:i + args.batch]) for i in range(0, len(files) - args.batch + 1, args.batch)]
     train = train + repeated_windows(train, args.repeats, seed=args.seed)
     if args.evaluate_on == "licenses":  # text of another kind than anything trained on
@@ -419,8 +419,8 @@ def _correct(args: argparse.Namespace, config: CQILConfig) -> int:
     if not plan.groups:
         raise CQILConfigError(f"{plan} has no groups to correct")
     started = time.perf_counter()
-    calibration = correction_text(model, tokenizer, args.data, args.self_tokens, args.seq_len)
-    calibration += _text_windows(args, tokenizer)
+    files = _text_windows(args, tokenizer)  # before the minutes of self-written text: a refused file fails fast
+    calibration = correction_text(model, tokenizer, args.data, args.self_tokens, args.seq_len) + files
     used = args.data + (" and --text" if args.text else "")
     print(f"{plan}: calibration {sum(b.numel() for b in calibration)} tokens ({used})", flush=True)
     corrected = fit_corrections(model, plan, calibration, progress=True, low_rank=args.low_rank)
