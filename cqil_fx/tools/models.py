@@ -398,9 +398,10 @@ def _text_files(paths: list[str | Path]) -> tuple[list[tuple[Path, str]], int]:
         if not root.exists():
             raise TextSplitError(f"{root} does not exist")
         for path in sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]:
-            if path.resolve() in seen:  # a link to a file already read (fortunes' .u8 links)
+            target = path.resolve()
+            if target in seen:  # a link to a file already read (fortunes' .u8 links)
                 continue
-            seen.add(path.resolve())
+            seen.add(target)
             text = _read_text(path)
             if text is None and not root.is_dir():
                 raise TextSplitError(f"{path} is not UTF-8 text (nor gzip-compressed UTF-8 text)")
