@@ -16,7 +16,7 @@ import torch
 from cqil_fx import (CQILConfig, CQILConfigError, Plan, PlanMismatchWarning, RecoveredWeightsError, cqil_reference,
                      distill_plan, load_recovered, make_backend, recover, save_recovered)
 from cqil_fx.tools.cli import main as cli_main
-from cqil_fx.eager.distill import distillation_kl
+from cqil_fx.eager.distill import _HiddenMatch, distillation_kl
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.eager.reference import cqil_semantics
 from cqil_fx.stack import decoder_layers
@@ -102,6 +102,39 @@ def test_hook_gradients_equal_the_compiled_backends():
         grads.append(torch.cat([p.grad.flatten() for p in decoder_layers(model)[3].parameters()]))
     assert grads[0].norm() > 0
     assert relative_error(grads[1], grads[0]) < 1e-5
+
+
+def test_hidden_term_compares_each_groups_output_with_the_teachers_residual_stream():
+    """_HiddenMatch against the models' own hidden_states: the student's under the plan, the teacher's plain."""
+    teacher, student, ids = fresh(), fresh(), TRAIN[0]
+    with torch.no_grad():
+        decoder_layers(student)[3].mlp.down_proj.weight.mul_(1.5)  # the two models differ in a grouped block
+        expected_states = teacher(ids, use_cache=False, output_hidden_states=True).hidden_states
+        with cqil_semantics(student, PLAN), _HiddenMatch(teacher, student, PLAN) as match:
+            states = student(ids, use_cache=False, output_hidden_states=True).hidden_states
+            measured = match.loss(ids)
+    terms = [((states[i + 1] - expected_states[i + 1]).square().sum(-1)
+              / expected_states[i + 1].square().sum(-1)).mean() for i in (3, 5)]  # the groups' last blocks
+    assert measured.item() == pytest.approx(sum(terms).item() / 2, rel=1e-5)
+    assert measured > 0
+
+
+def test_hidden_weight_trains_the_groups_towards_the_teachers_residual_stream():
+    teacher = fresh()
+
+    def layer_wise(model):
+        with torch.no_grad(), cqil_semantics(model, PLAN), _HiddenMatch(teacher, model, PLAN) as match:
+            losses = []
+            for ids in TRAIN:
+                model(ids, use_cache=False)
+                losses.append(match.loss(ids).item())
+        return sum(losses) / len(losses)
+
+    kwargs = dict(steps=12, lr=3e-3, top_k=32, progress=False)
+    plain = distill_plan(teacher, CONFIG, TRAIN, **kwargs).model
+    layered = distill_plan(teacher, CONFIG, TRAIN, hidden_weight=10.0, **kwargs).model
+    assert layer_wise(layered) < 0.8 * layer_wise(plain), (layer_wise(plain), layer_wise(layered))  # 0.08 vs 0.23
+    assert changed_blocks(layered, teacher) == TRAINED
 
 
 def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary():
@@ -226,6 +259,7 @@ def test_compiled_recovered_model_equals_the_reference_on_its_weights():
     (dict(method="qlora"), "method='qlora' is unknown"),
     (dict(steps=0), "steps=0 must be a positive int"),
     (dict(top_k=0), "top_k=0"),
+    (dict(hidden_weight=-1.0), "hidden_weight=-1.0 must be >= 0"),
     (dict(blocks=[9]), r"blocks=\[9\] are out of range"),
     (dict(data=[]), "no training data"),
     (dict(data=["text"]), "need tokenizer="),

@@ -32,7 +32,9 @@ every step instead of storing vocab-sized logits.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import dataclasses
 import json
 import logging
@@ -133,7 +135,7 @@ def recover(model: nn.Module, plan: Plan | CQILConfig, data, **kwargs) -> nn.Mod
 def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400, method: str = "full",
             lr: float | None = None, warmup: int | None = None, rank: int = 16, alpha: float | None = None,
             blocks: Sequence[int] | None = None, top_k: int | None = 64, lm_weight: float = 0.0,
-            tokenizer=None, seq_len: int = 128, eval_batches: Sequence[torch.Tensor] | None = None,
+            hidden_weight: float = 0.0, tokenizer=None, seq_len: int = 128, eval_batches: Sequence[torch.Tensor] | None = None,
             eval_every: int = 50, patience: int = 3, seed: int = 0, progress: bool = True) -> Recovery:
     """Distil ``model`` (teacher) into a copy of it run under the CQIL semantics of ``plan`` (student).
 
@@ -151,6 +153,9 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
         blocks: the blocks that train; default the plan's grouped blocks.
         top_k: teacher tokens kept per position (see module docs); ``None``: full vocabulary.
         lm_weight: weight of the next-token cross-entropy added to the KL loss.
+        hidden_weight: weight of a layer-wise term added to the KL loss: after each group, the
+            student's residual stream against the teacher's, the squared error relative to the
+            teacher's squared norm, per token (:class:`_HiddenMatch`).
         eval_batches: held-out token batches; their perplexity under the plan is measured
             before training, every ``eval_every`` steps and at the end. Training stops after
             ``patience`` measurements without improvement and the best weights are kept.
@@ -158,6 +163,8 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
         progress: show a tqdm bar with the loss and the last held-out perplexity.
     """
     _check_args(steps, method, rank, top_k, lm_weight, eval_every, patience)
+    if hidden_weight < 0:
+        raise CQILConfigError(f"hidden_weight={hidden_weight} must be >= 0")
     plan = resolve_plan(model, plan)
     trained = _trained_blocks(plan, blocks)
     batches = _training_batches(data, tokenizer, seq_len)
@@ -173,10 +180,13 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
     teacher_ppl = perplexity(model, eval_batches) if eval_batches else None
     log.info("distilling %s: %s on blocks %s, %d steps, lr %s; teacher perplexity %s",
              plan, method, list(trained), steps, lr, teacher_ppl)
-    with cqil_semantics(student, plan), _progress_bar(steps, progress, teacher_ppl) as bar:
+    hidden = _HiddenMatch(model, student, plan) if hidden_weight else contextlib.nullcontext()
+    with cqil_semantics(student, plan), hidden, _progress_bar(steps, progress, teacher_ppl) as bar:
         run.evaluate(0, bar)
         for step, index in enumerate(_order(len(batches), steps, generator), start=1):
             loss = _loss(student, batches[index], targets.get(index, batches[index]), lm_weight)
+            if hidden_weight:
+                loss = loss + hidden_weight * hidden.loss(batches[index])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -396,6 +406,64 @@ def _loss(student: nn.Module, ids: torch.Tensor, target, lm_weight: float) -> to
     if lm_weight:
         loss = loss + lm_weight * nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     return loss
+
+
+class _HiddenMatch:
+    """The layer-wise term: after each group, the student's residual stream against the teacher's.
+
+    Entered after :func:`cqil_semantics` (its hooks then see the group's sum); every student
+    forward records the residual stream at each group's last block, and :meth:`loss` runs the
+    teacher on the same ids as far as the last group, without gradients, and returns the mean over
+    groups and tokens of ``|s - t|² / |t|²``, relative per token so that the few tokens whose
+    residual stream is orders of magnitude larger than the rest (the first token's) do not decide it.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, plan: Plan) -> None:
+        self.teacher = teacher
+        self.points = sorted({group[-1] for group in plan.groups})
+        self.student_layers = [decoder_layers(student)[i] for i in self.points]
+        self.teacher_layers = [decoder_layers(teacher)[i] for i in self.points]
+        self.student_states: dict[int, torch.Tensor] = {}
+
+    def __enter__(self):
+        self.handles = [layer.register_forward_hook(functools.partial(self._record, self.student_states, k))
+                        for k, layer in enumerate(self.student_layers)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+
+    @staticmethod
+    def _record(into: dict, k: int, module, args, output):
+        into[k] = output[0] if isinstance(output, tuple) else output
+
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
+        teacher: dict[int, torch.Tensor] = {}
+        last = len(self.points) - 1
+
+        def record(k, module, args, output):
+            self._record(teacher, k, module, args, output)
+            if k == last:
+                raise _TeacherDone
+
+        handles = [layer.register_forward_hook(functools.partial(record, k))
+                   for k, layer in enumerate(self.teacher_layers)]
+        try:
+            with torch.no_grad():
+                self.teacher(ids, use_cache=False)
+        except _TeacherDone:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        terms = [((self.student_states[k].float() - t.float()).square().sum(-1)
+                  / t.float().square().sum(-1).clamp_min(1e-12)).mean() for k, t in teacher.items()]
+        return sum(terms) / len(terms)
+
+
+class _TeacherDone(Exception):
+    """Raised at the teacher's last group: nothing after it is compared."""
 
 
 def distillation_kl(student_logits: torch.Tensor, teacher_logp: torch.Tensor,
