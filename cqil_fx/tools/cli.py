@@ -165,6 +165,8 @@ def _recover_parser(sub) -> None:
     recover.add_argument("--batch", type=int, default=1, help="training windows per step")
     recover.add_argument("--top-k", type=int, default=64, help="teacher tokens kept per position (0: all)")
     recover.add_argument("--lm-weight", type=float, default=0.0, help="weight of the language-model loss")
+    recover.add_argument("--train-blocks", type=parse_groups, metavar="FIRST-LAST[,...]",
+                         help="the blocks that train, e.g. 0-29 (default: the plan's grouped blocks)")
     recover.add_argument("--hidden-weight", type=float, default=0.0,
                          help="weight of a layer-wise loss: the residual stream after each group against the original's")
     recover.add_argument("--validation", type=int, default=8,
@@ -392,6 +394,7 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     summary = run_recovery(model, config, train, validation, evaluation, args.out, command=args.command_line,
                            steps=args.steps, method=args.method, lr=args.lr, rank=args.rank,
                            top_k=args.top_k or None, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight,
+                           blocks=[i for span in args.train_blocks for i in span] if args.train_blocks else None,
                            eval_every=args.eval_every, patience=args.patience, seed=args.seed)
     for key in ("original", "cqil", "recovered"):
         print(f"held-out perplexity {key:<10} {summary['perplexity'][key]:8.3f}")
