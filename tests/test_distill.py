@@ -302,7 +302,6 @@ def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
                           (["--plan", "p.json", "--parallel", "4"], "--parallel 4 describe groups to make"),
                           (["--start", "12", "--end", "28", "--self-openings", "varied"], "--data python does not use"),
                           (["--start", "12", "--end", "28", "--repeats", "1.5"], "--repeats 1.5: a fraction"),
-                          (["--start", "12", "--end", "28", "--train-blocks", "all"], "'all': write groups as"),
                           (["--start", "12", "--end", "28", "--text-tokens", "512"], "of the files --text names"),
                           (["--start", "12", "--end", "28", "--text", str(tmp_path / "nothing")],
                            "nothing: no such file")]:
@@ -311,6 +310,10 @@ def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert "cqil-fx: error: " in err and message in err, err
+    with pytest.raises(SystemExit) as e:  # argparse's own error, from the option's type
+        cli_main(["recover", "--start", "12", "--end", "28", "--train-blocks", "all", "--out", "unused"])
+    assert e.value.code == 2
+    assert "argument --train-blocks: 'all': write groups as FIRST-LAST" in capsys.readouterr().err
 
 
 def test_quality_report_shows_recovered_rows(tmp_path):
