@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -135,8 +135,8 @@ def recover(model: nn.Module, plan: Plan | CQILConfig, data, **kwargs) -> nn.Mod
 def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int = 400, method: str = "full",
             lr: float | None = None, warmup: int | None = None, rank: int = 16, alpha: float | None = None,
             blocks: Sequence[int] | None = None, top_k: int | None = 64, lm_weight: float = 0.0,
-            hidden_weight: float = 0.0, tokenizer=None, seq_len: int = 128, eval_batches: Sequence[torch.Tensor] | None = None,
-            eval_every: int = 50, patience: int = 3, seed: int = 0, progress: bool = True) -> Recovery:
+            hidden_weight: float = 0.0, tokenizer=None, seq_len: int = 128,
+            eval_batches: Sequence[torch.Tensor] | None = None, eval_every: int = 50, patience: int = 3, seed: int = 0, progress: bool = True) -> Recovery:
     """Distil ``model`` (teacher) into a copy of it run under the CQIL semantics of ``plan`` (student).
 
     Args:
@@ -162,9 +162,7 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
         seed: seeds the data order and the adapters' initialisation.
         progress: show a tqdm bar with the loss and the last held-out perplexity.
     """
-    _check_args(steps, method, rank, top_k, lm_weight, eval_every, patience)
-    if hidden_weight < 0:
-        raise CQILConfigError(f"hidden_weight={hidden_weight} must be >= 0")
+    _check_args(steps, method, rank, top_k, lm_weight, hidden_weight, eval_every, patience)
     plan = resolve_plan(model, plan)
     trained = _trained_blocks(plan, blocks)
     batches = _training_batches(data, tokenizer, seq_len)
@@ -217,7 +215,7 @@ def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, a
 # --------------------------------------------------------------------------- arguments and data
 
 
-def _check_args(steps, method, rank, top_k, lm_weight, eval_every, patience) -> None:
+def _check_args(steps, method, rank, top_k, lm_weight, hidden_weight, eval_every, patience) -> None:
     if method not in METHODS:
         raise CQILConfigError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}")
     for name, value in (("steps", steps), ("rank", rank), ("eval_every", eval_every), ("patience", patience)):
@@ -225,8 +223,9 @@ def _check_args(steps, method, rank, top_k, lm_weight, eval_every, patience) -> 
             raise CQILConfigError(f"{name}={value!r} must be a positive int")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise CQILConfigError(f"top_k={top_k!r} must be a positive int, or None for the full vocabulary")
-    if lm_weight < 0:
-        raise CQILConfigError(f"lm_weight={lm_weight} must be >= 0")
+    for name, value in (("lm_weight", lm_weight), ("hidden_weight", hidden_weight)):
+        if value < 0:
+            raise CQILConfigError(f"{name}={value} must be >= 0")
 
 
 def _trained_blocks(plan: Plan, blocks: Sequence[int] | None) -> tuple[int, ...]:
