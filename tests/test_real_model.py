@@ -47,9 +47,11 @@ def test_shipped_adapters_reproduce_their_documented_perplexity(smollm2):
     assert plan == Plan.from_json(json.dumps(summary["plan"])) and plan.saved_blocks == 8
     held_out = token_batches(tokenizer, "licenses", 256, 24)
     assert perplexity(recovered, held_out, plan=plan) == pytest.approx(summary["perplexity"]["recovered"], rel=1e-4)
-    # ... and copy as docs/distillation.md ("In-context copying") reports, from its benchmark's JSON
-    documented = json.loads((SHIPPED.parents[1] / "benchmarks" / "results" / "position-gap-repeats.json").read_text())
-    assert measure_copying(recovered, plan) == pytest.approx(documented["recovered adapters/smollm2-135m-s12-e28-p2"]["copying"], abs=1e-6)
+    # ... and copy as docs/quality.md (written by `cqil-fx eval --recovered` with them) reports
+    rows = json.loads((SHIPPED.parents[1] / "docs" / "quality.json").read_text())["rows"]
+    documented = next(r for r in rows if r["name"] == "recovered S12-E28 P2 D0")
+    assert documented["perplexity"] == pytest.approx(summary["perplexity"]["recovered"], rel=1e-4)
+    assert measure_copying(recovered, plan) == pytest.approx(documented["copying"], abs=1e-6)
     with pytest.raises(RecoveredWeightsError, match="recovers"):
         load_recovered(copy.deepcopy(model), SHIPPED, plan=CQILConfig(start=12, end=28, parallel=4))
     other = copy.deepcopy(model)
