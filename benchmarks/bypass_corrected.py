@@ -13,21 +13,13 @@ second rendezvous per group (docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+
+from held_out import SEARCHED_PLANS, record, smollm2_study, write
 
 from cqil_fx.eager.correction import fit_corrections
-from cqil_fx.eager.planner import self_generated_text
 from cqil_fx.eager.quality import measure_copying, perplexity
 from cqil_fx.planning import Plan
-from cqil_fx.tools.models import load_smollm2, token_batches
-
-PLANS = {
-    "4 saved, KL beam +20 %": ((5, 6), (17, 18), (22, 23), (25, 26)),
-    "6 saved, KL beam +35 %": ((5, 6), (12, 13), (17, 18), (22, 23), (24, 25), (26, 27)),
-    "S12-E28": tuple((i, i + 1) for i in range(12, 28, 2)),
-}
 
 
 def main() -> None:
@@ -35,12 +27,9 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=24, help="256-token windows of licence text")
     parser.add_argument("--out", default="benchmarks/results/bypass-corrected.json")
     args = parser.parse_args()
-    model, tokenizer = load_smollm2()
-    fit = self_generated_text(model, seed=0, progress=False)[::2]
-    held = token_batches(tokenizer, "licenses", 256, args.held_out)
-    base = perplexity(model, held)
+    model, _, fit, held, base = smollm2_study(args.held_out)
     result = {"date": time.strftime("%Y-%m-%d"), "held_out_tokens": 256 * args.held_out, "rows": []}
-    for name, groups in PLANS.items():
+    for name, groups in SEARCHED_PLANS.items():
         for bypass in (0, 1):
             t = time.perf_counter()
             plan = Plan(len(model.model.layers), groups, bypass)
@@ -49,10 +38,8 @@ def main() -> None:
                        uncorrected=perplexity(model, held, plan=plan) / base - 1,
                        corrected=perplexity(model, held, plan=corrected) / base - 1,
                        copying=measure_copying(model, corrected), seconds=time.perf_counter() - t)
-            result["rows"].append(row)
-            print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            record(result, row)
+    write(result, args.out)
 
 
 if __name__ == "__main__":

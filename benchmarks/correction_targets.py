@@ -23,25 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
-from pathlib import Path
 
 import torch
+from held_out import SEARCHED_PLANS, record, smollm2_study, write
 
 from cqil_fx.eager.correction import NormalEquations, fit_corrections, group_activations
-from cqil_fx.eager.planner import self_generated_text
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.eager.reference import resolve_plan
 from cqil_fx.eager.replay import BlockOutputs
 from cqil_fx.planning import Plan
-from cqil_fx.tools.models import load_smollm2, token_batches
-
-PLANS = {
-    "4 saved, KL beam +20 %": ((5, 6), (17, 18), (22, 23), (25, 26)),
-    "6 saved, KL beam +35 %": ((5, 6), (12, 13), (17, 18), (22, 23), (24, 25), (26, 27)),
-    "S12-E28": tuple((i, i + 1) for i in range(12, 28, 2)),
-}
 
 
 def sequential(model, plan: Plan, batches: list) -> Plan:
@@ -75,14 +66,11 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=24, help="256-token windows of licence text")
     parser.add_argument("--out", default="benchmarks/results/correction-targets.json")
     args = parser.parse_args()
-    model, tokenizer = load_smollm2()
-    fit = self_generated_text(model, seed=0, progress=False)[::2]
-    held = token_batches(tokenizer, "licenses", 256, args.held_out)
-    base = perplexity(model, held)
+    model, _, fit, held, base = smollm2_study(args.held_out)
     original = BlockOutputs.of(model, fit)
     result = {"date": time.strftime("%Y-%m-%d"), "held_out_tokens": 256 * args.held_out,
               "fit_tokens": sum(b.numel() for b in fit), "rows": []}
-    for name, groups in PLANS.items():
+    for name, groups in SEARCHED_PLANS.items():
         t = time.perf_counter()
         plan = resolve_plan(model, Plan(len(model.model.layers), groups, 0))
         fits = {"uncorrected": plan, "joint (fit_corrections)": fit_corrections(model, plan, fit),
@@ -91,10 +79,8 @@ def main() -> None:
             fits[f"trajectory {mix}"] = towards_the_original(model, plan, fit, original, mix)
         row = {"plan": name, "groups": groups, **{k: perplexity(model, held, plan=p) / base - 1 for k, p in fits.items()},
                "seconds": time.perf_counter() - t}
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        record(result, row)
+    write(result, args.out)
 
 
 if __name__ == "__main__":

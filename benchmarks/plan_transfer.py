@@ -26,9 +26,9 @@ concurrent mode, docs/performance.md).
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
+
+from held_out import record, write
 
 from cqil_fx.eager.planner import plan_auto, self_generated_text
 from cqil_fx.eager.quality import measure_copying, perplexity
@@ -74,10 +74,8 @@ def main() -> None:
         row = dict(budget=budget, repeats=repeats, keep_copying=keep, plan=repr(plan), saved=plan.saved_blocks, promise=search.cost,
                    held_out=change, held_out_uncorrected=plain, copying=measure_copying(model, plan),
                    search_s=time.perf_counter() - t)
-        result["rows"].append(row)
-        print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        record(result, row)
+    write(result, args.out)
 
 
 if __name__ == "__main__":
