@@ -302,6 +302,7 @@ def test_cli_reports_bad_plans_as_errors(capsys, tmp_path):
                           (["--plan", "p.json", "--parallel", "4"], "--parallel 4 describe groups to make"),
                           (["--start", "12", "--end", "28", "--self-openings", "varied"], "--data python does not use"),
                           (["--start", "12", "--end", "28", "--repeats", "1.5"], "--repeats 1.5: a fraction"),
+                          (["--start", "12", "--end", "28", "--hidden-weight", "-1"], "--hidden-weight -1.0: a weight"),
                           (["--start", "12", "--end", "28", "--text-tokens", "512"], "of the files --text names"),
                           (["--start", "12", "--end", "28", "--text", str(tmp_path / "nothing")],
                            "nothing: no such file")]:

@@ -362,12 +362,15 @@ def _recovered_models(model, directories: list[str]) -> list:
 def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     import torch
 
-    from ..eager.distill import run_recovery
+    from ..eager.distill import _trained_blocks, run_recovery
+    from ..eager.reference import resolve_plan
     from ..tokens import repeated_windows
     from .models import recovery_windows, token_batches
 
     if not 0 <= args.repeats <= 1:
         raise CQILConfigError(f"--repeats {args.repeats}: a fraction of the training windows, from 0 to 1")
+    if args.hidden_weight < 0:
+        raise CQILConfigError(f"--hidden-weight {args.hidden_weight}: a weight, at least 0")
     _check_text_arguments(args)
     if args.self_openings != "none" and args.data == "python":
         raise CQILConfigError(f"--self-openings {args.self_openings} shapes self-written text, which --data python "
@@ -375,6 +378,8 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     plan = _plan_file(args, config, "recover")
     config = CQILConfig(plan=plan) if plan is not None else config
     model, tokenizer = _load(args.model)
+    blocks = [i for span in args.train_blocks for i in span] if args.train_blocks else None
+    _trained_blocks(resolve_plan(model, config), blocks)  # out of range: fail before minutes of text
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
     files = _text_windows(args, tokenizer)  # before the minutes of self-written text: a refused file fails fast
     if args.data in ("self", "mixed"):  # text the model writes: the data-free distillation of LLM-QAT
@@ -394,7 +399,7 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     summary = run_recovery(model, config, train, validation, evaluation, args.out, command=args.command_line,
                            steps=args.steps, method=args.method, lr=args.lr, rank=args.rank,
                            top_k=args.top_k or None, lm_weight=args.lm_weight, hidden_weight=args.hidden_weight,
-                           blocks=[i for span in args.train_blocks for i in span] if args.train_blocks else None,
+                           blocks=blocks,
                            eval_every=args.eval_every, patience=args.patience, seed=args.seed)
     for key in ("original", "cqil", "recovered"):
         print(f"held-out perplexity {key:<10} {summary['perplexity'][key]:8.3f}")
