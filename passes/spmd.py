@@ -48,6 +48,7 @@ from .find_blocks import Block
 from .mutation import mutates_in_place
 
 _functional = torch.ops._c10d_functional
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +299,38 @@ def collective_inputs(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     """The tensors the functional collectives of ``gm`` send (in graph order)."""
     kinds = (_functional.all_reduce.default, _functional.all_gather_into_tensor.default)
     return [n.args[0] for n in gm.graph.nodes if n.target in kinds]
+
+
+def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather) -> int:
+    """Swap ``all_gather(linear(x, w, b), channel, after, d)`` for ``linear_all_gather(x, w, b, channel, after)``.
+
+    Only where the gather concatenates along the linear's output features (``d``
+    its last dim) and is the linear's only use: the vocabulary-split LM head of
+    :func:`cqil_fx.passes.tensor_parallel.shard_blocks`, whose rank-local logits
+    ``linear_all_gather`` computes straight into the transport's buffer.
+    Returns how many it folded.
+    """
+    folded = 0
+    for gather in list(gm.graph.find_nodes(op="call_function", target=all_gather)):
+        linear = gather.args[0]
+        value = linear.meta.get("example_value") if isinstance(linear, torch.fx.Node) else None
+        dim = gather.args[3] if len(gather.args) > 3 else gather.kwargs.get("dim", 0)
+        if (linear.op != "call_function" or linear.target not in _LINEARS or len(linear.users) != 1
+                or not isinstance(value, torch.Tensor) or dim not in (-1, value.dim() - 1)):
+            continue
+        x, weight = linear.args[0], linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
+        bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        with gm.graph.inserting_before(gather):
+            fused = gm.graph.call_function(linear_all_gather, (x, weight, bias, *gather.args[1:3]))
+        fused.meta = dict(gather.meta)
+        gather.replace_all_uses_with(fused)
+        gm.graph.erase_node(gather)
+        gm.graph.erase_node(linear)
+        folded += 1
+    if folded:
+        gm.graph.lint()
+        gm.recompile()
+    return folded
 
 
 def replace_collectives(gm: torch.fx.GraphModule, all_reduce, all_gather, channel: str) -> int:

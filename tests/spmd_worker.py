@@ -47,15 +47,19 @@ def collectives(gm) -> dict[str, int]:
     """Collectives in a placed graph, whichever transport carries them."""
     names = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
     kinds = dict(all_reduce=("_c10d_functional.all_reduce.", "cqil.shm_all_reduce.", "cqil.pg_all_reduce."),
-                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather.", "cqil.pg_all_gather."))
+                 all_gather=("_c10d_functional.all_gather_into_tensor.", "cqil.shm_all_gather.", "cqil.pg_all_gather.",
+                             "cqil.shm_linear_all_gather."))
     return {kind: sum(any(p in t for p in prefixes) for t in names) for kind, prefixes in kinds.items()}
 
 
 def _gather_dims(gm) -> list[int]:
-    """The dim each all_gather of transport ``cqil::*`` concatenates along, in graph order."""
+    """The dim each all_gather of transport ``cqil::*`` concatenates along, in graph order
+    (``shm_linear_all_gather``: the last dim of its linear's output)."""
     ops = (torch.ops.cqil.shm_all_gather.default, torch.ops.cqil.pg_all_gather.default)
-    return [n.args[3] if len(n.args) > 3 else n.kwargs.get("dim", 0)
-            for n in gm.graph.nodes if n.target in ops]
+    fused = torch.ops.cqil.shm_linear_all_gather.default
+    return [n.args[0].meta["example_value"].dim() - 1 if n.target is fused
+            else n.args[3] if len(n.args) > 3 else n.kwargs.get("dim", 0)
+            for n in gm.graph.nodes if n.target in (*ops, fused)]
 
 
 def exactness(rank: int, world_size: int) -> dict:
@@ -110,9 +114,11 @@ def corrected(ids: torch.Tensor, tensor_parallel: bool = False) -> dict:
 
 
 # (family, bypass D, inner compiler, transport, plan): tensor_parallel=True; "tp-only" is a plan without groups
-TP_CASES = [("llama", 1, "aot_eager", "shared_memory", "groups"), ("qwen2", 0, "aot_eager", "process_group", "groups"),
-            ("gemma2", 1, "aot_eager", "shared_memory", "groups"), ("phi", 0, "aot_eager", "process_group", "groups"),
-            ("mistral", 0, "aot_eager", "shared_memory", "tp-only")]
+# Phi's LM head has a bias: over shared memory it runs in cqil::shm_linear_all_gather's addmm; LLaMA's
+# runs compiled by Inductor (the op an extern call, the LM head's weight a view of the parameter).
+TP_CASES = [("llama", 1, "inductor", "shared_memory", "groups"), ("qwen2", 0, "aot_eager", "process_group", "groups"),
+            ("gemma2", 1, "aot_eager", "shared_memory", "groups"), ("phi", 0, "aot_eager", "shared_memory", "groups"),
+            ("mistral", 0, "aot_eager", "process_group", "tp-only")]
 
 
 def tensor_parallel(rank: int, world_size: int) -> dict:
@@ -134,7 +140,8 @@ def tensor_parallel(rank: int, world_size: int) -> dict:
         results[(family, bypass, inner, transport, plan)] = dict(
             spmd=spmd, reference=reference, collectives=collectives(graphs[0]), sharding=report.sharding,
             placement=report.placement, reported=report.collectives, narrows=_narrowed(graphs[0]),
-            gather_dims=_gather_dims(graphs[0]))
+            gather_dims=_gather_dims(graphs[0]), linear_gathers=len(graphs[0].graph.find_nodes(
+                op="call_function", target=torch.ops.cqil.shm_linear_all_gather.default)))
         print(f"rank {rank}: TP {family} D{bypass} {inner} {transport} {plan} in "
               f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
     # One token of batch 1 (a decode step without a cache): every traced size that is 1 must not be

@@ -142,6 +142,8 @@ def test_tensor_parallel_graph_holds_the_formula_of_collectives_and_weight_slice
         assert r["reported"] == sum(expected.values())
         # the bypass gathers along dim 0; the logits in one collective along the vocabulary (no chunk + cat)
         assert r["gather_dims"] == [0] * (len(groups) * (bypass > 0)) + [2], (rank, r["gather_dims"])
+        # over shared memory the LM head's linear is folded into its gather (computed into the slot)
+        assert r["linear_gathers"] == (case[3] == "shared_memory"), (rank, r["linear_gathers"])
         assert r["sharding"].blocks == tuple(outside) and r["sharding"].lm_head and r["sharding"].embedding
         assert r["sharding"].row_linears == 2 * len(outside)  # o_proj / dense and down_proj / fc2
         # q, k, v and the MLP's input linears (gate + up; Phi: fc1) column-parallel, the LM head by vocabulary
@@ -363,3 +365,52 @@ def test_released_cache_inputs_are_one_element_expanded():
     inputs = [whole, released, torch.zeros(()).expand(1, 1), torch.tensor(5), 7]
     named = {0: "keys_0", 1: "keys_1", 2: "one", 3: "scalar", 4: "int"}
     assert released_inputs(named, inputs) == ["keys_1"]
+
+
+def _one_rank_channel(capacity: int = 1 << 16):
+    """A shared-memory channel of one rank (no process group): the collectives' own arithmetic, in-process."""
+    from cqil_fx.graph import shm
+
+    size = shm._FLAG_STRIDE * 8 + 2 * capacity
+    shm._CHANNELS["test:one-rank"] = shm.Channel("test:one-rank", 0, 1, capacity, 5.0, mmap.mmap(-1, size))
+    return "test:one-rank"
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_all_gather_computes_the_linear_in_its_slot(bias):
+    """``cqil::shm_linear_all_gather`` equals linear-then-gather (one rank: the linear itself), for a batch of
+    sequences and with a bias, call after call (the slots alternate)."""
+    channel = _one_rank_channel()
+    torch.manual_seed(0)
+    x, weight = torch.randn(2, 5, 8), torch.randn(12, 8)
+    b = torch.randn(12) if bias else None
+    for _ in range(3):
+        out = torch.ops.cqil.shm_linear_all_gather(x, weight, b, channel)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, b))
+        torch.testing.assert_close(torch.ops.cqil.shm_all_gather(out, channel, None, -1), out)
+
+
+def test_fold_linear_gathers_takes_only_a_linear_gathered_along_its_features():
+    """The fold needs the gather along the linear's last dim and the linear used by the gather alone."""
+    from cqil_fx.passes.spmd import fold_linear_gathers
+
+    gather, fused = torch.ops.cqil.shm_all_gather.default, torch.ops.cqil.shm_linear_all_gather.default
+
+    def graph(dim: int, second_use: bool) -> torch.fx.GraphModule:
+        g = torch.fx.Graph()
+        x, w, b = (g.placeholder(n) for n in ("x", "w", "b"))
+        y = g.call_function(torch._C._nn.linear, (x, w, b))
+        y.meta["example_value"] = torch.empty(2, 5, 12)
+        out = g.call_function(gather, (y, "channel", None, dim))
+        g.output((out, y) if second_use else out)
+        return torch.fx.GraphModule(torch.nn.Module(), g)
+
+    folded = graph(2, False)
+    assert fold_linear_gathers(folded, gather, fused) == 1
+    (node,) = folded.graph.find_nodes(op="call_function", target=fused)
+    assert [a.name if isinstance(a, torch.fx.Node) else a for a in node.args] == ["x", "w", "b", "channel", None]
+    assert not folded.graph.find_nodes(op="call_function", target=torch._C._nn.linear)
+    for dim, second_use in ((0, False), (2, True)):
+        kept = graph(dim, second_use)
+        assert fold_linear_gathers(kept, gather, fused) == 0
+        assert len(kept.graph.find_nodes(op="call_function", target=gather)) == 1

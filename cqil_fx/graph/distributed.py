@@ -192,7 +192,7 @@ def choose_transport(gm: torch.fx.GraphModule, world: SpmdWorld, transport: str)
     known size and all ranks share an x86-64 host; every rank sees the same
     graph and host list, so all ranks choose alike.
     """
-    from ..passes.spmd import collective_inputs, replace_collectives
+    from ..passes.spmd import collective_inputs, fold_linear_gathers, replace_collectives
 
     from . import shm
 
@@ -212,6 +212,7 @@ def choose_transport(gm: torch.fx.GraphModule, world: SpmdWorld, transport: str)
     if channel is not None:
         replace_collectives(gm, torch.ops.cqil.shm_all_reduce.default, torch.ops.cqil.shm_all_gather.default,
                             channel)
+        fold_linear_gathers(gm, torch.ops.cqil.shm_all_gather.default, torch.ops.cqil.shm_linear_all_gather.default)
         return "shared_memory"
     _PROCESS_GROUPS[world.group_name] = world
     replace_collectives(gm, torch.ops.cqil.pg_all_reduce.default, torch.ops.cqil.pg_all_gather.default,

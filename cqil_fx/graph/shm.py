@@ -10,9 +10,11 @@ its slot, publishes a sequence number, waits (spinning, so no wake-up
 latency) until every rank has published the same number, and sums the slots
 in rank order, so every rank gets bit-identical results.
 
-The two collectives are the torch ops ``cqil::shm_all_reduce`` and
-``cqil::shm_all_gather`` (custom ops with fake kernels, so Inductor schedules
-them as extern calls).  Every rank must issue them in the same order, and a
+The collectives are the torch ops ``cqil::shm_all_reduce``,
+``cqil::shm_all_gather`` and ``cqil::shm_linear_all_gather`` (a linear whose
+output is gathered along its features: the vocabulary-split LM head, computed
+straight into the slot); custom ops with fake kernels, so Inductor schedules
+them as extern calls.  Every rank must issue them in the same order, and a
 compiler is free to reorder independent ops (on rank 0 a group's all_reduce
 does not depend on its all_gather), so each collective takes the previous
 one's output as an extra, unused input: the order is a data dependency.  Slots are double-buffered by sequence parity: a rank
@@ -29,6 +31,7 @@ others raise after the collective timeout.
 from __future__ import annotations
 
 import dataclasses
+import math
 import mmap
 import os
 import platform
@@ -86,20 +89,30 @@ class Channel:
         collective with different shapes all raise :class:`CQILDistributedError`
         naming every rank's shape (the sizes are checked, not the values).
         """
-        x = x.contiguous()
-        nbytes = x.numel() * x.element_size()
+        self.begin(x.shape, x.dtype).copy_(x)
+        return self.publish(x.shape, x.dtype)
+
+    def begin(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """Start the next collective: this rank's slot, as a tensor of ``shape`` to write its part into.
+
+        :meth:`publish` then hands it to the other ranks; writing there directly
+        (an op's ``out=``) saves the copy :meth:`exchange` makes.
+        """
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes + _HEADER > self.capacity:
             raise CQILDistributedError(
                 f"a {nbytes}-byte tensor does not fit the shared-memory channel ({self.capacity} bytes); "
                 "use transport='process_group'")
         self.sequence += 1
-        self._write_shape(x.shape)
-        slots = self._slots(nbytes)
-        slots[self.rank].copy_(x.view(-1).view(torch.uint8))
+        self._write_shape(torch.Size(shape))
+        return self._slots(nbytes)[self.rank].view(dtype).view(shape)
+
+    def publish(self, shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> list[torch.Tensor]:
+        """Finish the collective :meth:`begin` started: every rank's part, as views of the shared slots."""
         self.flags[self.rank * _FLAG_STRIDE] = self.sequence
         self._wait_for_all()
-        self._check_shapes(tuple(x.shape))
-        return [s.view(x.dtype).view(x.shape) for s in slots]
+        self._check_shapes(tuple(shape))
+        return [s.view(dtype).view(shape) for s in self._slots(math.prod(shape) * dtype.itemsize)]
 
     def _write_shape(self, shape: torch.Size) -> None:
         word = (self._data_offset + self._slot_start(self.rank)) // 8
@@ -223,6 +236,34 @@ def shm_all_gather(x: torch.Tensor, channel: str, after: torch.Tensor | None = N
 @shm_all_gather.register_fake
 def _(x: torch.Tensor, channel: str, after: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
     return gathered_like(x, _CHANNELS[channel].world_size, dim)
+
+
+@torch.library.custom_op("cqil::shm_linear_all_gather", mutates_args=())
+def shm_linear_all_gather(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, channel: str,
+                          after: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x, weight, bias)`` of every rank, concatenated along the last dim (``after``: as for all_reduce).
+
+    The vocabulary-split LM head and the gather of its logits in one op: the
+    product is computed straight into this rank's shared slot, so the rank's
+    part of the logits is neither allocated on its own nor copied
+    (:func:`cqil_fx.passes.spmd.fold_linear_gathers` puts it in the graph).
+    """
+    out_features = weight.shape[0]
+    channel_ = _CHANNELS[channel]
+    shape = (*x.shape[:-1], out_features)
+    mine = channel_.begin(shape, x.dtype).view(-1, out_features)
+    rows = x.reshape(-1, x.shape[-1])
+    if bias is None:
+        torch.mm(rows, weight.t(), out=mine)
+    else:
+        torch.addmm(bias, rows, weight.t(), out=mine)
+    return torch.cat(channel_.publish(shape, x.dtype), dim=-1)
+
+
+@shm_linear_all_gather.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, channel: str,
+      after: torch.Tensor | None = None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0] * _CHANNELS[channel].world_size))
 
 
 def gathered_like(x: torch.Tensor, world_size: int, dim: int) -> torch.Tensor:
