@@ -33,13 +33,17 @@ per repetition, after warm-up; medians reported):
 * ``tp-spmd``: plain tensor parallelism on the same 2 ranks x 1 thread (``tensor_parallel=True``,
   a plan without groups; shared memory) (e);
 * ``cqil-tp-spmd``: CQIL + TP: the plan's groups one member per rank, every other block and the
-  LM head tensor-parallel (f).
+  LM head tensor-parallel (f);
+* ``tp-spmd-unfused``: (e) with ``fold_linear_gathers`` off, so the vocabulary-split LM head
+  writes its logits to memory of its own and its gather copies them into the shared slot (as
+  before 2026-12-01): what computing them straight into the slot is worth.
 
 Every SPMD row carries ``collectives``: the collectives per forward of its
 graph, counted by the backend on the placed graph (``CompileReport.collectives``).
 ``--model`` picks SmolLM2 (real weights; its 9 / 3 heads do not divide by 2, so
-(e) and (f) raise ``CQILPlanError`` for it) or a random-weight shape whose heads
-divide (``qwen2.5-0.5b-shape``, ``medium-llama``).  ``--predict`` prints
+(e) and (f) raise ``CQILPlanError`` for it unless ``--tp-fallback``, which keeps
+its attention whole on every rank and splits the MLPs: ``tp_fallback=True``) or a
+random-weight shape whose heads divide (``qwen2.5-0.5b-shape``, ``medium-llama``).  ``--predict`` prints
 ``predict_multi_gpu()``: TP vs CQIL + TP on 2 and 4 NVLink GPUs for Llama-3-8B
 at batch 1 from published all-reduce latencies -- a prediction, not a measurement.
 
@@ -101,6 +105,7 @@ import platform
 import statistics
 import tempfile
 import time
+import unittest.mock
 from collections.abc import Callable
 from pathlib import Path
 
@@ -120,11 +125,12 @@ WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0),
 LAST_LOGITS = {"prefill-512-last"}
 """Forwards that compute the last position's logits only (``logits_to_keep=1``), as generate's prefill does."""
 COLUMNS = ("original-1t", "original-2t", "original-2t-cpp", "cqil-spmd", "cqil-spmd-gloo", "cqil-concurrent",
-           "tp-spmd", "cqil-tp-spmd")
+           "tp-spmd", "cqil-tp-spmd", "tp-spmd-unfused")
 THREADS = {"original-1t": 1, "original-2t": 2, "original-2t-cpp": 2, "rest-1t": 1, "cqil-spmd": 1,
-           "cqil-spmd-gloo": 1, "spmd-compute": 1, "cqil-concurrent": 2, "tp-spmd": 1, "cqil-tp-spmd": 1}
+           "cqil-spmd-gloo": 1, "spmd-compute": 1, "cqil-concurrent": 2, "tp-spmd": 1, "cqil-tp-spmd": 1,
+           "tp-spmd-unfused": 1}
 TRANSPORTS = {"cqil-spmd": "auto", "cqil-spmd-gloo": "process_group"}
-TENSOR_PARALLEL = ("tp-spmd", "cqil-tp-spmd")  # tensor_parallel=True, shared memory; tp-spmd: no groups
+TENSOR_PARALLEL = ("tp-spmd", "cqil-tp-spmd", "tp-spmd-unfused")  # tensor_parallel=True, shared memory; tp-*: no groups
 SPMD_COLUMNS = (*TRANSPORTS, *TENSOR_PARALLEL)
 BACKENDS: dict[str, object] = {}  # column|plan -> its backend (its reports count the graph's collectives)
 MODELS = {
@@ -334,16 +340,20 @@ def plan_name(config: CQILConfig) -> str:
     return f"S{config.start}-E{config.end} D{config.bypass}"
 
 
-def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, torch.nn.Module]:
+def spmd_fns(model, plans: list[CQILConfig], columns: list[str], tp_fallback: bool = False
+             ) -> dict[str, torch.nn.Module]:
     """The SPMD columns, built identically on every rank (the same order of compiles)."""
     one_thread = inductor_with_threads(1)
     # Steady state: without the input comparison of the first calls (check_inputs, one small
     # all_gather_object each); spmd-compute runs on rank 0 alone, where it could not run at all.
     make = functools.partial(make_backend, check_inputs=0)
+    tp = dict(tensor_parallel=True, tp_fallback=tp_fallback)
     fns = {}
     if "tp-spmd" in columns:
-        fns["tp-spmd|"] = twin(model, counted("tp-spmd|", make(
-            groups=[], mode="spmd", inner=one_thread, tensor_parallel=True)))
+        fns["tp-spmd|"] = twin(model, counted("tp-spmd|", make(groups=[], mode="spmd", inner=one_thread, **tp)))
+    if "tp-spmd-unfused" in columns:
+        fns["tp-spmd-unfused|"] = twin(model, counted("tp-spmd-unfused|", Unfused(
+            make(groups=[], mode="spmd", inner=one_thread, **tp))))
     for config in plans:
         mine = copy.deepcopy(model)
         release_other_members(mine, config)
@@ -354,10 +364,25 @@ def spmd_fns(model, plans: list[CQILConfig], columns: list[str]) -> dict[str, to
                                                           transport=transport)))
         if "cqil-tp-spmd" in columns:
             name = f"cqil-tp-spmd|{plan_name(config)}"
-            fns[name] = twin(mine, counted(name, make(config, mode="spmd", inner=one_thread, tensor_parallel=True)))
+            fns[name] = twin(mine, counted(name, make(config, mode="spmd", inner=one_thread, **tp)))
         fns[f"spmd-compute|{plan_name(config)}"] = twin(mine, make(
             config, mode="spmd", inner=without_collectives(one_thread), transport="process_group"))
     return fns
+
+
+class Unfused:
+    """A backend that compiles with ``fold_linear_gathers`` off (the LM head's linear and gather apart)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    @property
+    def reports(self):
+        return self.backend.reports
+
+    def __call__(self, gm, example_inputs):
+        with unittest.mock.patch("cqil_fx.passes.spmd.fold_linear_gathers", lambda *args: 0):
+            return self.backend(gm, example_inputs)
 
 
 def _send(*command: int) -> None:
@@ -383,7 +408,7 @@ def _call_on_both(index: int, workload: int) -> None:
 
 def follow(model, plans: list[CQILConfig], args) -> None:
     """Rank 1: make the SPMD calls rank 0 asks for, until told to stop."""
-    fns = list(spmd_fns(model, plans, args.columns).values())
+    fns = list(spmd_fns(model, plans, args.columns, args.tp_fallback).values())
     command = torch.zeros(3, dtype=torch.long)
     with torch.no_grad():
         while True:
@@ -438,7 +463,7 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
             name = f"cqil-concurrent|{plan_name(config)}"
             clocks[name] = SegmentClock(make_backend(config, mode="concurrent"))
             fns[name] = twin(model, clocks[name])
-    remote = spmd_fns(model, plans, columns) if spmd else {}
+    remote = spmd_fns(model, plans, columns, args.tp_fallback) if spmd else {}
     index = {name: i for i, name in enumerate(remote)}
     fns.update(remote)
     threads = {name: THREADS[name.split("|")[0]] for name in fns}
@@ -586,6 +611,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["decode", "prefill-512"], choices=list(WORKLOADS))
     parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--model", default="smollm2", choices=["smollm2", *MODELS])
+    parser.add_argument("--tp-fallback", action="store_true",
+                        help="tp-spmd, cqil-tp-spmd: keep attention whole on every rank where its heads do not "
+                             "divide by 2 (tp_fallback=True; SmolLM2), the MLPs split")
     parser.add_argument("--predict", action="store_true",
                         help="print the multi-GPU latency model's prediction (predict_multi_gpu) and exit")
     parser.add_argument("--ratios", metavar="JSON",
@@ -620,7 +648,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result["meta"] = dict(
         command="python benchmarks/latency.py " + " ".join(
-            f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items() if k != "out"),
+            f"--{k.replace('_', '-')}" + ("" if v is True else f" {' '.join(v) if isinstance(v, list) else v}")
+            for k, v in vars(args).items() if k != "out" and v not in (None, False)),
         date=time.strftime("%Y-%m-%d"), torch=torch.__version__,
         machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     (out / "latency.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -695,7 +724,7 @@ def plot(rows: list[dict], path: Path) -> None:
         labels = [r["column"] + (f"\n{r['plan']}" if r["plan"] else "") for r in data]
         colours = {"original-1t": "gray", "original-2t": "silver", "original-2t-cpp": "darkgray",
                    "cqil-spmd": "tab:orange", "cqil-spmd-gloo": "tab:red", "cqil-concurrent": "tab:blue",
-                   "tp-spmd": "tab:green", "cqil-tp-spmd": "tab:olive"}
+                   "tp-spmd": "tab:green", "cqil-tp-spmd": "tab:olive", "tp-spmd-unfused": "tab:cyan"}
         ax.bar(labels, [r.get("token_ms", r["median_ms"]) for r in data], color=[colours[r["column"]] for r in data])
         ax.set_title(workload)
         ax.set_ylabel("median ms per new token" if WORKLOADS[workload][1] else "median latency (ms)")

@@ -315,8 +315,8 @@ def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather)
         linear = gather.args[0]
         value = linear.meta.get("example_value") if isinstance(linear, torch.fx.Node) else None
         dim = gather.args[3] if len(gather.args) > 3 else gather.kwargs.get("dim", 0)
-        if (linear.op != "call_function" or linear.target not in _LINEARS or len(linear.users) != 1
-                or not isinstance(value, torch.Tensor) or dim not in (-1, value.dim() - 1)):
+        if not (isinstance(value, torch.Tensor) and linear.op == "call_function" and linear.target in _LINEARS
+                and len(linear.users) == 1 and dim in (-1, value.dim() - 1)):
             continue
         x, weight = linear.args[0], linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
