@@ -305,7 +305,9 @@ def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather)
     """Swap ``all_gather(linear(x, w, b), channel, after, d)`` for ``linear_all_gather(x, w, b, channel, after)``.
 
     Only where the gather concatenates along the linear's output features (``d``
-    its last dim) and is the linear's only use: the vocabulary-split LM head of
+    its last dim), is the linear's only use, and the linear's output has its
+    inputs' dtype (under autocast it does not, and the op would compute in the
+    inputs' dtype): the vocabulary-split LM head of
     :func:`cqil_fx.passes.tensor_parallel.shard_blocks`, whose rank-local logits
     ``linear_all_gather`` computes straight into the transport's buffer.
     Returns how many it folded.
@@ -320,6 +322,9 @@ def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather)
             continue
         x, weight = linear.args[0], linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+        if any(getattr(n.meta.get("example_value"), "dtype", value.dtype) != value.dtype
+               for n in (x, weight, bias) if isinstance(n, torch.fx.Node)):
+            continue
         with gm.graph.inserting_before(gather):
             fused = gm.graph.call_function(linear_all_gather, (x, weight, bias, *gather.args[1:3]))
         fused.meta = dict(gather.meta)

@@ -391,16 +391,18 @@ def test_linear_all_gather_computes_the_linear_in_its_slot(bias):
 
 
 def test_fold_linear_gathers_takes_only_a_linear_gathered_along_its_features():
-    """The fold needs the gather along the linear's last dim and the linear used by the gather alone."""
+    """The fold needs the gather along the linear's last dim, the linear used by the gather alone, and the
+    linear's output in its inputs' dtype."""
     from cqil_fx.passes.spmd import fold_linear_gathers
 
     gather, fused = torch.ops.cqil.shm_all_gather.default, torch.ops.cqil.shm_linear_all_gather.default
 
-    def graph(dim: int, second_use: bool) -> torch.fx.GraphModule:
+    def graph(dim: int, second_use: bool, dtype: torch.dtype = torch.float32) -> torch.fx.GraphModule:
         g = torch.fx.Graph()
         x, w, b = (g.placeholder(n) for n in ("x", "w", "b"))
+        x.meta["example_value"] = torch.empty(2, 5, 8)
         y = g.call_function(torch._C._nn.linear, (x, w, b))
-        y.meta["example_value"] = torch.empty(2, 5, 12)
+        y.meta["example_value"] = torch.empty(2, 5, 12, dtype=dtype)  # bfloat16 from float32: autocast
         out = g.call_function(gather, (y, "channel", None, dim))
         g.output((out, y) if second_use else out)
         return torch.fx.GraphModule(torch.nn.Module(), g)
@@ -410,7 +412,7 @@ def test_fold_linear_gathers_takes_only_a_linear_gathered_along_its_features():
     (node,) = folded.graph.find_nodes(op="call_function", target=fused)
     assert [a.name if isinstance(a, torch.fx.Node) else a for a in node.args] == ["x", "w", "b", "channel", None]
     assert not folded.graph.find_nodes(op="call_function", target=torch._C._nn.linear)
-    for dim, second_use in ((0, False), (2, True)):
-        kept = graph(dim, second_use)
+    for dim, second_use, dtype in ((0, False, torch.float32), (2, True, torch.float32), (2, False, torch.bfloat16)):
+        kept = graph(dim, second_use, dtype)
         assert fold_linear_gathers(kept, gather, fused) == 0
         assert len(kept.graph.find_nodes(op="call_function", target=gather)) == 1
