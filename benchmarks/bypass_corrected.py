@@ -12,10 +12,9 @@ second rendezvous per group (docs/performance.md).
 
 from __future__ import annotations
 
-import argparse
 import time
 
-from held_out import SEARCHED_PLANS, record, smollm2_study, write
+from held_out import SEARCHED_PLANS, record, smollm2_study, study_arguments, write
 
 from cqil_fx.eager.correction import fit_corrections
 from cqil_fx.eager.quality import measure_copying, perplexity
@@ -23,10 +22,7 @@ from cqil_fx.planning import Plan
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--held-out", type=int, default=24, help="256-token windows of licence text")
-    parser.add_argument("--out", default="benchmarks/results/bypass-corrected.json")
-    args = parser.parse_args()
+    args = study_arguments(__doc__, "benchmarks/results/bypass-corrected.json")
     model, _, fit, held, base = smollm2_study(args.held_out)
     result = {"date": time.strftime("%Y-%m-%d"), "held_out_tokens": 256 * args.held_out, "rows": []}
     for name, groups in SEARCHED_PLANS.items():

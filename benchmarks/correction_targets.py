@@ -21,12 +21,11 @@ all at D = 0. An eager study; nothing here is a plan option.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 
 import torch
-from held_out import SEARCHED_PLANS, record, smollm2_study, write
+from held_out import SEARCHED_PLANS, record, smollm2_study, study_arguments, write
 
 from cqil_fx.eager.correction import NormalEquations, fit_corrections, group_activations
 from cqil_fx.eager.quality import perplexity
@@ -62,10 +61,7 @@ def towards_the_original(model, plan: Plan, batches: list, original: BlockOutput
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--held-out", type=int, default=24, help="256-token windows of licence text")
-    parser.add_argument("--out", default="benchmarks/results/correction-targets.json")
-    args = parser.parse_args()
+    args = study_arguments(__doc__, "benchmarks/results/correction-targets.json")
     model, _, fit, held, base = smollm2_study(args.held_out)
     original = BlockOutputs.of(model, fit)
     result = {"date": time.strftime("%Y-%m-%d"), "held_out_tokens": 256 * args.held_out,

@@ -13,6 +13,7 @@ SmolLM2 plans of docs/quality-notes.md (the KL beam search at D = 0) and S12-E28
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -25,6 +26,17 @@ SEARCHED_PLANS = {
     "6 saved, KL beam +35 %": ((5, 6), (12, 13), (17, 18), (22, 23), (24, 25), (26, 27)),
     "S12-E28": tuple((i, i + 1) for i in range(12, 28, 2)),
 }
+
+
+def study_arguments(doc: str, out: str) -> argparse.Namespace:
+    """The command line of a held-out study: ``--held-out`` windows of licence text and ``--out``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--held-out", type=int, default=24, help="256-token windows of licence text")
+    parser.add_argument("--out", default=out)
+    args = parser.parse_args()
+    if args.held_out < 1:
+        parser.error(f"--held-out takes a positive number of windows, got {args.held_out}")
+    return args
 
 
 def smollm2_study(held_out: int):
