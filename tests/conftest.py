@@ -7,6 +7,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models
 
+class FakeClock:
+    """A ``timer`` for cqil_fx.tools.timing that moves only when a call says so: timings without a real clock."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleeper(self, ms: float):
+        """A callable that takes ``ms`` milliseconds on this clock."""
+        def sleep(*args, **kwargs) -> None:
+            self.now += ms / 1e3
+
+        return sleep
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():

@@ -13,18 +13,21 @@ calls, and the medians compared: ``reduction = 1 - median(candidate) /
 median(baseline)``.  On a noisy machine one comparison can fall short by
 chance, so by default a failing comparison is measured once more and the
 assertion fails only if both fall short.  Pick ``min_reduction`` well below
-what a quiet run measures (docs/performance.md has our numbers).
+what a quiet run measures (docs/performance.md has our numbers).  The timing and
+its statistics are :mod:`cqil_fx.tools.timing`'s (``timer=`` takes a fake clock
+for tests of this code).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from .timing import device_sync, median, quantile, ratios, time_interleaved
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +39,11 @@ class LatencyComparison:
 
     @property
     def baseline_median(self) -> float:
-        return statistics.median(self.baseline_ms)
+        return median(self.baseline_ms)
 
     @property
     def candidate_median(self) -> float:
-        return statistics.median(self.candidate_ms)
+        return median(self.candidate_ms)
 
     @property
     def reduction(self) -> float:
@@ -50,7 +53,7 @@ class LatencyComparison:
     @property
     def ratios(self) -> tuple[float, ...]:
         """``candidate / baseline`` of each repetition (the two calls timed next to each other)."""
-        return tuple(c / b for c, b in zip(self.candidate_ms, self.baseline_ms))
+        return ratios(self.candidate_ms, self.baseline_ms)
 
     def __str__(self) -> str:
         low, high = p10_p90(self.ratios)
@@ -60,54 +63,47 @@ class LatencyComparison:
 
 
 def p10_p90(values) -> tuple[float, float]:
-    """The 10th and 90th percentiles of ``values``, interpolated between the samples, never beyond them
-    (``statistics.quantiles(method="inclusive")``: with the few repetitions a benchmark takes, the
-    default method would report a p90 above the slowest call); one value: itself."""
+    """The 10th and 90th percentiles of ``values`` (:func:`cqil_fx.tools.timing.quantile`: interpolated
+    between the samples, never beyond them); one value: itself."""
     values = list(values)
     if not values:
         raise ValueError("p10_p90 needs at least one value")
-    if len(values) == 1:
-        return values[0], values[0]
-    deciles = statistics.quantiles(values, n=10, method="inclusive")
-    return deciles[0], deciles[-1]
+    return quantile(values, 0.1), quantile(values, 0.9)
 
 
 def compare_latency(baseline: Callable[..., Any], candidate: Callable[..., Any], *args: Any, reps: int = 15,
-                    warmup: int = 2, sync: Callable[[], None] | None = None, **kwargs: Any) -> LatencyComparison:
-    """Time ``baseline(*args, **kwargs)`` and ``candidate(...)`` interleaved; see the module docstring."""
+                    warmup: int = 2, sync: Callable[[], None] | None = None,
+                    timer: Callable[[], float] = time.perf_counter, **kwargs: Any) -> LatencyComparison:
+    """Time ``baseline(*args, **kwargs)`` and ``candidate(...)`` interleaved; see the module docstring.
+
+    ``sync`` defaults to ``torch.cuda.synchronize`` where CUDA is available; ``timer`` (seconds) to
+    ``time.perf_counter``.
+    """
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
-    sync = sync or (torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None))
-    times: dict[int, list[float]] = {0: [], 1: []}
-    fns = (baseline, candidate)
+    sync = sync or device_sync("cuda" if torch.cuda.is_available() else "cpu")
+    calls = {"baseline": lambda: baseline(*args, **kwargs), "candidate": lambda: candidate(*args, **kwargs)}
     with torch.no_grad():
-        for _ in range(warmup):
-            baseline(*args, **kwargs)
-            candidate(*args, **kwargs)
-        for i in range(reps):
-            for which in ((0, 1) if i % 2 == 0 else (1, 0)):
-                sync()
-                t = time.perf_counter()
-                fns[which](*args, **kwargs)
-                sync()
-                times[which].append((time.perf_counter() - t) * 1e3)
-    return LatencyComparison(tuple(times[0]), tuple(times[1]))
+        timings = time_interleaved(calls, reps, warmup, sync=sync, timer=timer)
+    return LatencyComparison(tuple(timings.ms["baseline"]), tuple(timings.ms["candidate"]))
 
 
 def assert_latency_reduction(baseline: Callable[..., Any], candidate: Callable[..., Any], *args: Any,
                              min_reduction: float, reps: int = 15, warmup: int = 2, attempts: int = 2,
+                             sync: Callable[[], None] | None = None, timer: Callable[[], float] = time.perf_counter,
                              **kwargs: Any) -> LatencyComparison:
     """Fail unless ``candidate`` takes at least ``min_reduction`` less time than ``baseline``.
 
     Measures up to ``attempts`` times and passes on the first comparison that
     meets the bar; the AssertionError lists every attempt.  Returns the passing
-    :class:`LatencyComparison`.
+    :class:`LatencyComparison`.  ``sync`` and ``timer`` are :func:`compare_latency`'s.
     """
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
     seen = []
     for _ in range(attempts):
-        comparison = compare_latency(baseline, candidate, *args, reps=reps, warmup=warmup, **kwargs)
+        comparison = compare_latency(baseline, candidate, *args, reps=reps, warmup=warmup, sync=sync, timer=timer,
+                                     **kwargs)
         if comparison.reduction >= min_reduction:
             return comparison
         seen.append(comparison)
