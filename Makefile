@@ -1,10 +1,11 @@
 # Everything a fresh machine needs: `make demo` runs the demo on the real model,
-# `make test` the test suite.  Both create .venv and install into it first.
+# `make test` the test suite, `make latency` the timed tests that `make test`
+# skips (run it on a quiet machine).  Each creates .venv and installs into it first.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test
+.PHONY: setup demo test latency
 
 setup: $(VENV)/.installed
 
@@ -27,4 +28,12 @@ test: setup
 	CQIL_FX_REQUIRE_REAL_MODEL=1 $(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS); \
 	status=$$?; \
 	if [ $$status -eq 5 ]; then echo "pytest collected no tests: the suite is missing" >&2; fi; \
+	exit $$status
+
+# The tests that assert a speed (marker `latency`): tests/conftest.py skips them
+# unless CQIL_FX_LATENCY=1.  Minutes on two cores; a loaded machine fails them.
+latency: setup
+	CQIL_FX_REQUIRE_REAL_MODEL=1 CQIL_FX_LATENCY=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m latency $(PYTEST_ARGS); \
+	status=$$?; \
+	if [ $$status -eq 5 ]; then echo "pytest collected no latency tests: the suite is missing" >&2; fi; \
 	exit $$status

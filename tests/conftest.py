@@ -7,6 +7,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # tiny_models
 
+TIMED_SWITCH = "CQIL_FX_LATENCY"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Timed tests (marker ``latency``) assert a speed, which a loaded machine cannot promise: they run only
+    under ``make latency`` (which sets CQIL_FX_LATENCY=1), and are skipped elsewhere."""
+    if os.environ.get(TIMED_SWITCH) == "1":
+        return
+    skip = pytest.mark.skip(reason=f"timed test: run `make latency` on a quiet machine "
+                                   f"(or {TIMED_SWITCH}=1 pytest -m latency)")
+    for item in items:
+        if item.get_closest_marker("latency"):
+            item.add_marker(skip)
+
+
 class FakeClock:
     """A ``timer`` for cqil_fx.tools.timing that moves only when a call says so: timings without a real clock."""
 

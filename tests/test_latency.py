@@ -1,14 +1,18 @@
-"""Latency regression tests (marker ``latency``; they run in the default suite).
+"""Latency regression tests, and tests of the latency helpers users rely on.
 
-Margins are set for a noisy 2-core machine: the test model groups all 8
-blocks (ideal saving about half the block time) while the asserted reductions
-are 10-15 %, and a comparison that falls short is measured once more before
-the test fails (:func:`cqil_fx.tools.testing.assert_latency_reduction`).
+The timed tests (marker ``latency``) assert that CQIL is faster than the
+original, which a loaded machine cannot promise: ``make test`` skips them and
+``make latency`` runs them (tests/conftest.py).  Run them on a quiet machine.
+Their margins: the test model groups all 8 blocks (ideal saving about half the
+block time) while the asserted reductions are 10-15 %, and a comparison that
+falls short is measured once more before the test fails
+(:func:`cqil_fx.tools.testing.assert_latency_reduction`).
+
+The other tests run in the default suite and time nothing real: the helpers
+run on a fake clock (``fake_clock``, tests/conftest.py) or on recorded numbers.
 """
 
 from __future__ import annotations
-
-import time
 
 import pytest
 import torch
@@ -18,19 +22,14 @@ from cqil_fx import make_backend
 from cqil_fx.tools.testing import LatencyComparison, assert_latency_reduction, compare_latency, p10_p90
 from test_spmd import run_ranks
 
-pytestmark = pytest.mark.latency
 
-
-def sleeper(ms: float):
-    return lambda: time.sleep(ms / 1e3)
-
-
-def test_assertion_passes_for_a_faster_candidate_and_fails_for_a_slower_one():
-    passed = assert_latency_reduction(sleeper(20), sleeper(5), min_reduction=0.5, reps=5, warmup=0)
-    assert passed.reduction > 0.5 and len(passed.baseline_ms) == 5
+def test_assertion_passes_for_a_faster_candidate_and_fails_for_a_slower_one(fake_clock):
+    slow, fast = fake_clock.sleeper(20), fake_clock.sleeper(5)
+    passed = assert_latency_reduction(slow, fast, min_reduction=0.5, reps=5, warmup=0, timer=fake_clock)
+    assert passed.reduction == pytest.approx(0.75) and len(passed.baseline_ms) == 5
     with pytest.raises(AssertionError, match=r"below 50.0% in 2 attempt\(s\)") as info:
-        assert_latency_reduction(sleeper(5), sleeper(20), min_reduction=0.5, reps=3, warmup=0)
-    assert str(info.value).count("reduction -") == 2  # both attempts reported
+        assert_latency_reduction(fast, slow, min_reduction=0.5, reps=3, warmup=0, timer=fake_clock)
+    assert str(info.value).count("reduction -300.0%") == 2  # both attempts reported
 
 
 def test_comparison_interleaves_and_reports_medians():
@@ -52,6 +51,7 @@ def test_comparison_reports_per_call_ratios_and_their_spread():
         p10_p90([])
 
 
+@pytest.mark.latency
 @pytest.mark.slow
 def test_concurrent_groups_beat_the_one_thread_original():
     model = spmd_worker.medium_llama()
@@ -71,6 +71,7 @@ def test_concurrent_groups_beat_the_one_thread_original():
     print(f"concurrent vs one thread: {comparison}")  # shown with pytest -s
 
 
+@pytest.mark.latency
 @pytest.mark.slow
 def test_spmd_on_two_ranks_beats_the_one_thread_original(tmp_path):
     comparisons = run_ranks("latency", tmp_path, timeout=600)[0]["comparisons"]
