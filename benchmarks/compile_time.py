@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from cqil_fx.tools.testing import p10_p90
+from cqil_fx.tools.timing import Summary, median, ratios, time_interleaved
 
 CHILD = """
 import json, sys, time
@@ -57,18 +56,23 @@ def main() -> None:
     if args.reps < 2 or args.threads < 1:
         parser.error("--reps must be at least 2 and --threads at least 1")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    for backend in BACKENDS:  # fill Inductor's caches and the plan cache
-        print(f"warm-up {backend}: {first_call_seconds(backend, env):.1f} s", flush=True)
-    times: dict[str, list[float]] = {b: [] for b in BACKENDS}
-    for rep in range(args.reps):
-        for backend in BACKENDS if rep % 2 == 0 else BACKENDS[::-1]:
-            times[backend].append(first_call_seconds(backend, env))
-        print(f"rep {rep + 1}: cqil {times['cqil'][-1]:.2f} s, plain {times['inductor'][-1]:.2f} s", flush=True)
-    ratios = [c / p for c, p in zip(times["cqil"], times["inductor"])]
+
+    def child(backend: str):
+        def run() -> float:
+            seconds = first_call_seconds(backend, env)
+            print(f"{backend}: {seconds:.2f} s", flush=True)
+            return seconds
+
+        return run
+
+    # the warm-up round fills Inductor's caches and the plan cache; each child times itself, so the
+    # seconds are its results (compile and first call), not the interleaver's wall time per process
+    times = time_interleaved({b: child(b) for b in BACKENDS}, args.reps, warmup=1).results
+    spread = Summary.of(ratios(times["cqil"], times["inductor"]))
     result = {
         "threads": args.threads, "reps": args.reps, "seconds": times,
-        "median_s": {b: statistics.median(v) for b, v in times.items()},
-        "cqil_over_plain": statistics.median(ratios), "cqil_over_plain_p10_p90": p10_p90(ratios),
+        "median_s": {b: median(v) for b, v in times.items()},
+        "cqil_over_plain": spread.median, "cqil_over_plain_p10_p90": (spread.p10, spread.p90),
     }
     lo, hi = result["cqil_over_plain_p10_p90"]
     print(f"compile + first call, median: cqil {result['median_s']['cqil']:.2f} s, "

@@ -3,8 +3,8 @@
     python benchmarks/default_latency.py --out benchmarks/results/default     # JSON + PNG
 
 Columns, all compiled with ``dynamic=False`` on the same threads and called
-interleaved (each column once per repetition, order alternating), medians
-with p10/p90:
+interleaved (each column once per repetition, the order rotated each
+repetition: ``cqil_fx.tools.timing``), medians with p10/p90:
 
 * ``plain``: ``torch.compile(model)`` (Inductor);
 * ``plain-cpp``: the same with Inductor's C++ wrapper (what concurrent mode's
@@ -27,8 +27,8 @@ first compile of each column is timed.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from cqil_fx import Plan, cqil_backend, make_backend
 from cqil_fx.stack import without_blocks
 from cqil_fx.tools.generation import compiled_twin
 from cqil_fx.tools.models import load_smollm2
-from cqil_fx.tools.testing import p10_p90
+from cqil_fx.tools.timing import Summary, time_interleaved
 
 WORKLOADS = {"prefill-256": 256, "decode-1": 1}
 
@@ -89,19 +89,15 @@ def main() -> None:
             t = time.perf_counter()
             columns["ideal"](ids, use_cache=False)
             compile_s["ideal"] = time.perf_counter() - t
-            times = {name: [] for name in columns}
-            names = list(columns)
-            for rep in range(args.reps):
-                for name in names if rep % 2 == 0 else names[::-1]:
-                    t = time.perf_counter()
-                    columns[name](ids, use_cache=False)
-                    times[name].append((time.perf_counter() - t) * 1e3)
-        ratios = [c / p for c, p in zip(times["cqil"], times["plain"])]
-        med = {name: statistics.median(v) for name, v in times.items()}
+            timings = time_interleaved({name: functools.partial(fn, ids, use_cache=False)
+                                        for name, fn in columns.items()}, args.reps, warmup=0)
+        med = timings.medians()
+        spread = {name: timings.summary(name) for name in columns}
+        ratio = Summary.of(timings.ratios("cqil", "plain"))
         result["workloads"][workload] = {
             "plan": repr(report.plan), "plan_source": report.source, "mode": report.mode,
-            "median_ms": med, "p10_p90_ms": {name: p10_p90(v) for name, v in times.items()},
-            "cqil_over_plain": med["cqil"] / med["plain"], "cqil_over_plain_p10_p90": p10_p90(ratios),
+            "median_ms": med, "p10_p90_ms": {name: (s.p10, s.p90) for name, s in spread.items()},
+            "cqil_over_plain": med["cqil"] / med["plain"], "cqil_over_plain_p10_p90": (ratio.p10, ratio.p90),
             "cqil_over_plain_cpp": med["cqil"] / med["plain-cpp"],
             "ideal_reduction": 1 - med["ideal"] / med["plain"],
             "realised": (1 - med["cqil"] / med["plain"]) / (1 - med["ideal"] / med["plain"])

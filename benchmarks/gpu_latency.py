@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import transformers
 from torch._inductor.compile_fx import compile_fx
 
 from cqil_fx import CQILConfig, make_backend
+from cqil_fx.tools.timing import Summary
 from latency import WORKLOADS, measure
 
 PLAN = dict(start=12, end=28, parallel=2, bypass=0)
@@ -85,9 +85,9 @@ def main() -> None:
         compile_s = time.perf_counter() - t
         times, _ = measure(fns, workload, ids, args.reps, sync=sync)
         for name, ts in times.items():
-            row = dict(dtype=str(dtype), workload=workload, column=name, median_ms=statistics.median(ts),
-                       p10_ms=statistics.quantiles(ts, n=10)[0], p90_ms=statistics.quantiles(ts, n=10)[-1],
-                       compile_s=compile_s)
+            spread = Summary.of(ts)
+            row = dict(dtype=str(dtype), workload=workload, column=name, median_ms=spread.median,
+                       p10_ms=spread.p10, p90_ms=spread.p90, compile_s=compile_s)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     out = Path(args.out)

@@ -102,7 +102,6 @@ import json
 import multiprocessing
 import os
 import platform
-import statistics
 import tempfile
 import time
 import unittest.mock
@@ -117,7 +116,7 @@ from cqil_fx.graph.distributed import parameter_bytes, release_other_members
 from cqil_fx.graph.executor import ConcurrentProgram
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2
-from cqil_fx.tools.testing import p10_p90
+from cqil_fx.tools.timing import Summary, median, ratios, time_interleaved
 
 WORKLOADS = {"decode": (1, 0), "prefill-128": (128, 0), "prefill-512": (512, 0), "prefill-512-last": (512, 0),
              "generate-64": (128, 64)}
@@ -297,36 +296,31 @@ def workload_call(model, workload: str, ids: torch.Tensor) -> Callable[[], float
 
 
 def measure(models: dict, workload: str, ids: torch.Tensor, reps: int, warmup: int = 3,
-            threads: dict | None = None, sync=lambda: None, before: dict | None = None,
+            threads: dict | None = None, sync=None, before: dict | None = None,
             after: dict | None = None) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Milliseconds per call of each model, interleaved: one call of each per repetition.
+    """Milliseconds per call of each model, interleaved: one call of each per repetition, the order
+    rotated (``cqil_fx.tools.timing.time_interleaved``).
 
     Returns (whole-call times, per-token times); the second is empty but for generate workloads.
-    ``before[name]()`` runs just before the clock starts for ``name`` (e.g. waking the other rank),
-    ``after[name](measured)`` just after it stops.
+    ``threads[name]`` is set and ``before[name]()`` runs just before the clock starts for ``name``
+    (e.g. waking the other rank), ``after[name](measured)`` just after it stops.
     """
     calls = {name: workload_call(model, workload, ids) for name, model in models.items()}
-    times, per_token = {name: [] for name in calls}, {}
+    hooks = {name: functools.partial(_before_call, (threads or {}).get(name), (before or {}).get(name))
+             for name in calls}
     saved = torch.get_num_threads()
     with torch.no_grad():
-        for i in range(warmup + reps):
-            for name, call in calls.items():
-                if threads:
-                    torch.set_num_threads(threads[name])
-                if before and name in before:
-                    before[name]()
-                sync()
-                t = time.perf_counter()
-                token_ms = call()
-                sync()
-                if after and name in after:
-                    after[name](i >= warmup)
-                if i >= warmup:
-                    times[name].append((time.perf_counter() - t) * 1e3)
-                    if token_ms is not None:
-                        per_token.setdefault(name, []).append(token_ms)
+        timings = time_interleaved(calls, reps, warmup, sync=sync, before=hooks, after=after)
     torch.set_num_threads(saved)
-    return times, per_token
+    per_token = {name: tokens for name, tokens in timings.results.items() if tokens and tokens[0] is not None}
+    return timings.ms, per_token
+
+
+def _before_call(threads: int | None, then: Callable[[], None] | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    if then is not None:
+        then()
 
 
 def parse_plan(text: str) -> CQILConfig:
@@ -441,12 +435,7 @@ def bare_all_reduce(tokens: int, hidden: int, shared_memory: bool, reps: int = 5
         op = lambda: shm.shm_all_reduce(x, channel)  # noqa: E731
     else:
         op = lambda: dist.all_reduce(x)  # noqa: E731
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        op()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median(time_interleaved({"all_reduce": op}, reps, warmup=0).ms["all_reduce"])
 
 
 def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
@@ -484,13 +473,13 @@ def lead(model, args, plans: list[CQILConfig], spmd: bool) -> dict:
         for clock in clocks.values():
             clock.take()
         times, per_token = measure(fns, workload, ids, args.reps, threads=threads, before=wake, after=after)
-        whole = {name: statistics.median(ts) for name, ts in times.items()}
-        token = {name: statistics.median(ts) for name, ts in per_token.items()}
+        whole = {name: median(ts) for name, ts in times.items()}
+        token = {name: median(ts) for name, ts in per_token.items()}
         for name, ts in times.items():
             column, _, plan = name.partition("|")
-            q = p10_p90(ts)
-            rows.append(dict(workload=workload, plan=plan, column=column, median_ms=whole[name], p10_ms=q[0],
-                             p90_ms=q[-1], collectives=graph_collectives(name), samples_ms=ts))
+            spread = Summary.of(ts)
+            rows.append(dict(workload=workload, plan=plan, column=column, median_ms=whole[name], p10_ms=spread.p10,
+                             p90_ms=spread.p90, collectives=graph_collectives(name), samples_ms=ts))
             if name in token:
                 rows[-1].update(token_ms=token[name], tokens_per_s=WORKLOADS[workload][1] / whole[name] * 1e3)
         med = token or whole  # the ratios: per-token latency for generate workloads
@@ -545,10 +534,9 @@ def paired_ratios(rows: list[dict], baselines: tuple[str, ...] = ("original-2t",
                 "rest-1t", "spmd-compute")
             if ref is None or skip or not row.get("samples_ms"):
                 continue
-            ratios = [a / b for a, b in zip(row["samples_ms"], ref["samples_ms"])]
-            q = p10_p90(ratios)
+            spread = Summary.of(ratios(row["samples_ms"], ref["samples_ms"]))
             out.append(dict(workload=row["workload"], plan=row["plan"], column=row["column"], baseline=base,
-                            median=statistics.median(ratios), p10=q[0], p90=q[-1], n=len(ratios)))
+                            median=spread.median, p10=spread.p10, p90=spread.p90, n=spread.n))
     return out
 
 
@@ -564,7 +552,7 @@ def spmd_breakdown(med: dict, workload: str, config: CQILConfig, column: str, co
 
 def concurrent_breakdown(total_ms: float, samples: list[dict], workload: str, config: CQILConfig) -> dict:
     keys = ("shared_ms", "group_steps_ms", "members_longest_ms", "members_sum_ms")
-    med = {k: statistics.median(s.get(k, 0.0) for s in samples) for k in keys}
+    med = {k: median(s.get(k, 0.0) for s in samples) for k in keys}
     return dict(workload=workload, plan=plan_name(config), total_ms=total_ms, **med,
                 handoff_ms=med["group_steps_ms"] - med["members_longest_ms"],
                 outside_ms=total_ms - med["shared_ms"] - med["group_steps_ms"])

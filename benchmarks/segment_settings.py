@@ -21,7 +21,6 @@ p10/p90, and each variant's per-repetition ratio to the first variant.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -30,7 +29,7 @@ from cqil_fx import make_backend
 from cqil_fx.graph import executor
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2
-from cqil_fx.tools.testing import p10_p90
+from cqil_fx.tools.timing import Summary, ratios, time_interleaved
 
 VARIANTS = {
     "default": lambda settings, shared: settings,
@@ -63,33 +62,32 @@ def main() -> None:
         columns = {n: compiled_twin(model, make_backend(), dynamic=False) for n in names}
         ids = torch.arange(1 if workload == "decode-1" else 256)[None] % model.config.vocab_size
 
-        def call(twin) -> float:
-            if workload == "generate":
-                clock = TokenClock()
-                twin.generate(**prompts, max_new_tokens=12, min_new_tokens=12, do_sample=False,
-                              cache_implementation="static", pad_token_id=tokenizer.pad_token_id,
-                              stopping_criteria=[clock])
-                return clock.per_token_ms()
-            t = time.perf_counter()
-            twin(ids, use_cache=False)
-            return (time.perf_counter() - t) * 1e3
+        def call(twin):
+            def run() -> float | None:
+                """generate: ms per decode step; a forward: None (the interleaver times the call)."""
+                if workload == "generate":
+                    clock = TokenClock()
+                    twin.generate(**prompts, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                  cache_implementation="static", pad_token_id=tokenizer.pad_token_id,
+                                  stopping_criteria=[clock])
+                    return clock.per_token_ms()
+                twin(ids, use_cache=False)
+                return None
 
-        times = {n: [] for n in names}
+            return run
+
         with torch.no_grad():
             for n in names:
                 current[0] = n
                 t = time.perf_counter()
-                call(columns[n])
+                call(columns[n])()
                 print(f"{workload} {n}: first call {time.perf_counter() - t:.1f} s", flush=True)
-            for rep in range(args.reps):
-                for n in names if rep % 2 == 0 else names[::-1]:
-                    times[n].append(call(columns[n]))
+            timings = time_interleaved({n: call(columns[n]) for n in names}, args.reps, warmup=0)
+        times = timings.results if workload == "generate" else timings.ms
         for n in names:
-            ratios = [a / b for a, b in zip(times[n], times[names[0]])]
-            lo, hi = p10_p90(times[n])
-            rlo, rhi = p10_p90(ratios)
-            print(f"{workload} {n:9s} median {statistics.median(times[n]):8.2f} ms (p10-p90 {lo:.2f}-{hi:.2f}); "
-                  f"/ {names[0]}: {statistics.median(ratios):.3f} ({rlo:.3f}-{rhi:.3f})", flush=True)
+            spread, ratio = Summary.of(times[n]), Summary.of(ratios(times[n], times[names[0]]))
+            print(f"{workload} {n:9s} median {spread.median:8.2f} ms (p10-p90 {spread.p10:.2f}-{spread.p90:.2f}); "
+                  f"/ {names[0]}: {ratio.median:.3f} ({ratio.p10:.3f}-{ratio.p90:.3f})", flush=True)
 
 
 if __name__ == "__main__":

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
-import statistics
 import time
 from pathlib import Path
 
@@ -38,12 +38,9 @@ from cqil_fx.config import Plan
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2, token_batches
+from cqil_fx.tools.timing import Summary, median, time_interleaved
 
 PROMPTS = ("The capital of France is", "Water freezes at a temperature of", "The largest planet in the solar system is")
-
-
-def percentile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=10)[int(q * 10) - 1] if len(values) > 1 else values[0]
 
 
 def generate(twin, batch, tokenizer, new_tokens: int) -> tuple[torch.Tensor, float]:
@@ -91,18 +88,16 @@ def main() -> None:
     if report.fallback is None:
         print(f"      ({report.source}; promised cost {report.cost:+.1%} on its calibration text; mode {report.mode})")
 
-    times: dict[str, list[float]] = {name: [] for name in rows}
-    names = list(rows)
-    for rep in range(args.reps):
-        for name in names if rep % 2 == 0 else names[::-1]:
-            times[name].append(generate(rows[name], batch, tokenizer, args.new_tokens)[1])
+    calls = {name: functools.partial(generate, twin, batch, tokenizer, args.new_tokens) for name, twin in rows.items()}
+    timings = time_interleaved(calls, args.reps, warmup=0)  # each call's result: (tokens, ms per decode step)
+    times = {name: [step_ms for _, step_ms in results] for name, results in timings.results.items()}
     print(f"\ngreedy generation, static cache, {len(PROMPTS)} prompts in a batch, {args.new_tokens} new tokens, "
           f"{args.reps} interleaved calls each; ms per decode step (median, p10-p90), tokens/s:")
     for name, values in times.items():
-        median = statistics.median(values)
-        print(f"  {name:<9} {median:7.2f} ms  ({percentile(values, 0.1):.2f}-{percentile(values, 0.9):.2f})  "
-              f"{len(PROMPTS) * 1e3 / median:6.1f} tokens/s")
-    ratio = statistics.median(times["cqil"]) / statistics.median(times["plain"])
+        spread = Summary.of(values)
+        print(f"  {name:<9} {spread.median:7.2f} ms  ({spread.p10:.2f}-{spread.p90:.2f})  "
+              f"{len(PROMPTS) * 1e3 / spread.median:6.1f} tokens/s")
+    ratio = median(times["cqil"]) / median(times["plain"])
     print(f"  cqil / plain = {ratio:.3f} ({ratio - 1:+.1%} time per token)")
     for name, out in answers.items():
         print(f"  {name}:")

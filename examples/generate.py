@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import logging
-import statistics
 import time
 
 import torch
@@ -29,6 +29,7 @@ import torch
 from cqil_fx import CQILConfig, load_recovered, make_backend
 from cqil_fx.tools.generation import compiled_twin
 from cqil_fx.tools.models import load_smollm2
+from cqil_fx.tools.timing import time_interleaved
 from cqil_fx.eager.reference import cqil_semantics
 
 PROMPTS = ["The capital of France is", "A list in Python is"]
@@ -44,12 +45,8 @@ def timed(model, batch, new_tokens: int, repeat: int) -> tuple[torch.Tensor, flo
     t = time.perf_counter()
     generate(model, batch, new_tokens)
     first = time.perf_counter() - t
-    seconds = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = generate(model, batch, new_tokens)
-        seconds.append(time.perf_counter() - t)
-    return out, first, statistics.median(seconds)
+    timings = time_interleaved({"generate": functools.partial(generate, model, batch, new_tokens)}, repeat, warmup=0)
+    return timings.results["generate"][-1], first, timings.summary("generate").median / 1e3
 
 
 def main() -> None:
