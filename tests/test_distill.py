@@ -8,6 +8,7 @@ reference on the recovered weights.
 """
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -165,6 +166,20 @@ def test_early_stop_keeps_the_best_weights():
     assert result.best_perplexity == result.initial_perplexity
     assert result.teacher_perplexity == pytest.approx(perplexity(teacher, HELD_OUT))
     assert changed_blocks(result.model, teacher) == set()
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_a_cosine_to_a_tenth_of_the_peak():
+    from cqil_fx.eager.distill import _schedule
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    schedule, lrs = _schedule(optimizer, warmup=4, steps=20), []
+    for _ in range(20):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 3) / 16)) for s in range(4, 20)]
+    assert lrs == pytest.approx([2.0 * f for f in [0.25, 0.5, 0.75, 1.0] + cosine], rel=1e-12)
+    assert lrs[-1] == pytest.approx(0.2)
 
 
 def test_texts_are_cut_into_windows_with_the_tokenizer():

@@ -172,7 +172,7 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
     lr = lr if lr is not None else DEFAULT_LR[method]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=_fused_ok(params))
     warmup = warmup if warmup is not None else max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
+    schedule = _schedule(optimizer, warmup, steps)
     run = _Run(student, eval_batches, patience, params)
     targets = _TeacherTargets(model, _top_k(top_k, model), batches)
     teacher_ppl = perplexity(model, eval_batches) if eval_batches else None
@@ -284,14 +284,13 @@ def _fused_ok(params: Sequence[nn.Parameter]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def _warmup_cosine(warmup: int, steps: int, floor: float = 0.1):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        done = (step - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
+def _schedule(optimizer: torch.optim.Optimizer, warmup: int, steps: int, floor: float = 0.1):
+    """transformers' warm-up-cosine with a floor: ``(s + 1) / warmup`` of the peak on step ``s < warmup``,
+    then a cosine that reaches ``floor`` of the peak on the last step."""
+    from transformers import get_scheduler
 
-    return factor
+    return get_scheduler("cosine_warmup_with_min_lr", optimizer, num_warmup_steps=warmup, num_training_steps=steps,
+                         scheduler_specific_kwargs={"min_lr_rate": floor})
 
 
 # --------------------------------------------------------------------------- what trains
@@ -684,7 +683,7 @@ def load_adapters(model: nn.Module, directory: str | Path, plan: Plan | CQILConf
 
 def base_fingerprint(model: nn.Module) -> str:
     """The fingerprint of the decoder stack's weights (the plan cache's), for adapters' base-model check."""
-    from ..plan_cache import weights_fingerprint
+    from ..fingerprint import weights_fingerprint
 
     return weights_fingerprint([list(layer.parameters()) for layer in decoder_layers(model)])
 
