@@ -80,6 +80,28 @@ def test_lora_merges_back_into_plain_linear_layers():
     assert {type(m) for m in model.modules()} == {type(m) for m in tiny_model("llama").modules()}
 
 
+def test_peft_lora_layers_inside_the_blocks_leave_the_plan_semantics_intact():
+    """peft wraps the Linears inside the hooked modules: under cqil_semantics the adapted model computes
+    the plan on the adapted weights, the same as after merging."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    from cqil_fx.eager.distill import ADAPTER, _Adapters, _lora_config
+
+    model, ids = fresh(), tokens(seed=5)
+    adapters = _Adapters(model, _lora_config(model, sorted(TRAINED), 2, None))
+    assert {i for i, layer in enumerate(decoder_layers(model))
+            if any(isinstance(m, LoraLinear) for m in layer.modules())} == TRAINED
+    with torch.no_grad():
+        for layer in adapters.layers().values():
+            torch.nn.init.normal_(layer.lora_B[ADAPTER].weight, std=0.2)
+        adapted = cqil_reference(model, PLAN, ids, use_cache=False).logits
+        adapters.merge()
+        merged = cqil_reference(model, PLAN, ids, use_cache=False).logits
+        original = cqil_reference(tiny_model("llama"), PLAN, ids, use_cache=False).logits
+    assert relative_error(adapted, merged) < 1e-5
+    assert relative_error(merged, original) > 1e-2  # the adapters matter: the check is not vacuous
+
+
 def test_explicit_blocks_train_only_those():
     teacher = fresh()
     model = recover(teacher, CONFIG, TRAIN, steps=3, blocks=[4, 7], lr=3e-3, progress=False)

@@ -18,9 +18,19 @@ the language-model loss. What trains:
 
 * ``method="full"``: every weight of the trained blocks (by default the plan's
   grouped blocks); everything else is frozen.
-* ``method="lora"``: low-rank adapters ``W + (alpha / rank) B A`` on every
-  ``nn.Linear`` of the trained blocks, merged into the weights afterwards, so
-  the returned model has the original architecture.
+* ``method="lora"``: peft's low-rank adapters ``W + (alpha / rank) B A`` on
+  every ``nn.Linear`` of the trained blocks, merged into the weights
+  afterwards, so the returned model has the original architecture. On a
+  quantized model (torchao weights, e.g. ``quantize_(model,
+  Int8WeightOnlyConfig())``) it is QLoRA: the quantized weights stay frozen,
+  the adapters train in float32 and stay beside them, unmerged (merging would
+  round them to the weights' grid). ``method="full"`` cannot train quantized
+  weights (:class:`~cqil_fx.errors.CQILUnsupportedError`).
+
+The plan's semantics come from module hooks on each decoder layer and on the
+modules that end its branches (:func:`cqil_semantics`); peft replaces only the
+``nn.Linear`` layers inside those modules, so the hooks see the adapted
+branches unchanged.
 
 The teacher's distribution is kept per training batch as its ``top_k``
 log-probabilities plus the mass of the rest (a (k+1)-way distribution whose KL
@@ -38,21 +48,24 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..config import CQILConfig, Plan
-from ..errors import CQILConfigError, RecoveredWeightsError
+from ..errors import CQILConfigError, CQILUnsupportedError, RecoveredWeightsError
 from ..stack import decoder_layers
 from ..tokens import token_windows
 from .quality import perplexity
 from .reference import cqil_semantics, resolve_plan
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
 
 log = logging.getLogger(__name__)
 
@@ -108,10 +121,11 @@ class Recovery:
     stopped_early: bool
     seconds: float
     teacher_perplexity: float | None = None  # the original model's, on eval_batches
-    # method="lora": the trained factors per Linear (qualified weight name -> (A, B)) and their scale,
-    # kept after merging so that save_adapters can write them instead of whole weights
+    # method="lora": the trained factors per Linear (qualified weight name -> (A, B)), their scale and
+    # peft's LoraConfig, kept after merging so that save_adapters can write them instead of whole weights
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(default_factory=dict, repr=False)
     adapter_scale: float = 1.0
+    lora_config: LoraConfig | None = dataclasses.field(default=None, repr=False)
 
     @property
     def initial_perplexity(self) -> float | None:
@@ -193,13 +207,13 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
             if (step % eval_every == 0 or step == steps) and run.evaluate(step, bar):
                 break
     run.restore_best()
-    factors, scale = {}, 1.0
-    if adapters:
-        factors, scale = adapters.factors(student), adapters.scale
+    factors, scale, config = {}, 1.0, None
+    if adapters is not None:
+        factors, scale, config = adapters.factors(), adapters.scale, adapters.config
         adapters.merge()
     student.requires_grad_(False)
     return Recovery(student, plan, method, trained, run.history, run.step, run.best_step, run.stopped_early,
-                    time.perf_counter() - run.started, teacher_ppl, factors, scale)
+                    time.perf_counter() - run.started, teacher_ppl, factors, scale, config)
 
 
 def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, alpha: float | None):
@@ -207,8 +221,14 @@ def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, a
     student = copy.deepcopy(model).eval()
     student.requires_grad_(False)
     if method == "lora":
-        adapters = _LowRankAdapters(student, trained, rank, alpha)
+        adapters = _Adapters(student, _lora_config(student, trained, rank, alpha))
         return student, adapters, adapters.parameters()
+    quantized = _quantized_weights(student, _block_prefixes(student, trained))
+    if quantized:
+        raise CQILUnsupportedError(
+            f"method='full' on quantized weights ({quantized[0]} is a {quantized[1]}): full-weights recovery "
+            "cannot train them; use method='lora' (adapters on the frozen quantized weights, as QLoRA), or "
+            "recover the unquantized model and quantize the result")
     return student, None, _unfreeze(student, trained)
 
 
@@ -311,45 +331,74 @@ def _unfreeze(model: nn.Module, blocks: Sequence[int]) -> list[nn.Parameter]:
     return params
 
 
-class _LowRankAdapters:
-    """``y = W x + (alpha / rank) B A x`` on every Linear of the blocks, by forward hooks; ``merge`` folds them in."""
+ADAPTER = "default"  # peft's name for a model's only adapter (its files then sit in the directory itself)
 
-    def __init__(self, model: nn.Module, blocks: Sequence[int], rank: int, alpha: float | None) -> None:
-        layers = decoder_layers(model)
-        self.scale = (alpha if alpha is not None else 2 * rank) / rank
-        self.adapted: list[tuple[nn.Linear, nn.Parameter, nn.Parameter]] = []
-        self.handles = []
-        for i in blocks:
-            for linear in (m for m in layers[i].modules() if isinstance(m, nn.Linear)):
-                like = dict(dtype=linear.weight.dtype, device=linear.weight.device)
-                a = nn.Parameter(torch.empty(rank, linear.in_features, **like))
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-                b = nn.Parameter(torch.zeros(linear.out_features, rank, **like))
-                self.adapted.append((linear, a, b))
-                self.handles.append(linear.register_forward_hook(self._hook(a, b)))
 
-    def _hook(self, a: nn.Parameter, b: nn.Parameter):
-        def hook(module, args, output):
-            return output + self.scale * nn.functional.linear(nn.functional.linear(args[0], a), b)
+def _lora_config(model: nn.Module, blocks: Sequence[int], rank: int, alpha: float | None) -> LoraConfig:
+    """peft's LoRA on every ``nn.Linear`` of ``blocks``, named in full so that no other module matches."""
+    from peft import LoraConfig
 
-        return hook
+    prefixes = tuple(_block_prefixes(model, blocks))
+    targets = sorted(name for name, m in model.named_modules()
+                     if isinstance(m, nn.Linear) and name.startswith(prefixes))
+    if not targets:
+        raise CQILUnsupportedError(f"method='lora' adapts the nn.Linear layers of the trained blocks, and blocks "
+                                   f"{list(blocks)} have none ({type(decoder_layers(model)[blocks[0]]).__name__}); "
+                                   "use method='full'")
+    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
+                      target_modules=targets, task_type="CAUSAL_LM")
+
+
+def _quantized_weights(model: nn.Module, prefixes: Sequence[str]) -> tuple[str, str] | None:
+    """(name, type) of the first weight under ``prefixes`` that is a tensor subclass (a torchao quantized one)."""
+    for name, p in model.named_parameters():
+        if name.startswith(tuple(prefixes)) and type(p) not in (torch.Tensor, nn.Parameter):
+            return name, type(p).__name__
+    return None
+
+
+class _Adapters:
+    """peft's LoRA layers in ``model`` (``y = W x + (alpha / rank) B A x``, A Kaiming-uniform, B zero).
+
+    On quantized weights peft wraps each Linear in its torchao LoRA layer; then the adapters
+    are cast to float32 and :meth:`merge` leaves them beside the weights (QLoRA).
+    """
+
+    def __init__(self, model: nn.Module, config: LoraConfig) -> None:
+        from peft import LoraModel
+        from peft.functional import cast_adapter_dtype
+
+        self.model, self.config = model, config
+        self.quantized = _quantized_weights(model, [f"{name}." for name in config.target_modules]) is not None
+        with warnings.catch_warnings():
+            # peft's torchao layer cannot merge without the quantization recipe; it is never merged here
+            warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`")
+            self.tuner = LoraModel(model, config, ADAPTER)
+        if self.quantized:
+            cast_adapter_dtype(model, ADAPTER, autocast_adapter_dtype=True)
+
+    @property
+    def scale(self) -> float:
+        return self.config.lora_alpha / self.config.r
+
+    def layers(self) -> dict[str, nn.Module]:
+        from peft.tuners.lora import LoraLayer
+
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, LoraLayer)}
 
     def parameters(self) -> list[nn.Parameter]:
-        return [p for _, a, b in self.adapted for p in (a, b)]
+        return [p for m in self.layers().values() for p in (m.lora_A[ADAPTER].weight, m.lora_B[ADAPTER].weight)]
 
-    def factors(self, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Qualified weight name of each adapted Linear -> (A, B), detached copies."""
-        names = {id(m): name for name, m in model.named_modules()}
-        return {f"{names[id(linear)]}.weight": (a.detach().clone(), b.detach().clone())
-                for linear, a, b in self.adapted}
+        return {f"{name}.weight": (m.lora_A[ADAPTER].weight.detach().clone(),
+                                   m.lora_B[ADAPTER].weight.detach().clone())
+                for name, m in self.layers().items()}
 
     def merge(self) -> None:
-        for h in self.handles:
-            h.remove()
-        with torch.no_grad():
-            for linear, a, b in self.adapted:
-                linear.weight += self.scale * (b @ a)
-        self.handles, self.adapted = [], []
+        """Fold the adapters into the weights and put the plain Linears back; on quantized weights, nothing."""
+        if not self.quantized:
+            self.tuner.merge_and_unload()
 
 
 # --------------------------------------------------------------------------- teacher and loss
