@@ -75,7 +75,7 @@ def estimate_cell_s(cell: Cell, shape: Shape, params: int, plans: dict[str, Plan
 def schedule(cells: list[Cell], shapes: dict[str, Shape], params: dict[str, int],
              plans: dict[str, dict[str, Plan]], part: Part) -> list[tuple[Cell, float, float]]:
     """(cell, estimated s, running total) for each cell, as if every cell ran."""
-    compiled, built, total, out = set(), set(), FIRST_COMPILE_S[_device_kind(part)], []
+    compiled, built, total, out = set(), set(), FIRST_COMPILE_S[device_kind(part)], []
     for cell in cells:
         seconds = estimate_cell_s(cell, shapes[cell.model], params[cell.model], plans[cell.model], part,
                                   compiled, built)
@@ -86,5 +86,5 @@ def schedule(cells: list[Cell], shapes: dict[str, Shape], params: dict[str, int]
     return out
 
 
-def _device_kind(part: Part) -> str:
+def device_kind(part: Part) -> str:
     return "cuda" if part.device == "cuda" else "cpu"

@@ -21,7 +21,7 @@ from cqil_fx.tools.generation import compiled_twin
 from cqil_fx.tools.timing import time_interleaved
 
 from .columns import StepClock, Twin, compile_settings, decode_call, prefill_call, with_threads
-from .estimates import FIRST_COMPILE_S, _device_kind, estimate_cell_s
+from .estimates import FIRST_COMPILE_S, device_kind, estimate_cell_s
 from .report import cell_rows, plot, print_cell, summarise
 from .shapes import Shape, build_model, parameter_count, plan_label, sweep_plans, without_saved_blocks
 from .work import Cell, Part, column_parts
@@ -82,7 +82,7 @@ class Sweep:
         guess = estimate_cell_s(cell, self.shapes[name], self.params[name], self.plans[name], self.part,
                                 set(self.compiled), set(self.models))
         if not self.models and not self.compiled:
-            guess += FIRST_COMPILE_S[_device_kind(self.part)]
+            guess += FIRST_COMPILE_S[device_kind(self.part)]
         need = guess * self.factor
         label = f"[{index}/{total}] {cell.model} {cell.workload} batch {cell.batch}"
         if self.elapsed() + need > self.part.budget_s:
