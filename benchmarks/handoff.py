@@ -34,6 +34,7 @@ import time
 import torch
 
 from cqil_fx.graph.omp_team import openmp_team
+from cqil_fx.tools.timing import median
 
 
 def main() -> None:
@@ -97,7 +98,7 @@ def main() -> None:
                     if i >= 10:
                         samples[name].append(dict(step=(done - t) / args.run,
                                                   member=statistics.mean(e - s for s, e in stamps)))
-    result = {name: {k: round(statistics.median(s[k] for s in rows) * 1e3, 3) for k in rows[0]}
+    result = {name: {k: round(median(s[k] for s in rows) * 1e3, 3) for k in rows[0]}
               for name, rows in samples.items()}
     print(json.dumps(dict(runtime=team.path, steps=args.steps, run=args.run, **result), indent=1))
 
