@@ -22,8 +22,9 @@ with ``method="inclusive"``).  For sorted values ``x[0] <= ... <= x[n-1]``
 the ``q``-quantile lies at position ``h = (n - 1) q``:
 ``x[floor(h)] + (h - floor(h)) (x[floor(h) + 1] - x[floor(h)])``.  It never
 lies below the fastest call or above the slowest, however few calls there are.
-(``statistics.quantiles``' default ``"exclusive"`` method extrapolates. With 5
-calls its p90 lies beyond the slowest call.)  The median is the 0.5-quantile.
+(``statistics.quantiles``' default ``"exclusive"`` method extrapolates: with 5
+calls its p90 lies beyond the slowest whenever the two slowest differ.)  The
+median is the 0.5-quantile.
 
 The timer is injectable (``timer=``, seconds like ``time.perf_counter``), so
 tests can drive the code with a fake clock.  Nothing here imports torch until
