@@ -232,7 +232,7 @@ def test_lora_adapters_ship_small_and_load_only_onto_their_base_and_plan(tmp_pat
     base = fresh()
     result = distill_plan(base, CONFIG, TRAIN, steps=3, method="lora", rank=2, lr=1e-2, progress=False)
     save_adapters(result, base, tmp_path)
-    stored = (tmp_path / "adapters.safetensors").stat().st_size
+    stored = (tmp_path / "adapter_model.safetensors").stat().st_size
     whole = sum(p.numel() * 4 for i in TRAINED for p in decoder_layers(base)[i].parameters())
     assert stored < whole / 2  # factors, not weights
     loaded = fresh()
@@ -245,6 +245,72 @@ def test_lora_adapters_ship_small_and_load_only_onto_their_base_and_plan(tmp_pat
         load_adapters(fresh(), tmp_path, plan=CQILConfig(start=2, end=6, parallel=2, bypass=0))
     with pytest.raises(RecoveredWeightsError, match="no adapters"):
         save_adapters(distill_plan(base, CONFIG, TRAIN, steps=1, progress=False), base, tmp_path / "full")
+
+
+def test_saved_adapters_load_with_peft_itself_and_give_the_logits_load_recovered_gives(tmp_path):
+    from peft import PeftModel
+    from peft.functional import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from cqil_fx.eager.distill import save_adapters
+
+    base, ids = fresh(), tokens(seed=5)
+    result = distill_plan(base, CONFIG, TRAIN, steps=3, method="lora", rank=2, lr=1e-2, progress=False)
+    save_adapters(result, base, tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "plan.json"}
+    ours = fresh()
+    assert load_recovered(ours, tmp_path) == PLAN
+    peft_model = PeftModel.from_pretrained(fresh(), tmp_path)
+    with torch.no_grad():
+        expected = cqil_reference(ours, PLAN, ids, use_cache=False).logits
+        with cqil_semantics(peft_model.get_base_model(), PLAN):  # the adapters unmerged, beside the weights
+            unmerged = peft_model(input_ids=ids, use_cache=False).logits
+    assert relative_error(unmerged, expected) < 1e-5
+    assert relative_error(expected, cqil_reference(base, PLAN, ids, use_cache=False).logits) > 1e-3
+    merged = peft_model.merge_and_unload()  # peft's merge is the one load_recovered runs: the same numbers
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), ours.state_dict().values()))
+    # the bare-model route: inject, then set the factors from the file (keys without PeftModel's prefix)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    bare = inject_adapter_in_model(LoraConfig.from_pretrained(tmp_path), fresh())
+    stored = load_file(tmp_path / "adapter_model.safetensors")
+    factors = {k.removeprefix("base_model.model."): v for k, v in stored.items()}
+    assert not set_peft_model_state_dict(bare, factors).unexpected_keys
+    with torch.no_grad():
+        assert torch.equal(cqil_reference(bare, PLAN, ids, use_cache=False).logits, unmerged)
+
+
+def test_adapters_of_the_format_before_peft_still_load_and_convert_to_the_same_numbers(tmp_path):
+    """cqil_fx.adapters/1: the factors under '<weight name>.lora_A/B', the scale in the metadata."""
+    from safetensors.torch import save_file
+
+    from cqil_fx.eager.distill import base_fingerprint, convert_adapters
+
+    base, ids = fresh(), tokens(seed=5)
+    result = distill_plan(base, CONFIG, TRAIN, steps=3, method="lora", rank=2, lr=1e-2, progress=False)
+    tensors = {f"{name}.{factor}": t for name, (a, b) in result.adapters.items()
+               for factor, t in (("lora_A", a), ("lora_B", b))}
+    metadata = {"format": "cqil_fx.adapters/1", "plan": PLAN.to_json(), "scale": repr(result.adapter_scale),
+                "base": base_fingerprint(base)}
+    save_file(tensors, str(tmp_path / "adapters.safetensors"), metadata=metadata)
+    PLAN.save(tmp_path / "plan.json")
+    before = fresh()
+    assert load_recovered(before, tmp_path) == PLAN
+    with torch.no_grad():  # what the loader before peft computed: W += scale * (B @ A)
+        by_hand = fresh()
+        own = dict(by_hand.named_parameters())
+        for name, (a, b) in result.adapters.items():
+            own[name] += result.adapter_scale * (b @ a)
+    assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), by_hand.state_dict().values()))
+    convert_adapters(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "plan.json"}
+    after = fresh()
+    assert load_recovered(after, tmp_path) == PLAN
+    with torch.no_grad():
+        assert torch.equal(cqil_reference(after, PLAN, ids, use_cache=False).logits,
+                           cqil_reference(before, PLAN, ids, use_cache=False).logits)
+    with pytest.raises(RecoveredWeightsError, match="adapters.safetensors does not exist"):
+        convert_adapters(tmp_path)
 
 
 def test_a_corrected_plan_trains_under_its_corrections_and_ships_with_them(tmp_path):

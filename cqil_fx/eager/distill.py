@@ -82,6 +82,7 @@ __all__ = [
     "save_recovered",
     "save_adapters",
     "load_adapters",
+    "convert_adapters",
     "base_fingerprint",
 ]
 
@@ -631,15 +632,15 @@ def save_recovered(model: nn.Module, plan: Plan, directory: str | Path, blocks: 
 
 
 def load_recovered(model: nn.Module, directory: str | Path, plan: Plan | CQILConfig | None = None) -> Plan:
-    """Load weights written by :func:`save_recovered`, or adapters written by :func:`save_adapters`,
-    into ``model`` (in place); return their plan.
+    """Load weights written by :func:`save_recovered`, or adapters written by :func:`save_adapters`
+    (:func:`load_adapters`), into ``model`` (in place); return their plan.
 
     With ``plan`` given and different from the stored one, warns (:class:`PlanMismatchWarning`):
     the weights were tuned for the stored plan and lose quality under another.
     """
     from safetensors import safe_open
 
-    if (Path(directory) / ADAPTERS_FILE).is_file():
+    if any((Path(directory) / name).is_file() for name in (ADAPTER_WEIGHTS_FILE, LEGACY_ADAPTERS_FILE)):
         return load_adapters(model, directory, plan)
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
@@ -664,70 +665,179 @@ def load_recovered(model: nn.Module, directory: str | Path, plan: Plan | CQILCon
     return stored
 
 
-ADAPTERS_FILE = "adapters.safetensors"
-ADAPTERS_FORMAT = "cqil_fx.adapters/1"
+# Adapters are written in peft's files (PeftModel.save_pretrained's names and keys), so that peft loads them as
+# they are; the plan and the base model's fingerprint ride in the weights' metadata, and plan.json lies beside.
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+ADAPTERS_FORMAT = "cqil_fx.adapters/2"
+PEFT_PREFIX = "base_model.model."  # PeftModel's path to the model it wraps: its saved keys start with it
+LEGACY_ADAPTERS_FILE = "adapters.safetensors"  # cqil_fx's own format before peft, still read
+LEGACY_ADAPTERS_FORMAT = "cqil_fx.adapters/1"
+
+
+@dataclasses.dataclass
+class _StoredAdapters:
+    """Adapters as read from (or about to be written to) a directory."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]  # peft's keys on the bare model: "<module>.lora_A.weight", ".lora_B.weight"
+    plan: Plan
+    base: str | None  # the base model's weights' fingerprint
+    path: Path  # the weights' file
 
 
 def save_adapters(recovery: Recovery, base: nn.Module, directory: str | Path) -> Path:
-    """Write a LoRA recovery's factors (not whole weights) with its plan and ``base``'s fingerprint.
+    """Write a LoRA recovery's adapters (not whole weights) as peft does, with the plan and ``base``'s fingerprint.
 
-    A few megabytes for a 135M model, small enough to keep in a repository;
-    :func:`load_adapters` checks both before it merges them.
+    ``directory`` gets peft's ``adapter_config.json`` and ``adapter_model.safetensors`` (the plan and the
+    fingerprint in its metadata) and ``plan.json``: a few megabytes for a 135M model, small enough to keep
+    in a repository. :func:`load_adapters` checks the plan and the base model before it merges them;
+    ``peft.PeftModel.from_pretrained(base, directory)`` loads them as they are.
     """
-    from safetensors.torch import save_file
-
     if not recovery.adapters:
         raise RecoveredWeightsError("this recovery has no adapters: train with method='lora' to save adapters")
     tensors = {}
     for name, (a, b) in recovery.adapters.items():
-        tensors[f"{name}.lora_A"] = a.contiguous()
-        tensors[f"{name}.lora_B"] = b.contiguous()
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    metadata = {"format": ADAPTERS_FORMAT, "plan": recovery.plan.to_json(), "scale": repr(recovery.adapter_scale),
-                "base": base_fingerprint(base)}
-    save_file(tensors, str(out / ADAPTERS_FILE), metadata=metadata)
-    recovery.plan.save(out / PLAN_FILE)
-    return out
+        module = name.removesuffix(".weight")
+        tensors[f"{module}.lora_A.weight"], tensors[f"{module}.lora_B.weight"] = a, b
+    config = recovery.lora_config
+    if config is None:
+        rank = next(iter(recovery.adapters.values()))[0].shape[0]
+        config = _peft_config(sorted(n.removesuffix(".weight") for n in recovery.adapters), rank,
+                              recovery.adapter_scale * rank)
+    stored = _StoredAdapters(config, tensors, recovery.plan, base_fingerprint(base),
+                             Path(directory) / ADAPTER_WEIGHTS_FILE)
+    return _write_adapters(stored, getattr(base, "name_or_path", None))
 
 
 def load_adapters(model: nn.Module, directory: str | Path, plan: Plan | CQILConfig | None = None) -> Plan:
-    """Merge adapters written by :func:`save_adapters` into ``model`` (in place); return their plan.
+    """Merge adapters written by :func:`save_adapters` into ``model`` (in place, with peft); return their plan.
 
     Refused (:class:`RecoveredWeightsError`) when ``model`` is not the base model
     they were trained on (its weights' fingerprint differs), or when ``plan`` is
     given and is not theirs: adapters recover the quality of one plan of one model.
+    On a quantized model they stay beside its weights, unmerged (peft's torchao
+    LoRA layers). Also reads ``adapters.safetensors``, the format of cqil_fx
+    before peft (:func:`convert_adapters` rewrites it in peft's).
     """
+    stored = _read_adapters(directory)
+    if stored.base is not None and base_fingerprint(model) != stored.base:
+        raise RecoveredWeightsError(f"{stored.path} was trained on another base model (its weights' fingerprint "
+                                    "differs); load it into the model it was recovered from")
+    if plan is not None and resolve_plan(model, plan) != stored.plan:
+        raise RecoveredWeightsError(f"{stored.path} recovers {stored.plan}, not {resolve_plan(model, plan)}; use its "
+                                    "own plan (the returned one) or recover again for yours")
+    resolve_plan(model, stored.plan)
+    _attach(model, stored)
+    return stored.plan
+
+
+def convert_adapters(directory: str | Path) -> Path:
+    """Rewrite the ``adapters.safetensors`` of cqil_fx before peft in ``directory`` as peft's files, in place.
+
+    The factors, the plan and the fingerprint are copied as they are: the merged weights are the same numbers.
+    """
+    legacy = _read_legacy_adapters(Path(directory) / LEGACY_ADAPTERS_FILE)
+    out = _write_adapters(dataclasses.replace(legacy, path=Path(directory) / ADAPTER_WEIGHTS_FILE), None)
+    legacy.path.unlink()
+    return out
+
+
+def _peft_config(targets: Sequence[str], rank: int, alpha: float) -> LoraConfig:
+    from peft import LoraConfig
+
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM")
+
+
+def _write_adapters(stored: _StoredAdapters, name_or_path: str | None) -> Path:
+    from safetensors.torch import save_file
+
+    out = stored.path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(stored.config)
+    config.inference_mode = True  # what PeftModel.save_pretrained writes
+    config.base_model_name_or_path = config.base_model_name_or_path or name_or_path or None
+    document = {key: sorted(v) if isinstance(v, set) else v for key, v in config.to_dict().items()}
+    (out / ADAPTER_CONFIG_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+    metadata = {"format": "pt", "cqil_fx.format": ADAPTERS_FORMAT, "cqil_fx.plan": stored.plan.to_json()}
+    if stored.base is not None:
+        metadata["cqil_fx.base"] = stored.base
+    tensors = {PEFT_PREFIX + key: t.detach().contiguous() for key, t in stored.tensors.items()}
+    save_file(tensors, str(stored.path), metadata=metadata)
+    stored.plan.save(out / PLAN_FILE)
+    return out
+
+
+def _read_adapters(directory: str | Path) -> _StoredAdapters:
+    d = Path(directory)
+    if (d / ADAPTER_WEIGHTS_FILE).is_file():
+        return _read_peft_adapters(d)
+    if (d / LEGACY_ADAPTERS_FILE).is_file():
+        return _read_legacy_adapters(d / LEGACY_ADAPTERS_FILE)
+    raise RecoveredWeightsError(f"{d / ADAPTER_WEIGHTS_FILE} does not exist; point to a directory written by "
+                                "save_adapters (cqil-fx recover --method lora)")
+
+
+def _read_peft_adapters(directory: Path) -> _StoredAdapters:
+    from peft import LoraConfig
+
+    path = directory / ADAPTER_WEIGHTS_FILE
+    metadata, tensors = _read_safetensors(path)
+    if metadata.get("cqil_fx.format") != ADAPTERS_FORMAT:
+        raise RecoveredWeightsError(f"{path} holds no cqil_fx plan (cqil_fx.format {metadata.get('cqil_fx.format')!r}, "
+                                    f"expected {ADAPTERS_FORMAT!r}): load peft's own adapters with "
+                                    "peft.PeftModel.from_pretrained")
+    if not (directory / ADAPTER_CONFIG_FILE).is_file():
+        raise RecoveredWeightsError(f"{directory / ADAPTER_CONFIG_FILE} does not exist; save_adapters writes it "
+                                    f"beside {path.name}")
+    config = LoraConfig.from_pretrained(str(directory))
+    tensors = {key.removeprefix(PEFT_PREFIX): t for key, t in tensors.items()}
+    return _StoredAdapters(config, tensors, Plan.from_json(metadata["cqil_fx.plan"]), metadata.get("cqil_fx.base"),
+                           path)
+
+
+def _read_legacy_adapters(path: Path) -> _StoredAdapters:
+    """``<module>.weight.lora_A`` / ``.lora_B`` factors with the plan, the scale and the fingerprint in the metadata."""
+    if not path.is_file():
+        raise RecoveredWeightsError(f"{path} does not exist; point to a directory of cqil_fx adapters written "
+                                    "before peft")
+    metadata, tensors = _read_safetensors(path)
+    if metadata.get("format") != LEGACY_ADAPTERS_FORMAT:
+        raise RecoveredWeightsError(f"{path} is not a cqil_fx adapters file (format {metadata.get('format')!r})")
+    renamed = {}
+    for key, t in tensors.items():
+        weight, factor = key.rsplit(".", 1)
+        renamed[f"{weight.removesuffix('.weight')}.{factor}.weight"] = t
+    modules = sorted({key.rsplit(".", 2)[0] for key in renamed})
+    rank = renamed[f"{modules[0]}.lora_A.weight"].shape[0]
+    config = _peft_config(modules, rank, float(metadata["scale"]) * rank)
+    return _StoredAdapters(config, renamed, Plan.from_json(metadata["plan"]), metadata.get("base"), path)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
-    path = Path(directory) / ADAPTERS_FILE
-    if not path.is_file():
-        raise RecoveredWeightsError(f"{path} does not exist; point to a directory written by save_adapters "
-                                    "(cqil-fx recover --method lora)")
     with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
-    if metadata.get("format") != ADAPTERS_FORMAT:
-        raise RecoveredWeightsError(f"{path} is not a cqil_fx adapters file (format {metadata.get('format')!r})")
-    stored = Plan.from_json(metadata["plan"])
-    if base_fingerprint(model) != metadata.get("base"):
-        raise RecoveredWeightsError(f"{path} was trained on another base model (its weights' fingerprint "
-                                    "differs); load it into the model it was recovered from")
-    if plan is not None and resolve_plan(model, plan) != stored:
-        raise RecoveredWeightsError(f"{path} recovers {stored}, not {resolve_plan(model, plan)}; use its own plan "
-                                    "(the returned one) or recover again for yours")
-    resolve_plan(model, stored)
-    own = dict(model.named_parameters())
-    scale = float(metadata["scale"])
-    with torch.no_grad():
-        for key in tensors:
-            if key.endswith(".lora_A"):
-                name = key[: -len(".lora_A")]
-                if name not in own:
-                    raise RecoveredWeightsError(f"{path} adapts {name!r}, which this model does not have")
-                weight = own[name]
-                weight += scale * (tensors[f"{name}.lora_B"].to(weight) @ tensors[key].to(weight))
-    return stored
+        return f.metadata() or {}, {name: f.get_tensor(name) for name in f.keys()}
+
+
+def _attach(model: nn.Module, stored: _StoredAdapters) -> None:
+    """Inject the stored adapters with peft, load their factors and merge them (on quantized weights, keep them)."""
+    from peft.functional import set_peft_model_state_dict
+
+    targets = stored.config.target_modules
+    own = {name for name, _ in model.named_modules()}
+    missing = [] if isinstance(targets, str) else [name for name in sorted(targets) if name not in own]
+    if missing:
+        raise RecoveredWeightsError(f"{stored.path} adapts {missing[0]!r}, which this model does not have; "
+                                    "load it into the model it was recovered from")
+    adapters = _Adapters(model, stored.config)
+    result = set_peft_model_state_dict(model, stored.tensors, adapter_name=ADAPTER)
+    unloaded = [key for key in result.missing_keys if ".lora_" in key] + list(result.unexpected_keys)
+    if unloaded:
+        raise RecoveredWeightsError(f"{stored.path} and its adapter_config.json disagree on {unloaded[0]!r}")
+    adapters.merge()
 
 
 def base_fingerprint(model: nn.Module) -> str:
