@@ -284,14 +284,14 @@ def test_adapters_of_the_format_before_peft_still_load_and_convert_to_the_same_n
     """cqil_fx.adapters/1: the factors under '<weight name>.lora_A/B', the scale in the metadata."""
     from safetensors.torch import save_file
 
-    from cqil_fx.eager.distill import base_fingerprint, convert_adapters
+    from cqil_fx.eager.distill import _legacy_fingerprint, convert_adapters
 
     base, ids = fresh(), tokens(seed=5)
     result = distill_plan(base, CONFIG, TRAIN, steps=3, method="lora", rank=2, lr=1e-2, progress=False)
     tensors = {f"{name}.{factor}": t for name, (a, b) in result.adapters.items()
                for factor, t in (("lora_A", a), ("lora_B", b))}
     metadata = {"format": "cqil_fx.adapters/1", "plan": PLAN.to_json(), "scale": repr(result.adapter_scale),
-                "base": base_fingerprint(base)}
+                "base": _legacy_fingerprint(base)}
     save_file(tensors, str(tmp_path / "adapters.safetensors"), metadata=metadata)
     PLAN.save(tmp_path / "plan.json")
     before = fresh()
@@ -302,7 +302,9 @@ def test_adapters_of_the_format_before_peft_still_load_and_convert_to_the_same_n
         for name, (a, b) in result.adapters.items():
             own[name] += result.adapter_scale * (b @ a)
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), by_hand.state_dict().values()))
-    convert_adapters(tmp_path)
+    with pytest.raises(RecoveredWeightsError, match="another base model"):
+        convert_adapters(copy.deepcopy(tiny_model("llama", seed=1)), tmp_path)
+    convert_adapters(fresh(), tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "plan.json"}
     after = fresh()
     assert load_recovered(after, tmp_path) == PLAN
@@ -310,7 +312,7 @@ def test_adapters_of_the_format_before_peft_still_load_and_convert_to_the_same_n
         assert torch.equal(cqil_reference(after, PLAN, ids, use_cache=False).logits,
                            cqil_reference(before, PLAN, ids, use_cache=False).logits)
     with pytest.raises(RecoveredWeightsError, match="adapters.safetensors does not exist"):
-        convert_adapters(tmp_path)
+        convert_adapters(fresh(), tmp_path)
 
 
 def test_a_corrected_plan_trains_under_its_corrections_and_ships_with_them(tmp_path):

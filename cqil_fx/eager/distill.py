@@ -50,7 +50,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -684,6 +684,7 @@ class _StoredAdapters:
     plan: Plan
     base: str | None  # the base model's weights' fingerprint
     path: Path  # the weights' file
+    fingerprint: Callable[[nn.Module], str | None] | None = None  # how ``base`` was taken; None: base_fingerprint
 
 
 def save_adapters(recovery: Recovery, base: nn.Module, directory: str | Path) -> Path:
@@ -721,7 +722,7 @@ def load_adapters(model: nn.Module, directory: str | Path, plan: Plan | CQILConf
     before peft (:func:`convert_adapters` rewrites it in peft's).
     """
     stored = _read_adapters(directory)
-    if stored.base is not None and base_fingerprint(model) != stored.base:
+    if stored.base is not None and (stored.fingerprint or base_fingerprint)(model) != stored.base:
         raise RecoveredWeightsError(f"{stored.path} was trained on another base model (its weights' fingerprint "
                                     "differs); load it into the model it was recovered from")
     if plan is not None and resolve_plan(model, plan) != stored.plan:
@@ -732,13 +733,20 @@ def load_adapters(model: nn.Module, directory: str | Path, plan: Plan | CQILConf
     return stored.plan
 
 
-def convert_adapters(directory: str | Path) -> Path:
+def convert_adapters(model: nn.Module, directory: str | Path) -> Path:
     """Rewrite the ``adapters.safetensors`` of cqil_fx before peft in ``directory`` as peft's files, in place.
 
-    The factors, the plan and the fingerprint are copied as they are: the merged weights are the same numbers.
+    ``model`` is their base model: it is checked against the fingerprint they hold, whose
+    digest has changed since, and its fingerprint of today is written instead. The factors
+    and the plan are copied as they are: the merged weights are the same numbers.
     """
     legacy = _read_legacy_adapters(Path(directory) / LEGACY_ADAPTERS_FILE)
-    out = _write_adapters(dataclasses.replace(legacy, path=Path(directory) / ADAPTER_WEIGHTS_FILE), None)
+    if legacy.fingerprint(model) != legacy.base:
+        raise RecoveredWeightsError(f"{legacy.path} was trained on another base model (its weights' fingerprint "
+                                    "differs); convert it with the model it was recovered from")
+    converted = _StoredAdapters(legacy.config, legacy.tensors, legacy.plan, base_fingerprint(model),
+                                Path(directory) / ADAPTER_WEIGHTS_FILE)
+    out = _write_adapters(converted, getattr(model, "name_or_path", None))
     legacy.path.unlink()
     return out
 
@@ -812,7 +820,25 @@ def _read_legacy_adapters(path: Path) -> _StoredAdapters:
     modules = sorted({key.rsplit(".", 2)[0] for key in renamed})
     rank = renamed[f"{modules[0]}.lora_A.weight"].shape[0]
     config = _peft_config(modules, rank, float(metadata["scale"]) * rank)
-    return _StoredAdapters(config, renamed, Plan.from_json(metadata["plan"]), metadata.get("base"), path)
+    return _StoredAdapters(config, renamed, Plan.from_json(metadata["plan"]), metadata.get("base"), path,
+                           _legacy_fingerprint)
+
+
+def _legacy_fingerprint(model: nn.Module) -> str:
+    """The base-model fingerprint ``adapters.safetensors`` holds: the digest of the decoder weights before
+    quantized weights (shape, dtype and 4096 evenly strided values of each, as float32)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for layer in decoder_layers(model):
+        digests = []
+        for w in layer.parameters():
+            flat = w.detach().reshape(-1)
+            digest = hashlib.sha256(f"{tuple(w.shape)}|{w.dtype}".encode())
+            digest.update(flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).numpy().tobytes())
+            digests.append(digest.hexdigest())
+        h.update(("|".join(sorted(digests)) + ";").encode())
+    return h.hexdigest()
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
