@@ -342,6 +342,61 @@ def test_a_corrected_plan_trains_under_its_corrections_and_ships_with_them(tmp_p
     assert relative_error(compiled, expected) < 1e-5
 
 
+def int8_weights(model):
+    """``model`` with torchao's weight-only int8 Linears (QLoRA's base); skips where torchao is missing."""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def test_qlora_trains_float32_adapters_beside_frozen_int8_weights(tmp_path):
+    from peft.tuners.lora.torchao import TorchaoLoraLinear
+
+    from cqil_fx.errors import CQILUnsupportedError
+
+    teacher = int8_weights(fresh())
+    result = distill_plan(teacher, CONFIG, TRAIN, steps=12, method="lora", lr=1e-2, rank=4, top_k=32, progress=False)
+    before = kl_to_teacher(int8_weights(fresh()), teacher, PLAN, TRAIN)
+    after = kl_to_teacher(result.model, teacher, PLAN, TRAIN)
+    assert after < 0.8 * before, (before, after)
+    adapted = {name: m for name, m in result.model.named_modules() if isinstance(m, TorchaoLoraLinear)}
+    assert {int(name.split(".")[2]) for name in adapted} == TRAINED  # model.layers.<i>.…
+    originals = dict(teacher.named_modules())
+    for name, layer in adapted.items():
+        weight = layer.get_base_layer().weight
+        assert type(weight).__name__ == "Int8Tensor" and not weight.requires_grad
+        assert torch.equal(weight.dequantize(), originals[name].weight.dequantize())  # frozen, still int8
+        assert layer.lora_A["default"].weight.dtype == layer.lora_B["default"].weight.dtype == torch.float32
+    assert not any(p.requires_grad for p in result.model.parameters())
+    with pytest.raises(CQILUnsupportedError, match="method='full' on quantized weights"):
+        distill_plan(teacher, CONFIG, TRAIN, steps=1, progress=False)
+
+
+def test_qlora_adapters_load_onto_the_int8_model_with_cqil_fx_peft_and_the_backend(tmp_path):
+    from peft import PeftModel
+
+    from cqil_fx.eager.distill import save_adapters
+
+    base, ids = int8_weights(fresh()), tokens(seed=5)
+    result = distill_plan(base, CONFIG, TRAIN, steps=3, method="lora", lr=1e-2, rank=2, progress=False)
+    save_adapters(result, base, tmp_path)
+    ours = int8_weights(fresh())
+    assert load_recovered(ours, tmp_path) == PLAN
+    peft_model = PeftModel.from_pretrained(int8_weights(fresh()), tmp_path)
+    config = CQILConfig(start=2, end=6, parallel=2, bypass=1, inner="aot_eager")
+    with torch.no_grad():
+        expected = cqil_reference(result.model, PLAN, ids, use_cache=False).logits
+        with cqil_semantics(peft_model.get_base_model(), PLAN):
+            by_peft = peft_model(input_ids=ids, use_cache=False).logits
+        compiled = torch.compile(ours, backend=make_backend(config))(ids, use_cache=False).logits
+        assert torch.equal(cqil_reference(ours, PLAN, ids, use_cache=False).logits, expected)
+    assert relative_error(by_peft, expected) < 1e-6
+    assert relative_error(compiled, expected) < 1e-5
+    assert relative_error(expected, cqil_reference(base, PLAN, ids, use_cache=False).logits) > 1e-3
+
+
 def test_loading_for_another_plan_warns(tmp_path):
     save_recovered(fresh(), PLAN, tmp_path)
     with pytest.warns(PlanMismatchWarning, match="recovered for Plan.*loaded for Plan"):

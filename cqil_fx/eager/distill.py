@@ -161,7 +161,8 @@ def distill_plan(model: nn.Module, plan: Plan | CQILConfig, data, *, steps: int 
             ``seq_len``-token windows), or a list of ``(batch, tokens)`` tensors of token ids.
             Steps cycle through it in a seeded random order, one item per step.
         steps: optimizer steps (at most; early stopping may end sooner).
-        method: ``"full"`` (train the blocks' weights) or ``"lora"`` (low-rank adapters, merged).
+        method: ``"full"`` (train the blocks' weights) or ``"lora"`` (peft's low-rank adapters, merged;
+            on quantized weights QLoRA: float32 adapters beside the frozen weights, unmerged).
         lr: AdamW peak learning rate; default 2e-4 for full, 1e-3 for lora. Linear warmup over
             ``warmup`` steps (default 5 % of ``steps``), then cosine decay to 10 % of the peak.
         rank, alpha: LoRA rank and scale (``alpha`` defaults to ``2 * rank``).
