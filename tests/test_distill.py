@@ -102,6 +102,13 @@ def test_peft_lora_layers_inside_the_blocks_leave_the_plan_semantics_intact():
     assert relative_error(merged, original) > 1e-2  # the adapters matter: the check is not vacuous
 
 
+def test_lora_on_blocks_without_linear_layers_is_refused():
+    from cqil_fx.errors import CQILUnsupportedError
+
+    with pytest.raises(CQILUnsupportedError, match=r"have none \(GPT2Block\); use method='full'"):
+        distill_plan(tiny_model("gpt2"), CONFIG, TRAIN, steps=1, method="lora", progress=False)  # Conv1D, not Linear
+
+
 def test_explicit_blocks_train_only_those():
     teacher = fresh()
     model = recover(teacher, CONFIG, TRAIN, steps=3, blocks=[4, 7], lr=3e-3, progress=False)

@@ -338,8 +338,6 @@ ADAPTER = "default"  # peft's name for a model's only adapter (its files then si
 
 def _lora_config(model: nn.Module, blocks: Sequence[int], rank: int, alpha: float | None) -> LoraConfig:
     """peft's LoRA on every ``nn.Linear`` of ``blocks``, named in full so that no other module matches."""
-    from peft import LoraConfig
-
     prefixes = tuple(_block_prefixes(model, blocks))
     targets = sorted(name for name, m in model.named_modules()
                      if isinstance(m, nn.Linear) and name.startswith(prefixes))
@@ -347,8 +345,14 @@ def _lora_config(model: nn.Module, blocks: Sequence[int], rank: int, alpha: floa
         raise CQILUnsupportedError(f"method='lora' adapts the nn.Linear layers of the trained blocks, and blocks "
                                    f"{list(blocks)} have none ({type(decoder_layers(model)[blocks[0]]).__name__}); "
                                    "use method='full'")
-    return LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0,
-                      target_modules=targets, task_type="CAUSAL_LM")
+    return _peft_config(targets, rank, alpha if alpha is not None else 2 * rank)
+
+
+def _peft_config(targets: Sequence[str], rank: int, alpha: float) -> LoraConfig:
+    from peft import LoraConfig
+
+    alpha = int(alpha) if float(alpha).is_integer() else alpha
+    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM")
 
 
 def _quantized_weights(model: nn.Module, prefixes: Sequence[str]) -> tuple[str, str] | None:
@@ -371,7 +375,9 @@ class _Adapters:
         from peft.functional import cast_adapter_dtype
 
         self.model, self.config = model, config
-        self.quantized = _quantized_weights(model, [f"{name}." for name in config.target_modules]) is not None
+        targets = config.target_modules  # names (ours), or a regular expression (peft's other files)
+        self.quantized = _quantized_weights(model, [""] if isinstance(targets, str) else
+                                            [f"{name}." for name in targets]) is not None
         with warnings.catch_warnings():
             # peft's torchao layer cannot merge without the quantization recipe; it is never merged here
             warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`")
@@ -750,13 +756,6 @@ def convert_adapters(model: nn.Module, directory: str | Path) -> Path:
     out = _write_adapters(converted, getattr(model, "name_or_path", None))
     legacy.path.unlink()
     return out
-
-
-def _peft_config(targets: Sequence[str], rank: int, alpha: float) -> LoraConfig:
-    from peft import LoraConfig
-
-    alpha = int(alpha) if float(alpha).is_integer() else alpha
-    return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM")
 
 
 def _write_adapters(stored: _StoredAdapters, name_or_path: str | None) -> Path:
