@@ -27,16 +27,12 @@ import contextlib
 import dataclasses
 import operator
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch.fx
 
 from .find_blocks import Block
 from .module_stack import layer_of
-
-if TYPE_CHECKING:
-    from .spmd import Placement
-    from .tensor_parallel import Sharding
+from .records import Placement, Sharding
 
 _INPUTS_OUTPUT = ("placeholder", "get_attr", "output")
 

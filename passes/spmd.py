@@ -46,27 +46,10 @@ from cqil_fx.errors import SpmdPlacementError
 from .concurrent_groups import GroupRewrite, RewrittenGraph
 from .find_blocks import Block
 from .mutation import mutates_in_place
+from .records import Placement
 
 _functional = torch.ops._c10d_functional
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
-
-
-@dataclasses.dataclass(frozen=True)
-class Placement:
-    """What :func:`place_members` kept and inserted on one rank."""
-
-    rank: int
-    world_size: int
-    kept: tuple[int, ...]  # block indices this rank computes as a group member
-    dropped: tuple[int, ...]  # block indices other ranks compute
-    all_reduces: int
-    all_gathers: int
-    nodes_removed: int
-    caches_released: int = 0  # cache tensors of dropped members made one element (static: prefill; dynamic: all)
-
-    @property
-    def collectives(self) -> int:
-        return self.all_reduces + self.all_gathers
 
 
 def place_members(rewritten: RewrittenGraph, rank: int, world_size: int, group_name: str) -> RewrittenGraph:

@@ -48,6 +48,7 @@ from .concurrent_groups import RewrittenGraph
 from .find_blocks import Block
 from .module_stack import layer_of
 from .mutation import mutates_in_place
+from .records import Sharding
 
 log = logging.getLogger(__name__)
 _functional = torch.ops._c10d_functional
@@ -58,28 +59,6 @@ _CONTRACTIONS = {"matmul": (-1, -2), "bmm": (-1, -2), "scaled_dot_product_attent
 # Ops whose ``dim`` argument must not be the split dimension (position of a positional dim).
 _DIM_OPS = {"softmax": 1, "log_softmax": 1, "cat": 1, "cumsum": 1, "mean": 1, "sum": 1, "amax": 1,
             "max": 1, "norm": 2, "layer_norm": None, "rms_norm": None}
-
-
-@dataclasses.dataclass(frozen=True)
-class Sharding:
-    """What :func:`shard_blocks` split on one rank."""
-
-    rank: int
-    world_size: int
-    blocks: tuple[int, ...]  # blocks whose branches run tensor-parallel
-    column_linears: int
-    row_linears: int  # one all-reduce each
-    lm_head: bool  # the LM head split over the vocabulary (one all-gather)
-    whole_branches: tuple[int, ...] = ()  # with fallback: blocks of a branch left whole (heads do not divide)
-    embedding: bool = False  # the input embedding split over the vocabulary (one all-reduce)
-
-    @property
-    def all_reduces(self) -> int:
-        return self.row_linears + int(self.embedding)
-
-    @property
-    def all_gathers(self) -> int:
-        return int(self.lm_head)
 
 
 def shard_blocks(rewritten: RewrittenGraph, rank: int, world_size: int, group_name: str,
