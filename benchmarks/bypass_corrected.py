@@ -18,7 +18,7 @@ from held_out import SEARCHED_PLANS, record, smollm2_study, study_arguments, wri
 
 from cqil_fx.eager.correction import fit_corrections
 from cqil_fx.eager.quality import measure_copying, perplexity
-from cqil_fx.planning import Plan
+from cqil_fx.config import Plan
 
 
 def main() -> None:

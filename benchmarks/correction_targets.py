@@ -31,7 +31,7 @@ from cqil_fx.eager.correction import NormalEquations, fit_corrections, group_act
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.eager.reference import resolve_plan
 from cqil_fx.eager.replay import BlockOutputs
-from cqil_fx.planning import Plan
+from cqil_fx.config import Plan
 
 
 def sequential(model, plan: Plan, batches: list) -> Plan:

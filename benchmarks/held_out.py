@@ -17,7 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
-from cqil_fx.eager.planner import self_generated_text
+from cqil_fx.planning.self_text import self_generated_text
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.tools.models import load_smollm2, token_batches
 

@@ -11,7 +11,7 @@ The search of ``backend="cqil"`` with no arguments (``plan_auto`` with
 (``self_generated_text``, seed 0), at each budget; each plan's promise (its
 cost on that text) next to its perplexity change on the held-out licence
 texts, with and without its corrections. This is what ``SAFETY`` in
-``cqil_fx.eager.planner`` is set from. ``--beam B`` searches with a beam of
+``cqil_fx.planning.auto`` is set from. ``--beam B`` searches with a beam of
 ``B`` plans (``plan_auto(beam=B)``) instead of the default greedy growth.
 ``--repeats F`` adds a fraction F of the text's windows again with their second
 half replaced by their first (``cqil_fx.tokens.repeated_windows``), so that the
@@ -30,7 +30,8 @@ import time
 
 from held_out import record, write
 
-from cqil_fx.eager.planner import plan_auto, self_generated_text
+from cqil_fx.planning.auto import plan_auto
+from cqil_fx.planning.self_text import self_generated_text
 from cqil_fx.eager.quality import measure_copying, perplexity
 from cqil_fx.tokens import repeated_windows
 from cqil_fx.tools.models import load_smollm2, token_batches

@@ -77,9 +77,10 @@ def main(argv=None) -> dict:
                         help="also the training-free copying of every adjacent pair grouped alone")
     parser.add_argument("--out", type=Path, help="also write the table as JSON here")
     args = parser.parse_args(argv)
-    missing = [d for d in args.adapters if not (Path(d) / "adapters.safetensors").is_file()]
+    names = ("adapter_model.safetensors", "adapters.safetensors")  # peft's files, or cqil_fx's before peft
+    missing = [d for d in args.adapters if not any((Path(d) / name).is_file() for name in names)]
     if missing:  # before minutes of loading and evaluating
-        parser.error(f"--adapters {', '.join(missing)}: no adapters.safetensors there; give directories written by "
+        parser.error(f"--adapters {', '.join(missing)}: no adapter_model.safetensors there; give directories written by "
                      f"cqil-fx recover --method lora")
     if args.windows < 1:
         parser.error(f"--windows must be at least 1, got {args.windows}")

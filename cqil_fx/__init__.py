@@ -1,21 +1,27 @@
 """cqil_fx: run quasi-independent decoder layers concurrently, as a torch.compile backend.
 
     import torch
-    from cqil_fx import cqil_backend, make_backend, CQILConfig
+    import cqil_fx
 
-    fast = torch.compile(model, backend=make_backend(CQILConfig(start=20, end=28, parallel=2, bypass=1)))
+    plan = cqil_fx.plan(model, budget=0.10)                  # ahead of time: searched once, cached
+    fast = torch.compile(model, backend="cqil")              # uses that plan
+    fast = torch.compile(model, backend=cqil_fx.make_backend(cqil_fx.CQILConfig(start=20, end=28, parallel=2)))
 
-The package in pipeline order (docs/architecture.md has a file per stage):
+The package in pipeline order, each floor importing only those below it
+(docs/architecture.md has a file per stage):
 
-* :mod:`cqil_fx.config`, :mod:`cqil_fx.errors`, :mod:`cqil_fx.stack` -- what every part shares:
-  the request, the plan, one exception family, the one definition of the decoder stack;
-* :mod:`cqil_fx.passes` -- the FX passes (find blocks, rewrite groups, bypass, segments, SPMD placement);
-* :mod:`cqil_fx.planning` -- the budgeted plan search, whatever measures the plans;
-* :mod:`cqil_fx.graph` -- the graph side: the backend, calibration on the captured graph,
-  the concurrent executor, the SPMD runtime and its transports;
+* :mod:`cqil_fx.config`, :mod:`cqil_fx.errors`, :mod:`cqil_fx.stack`, :mod:`cqil_fx.fingerprint`, ... --
+  what every part shares: the request, the plan, the mode table, one exception family, the decoder stack;
+* :mod:`cqil_fx.passes` -- the FX passes (find blocks, rewrite groups, bypass, segments, SPMD placement)
+  and their driver, ``apply_plan``;
 * :mod:`cqil_fx.eager` -- the eager side, on module hooks: the reference semantics, quality,
-  similarity, the eager planner, distillation, the quality study;
-* :mod:`cqil_fx.tools` -- inspection, the CLI, the real model and text, latency assertions, generation.
+  similarity, corrections, distillation;
+* :mod:`cqil_fx.planning` -- the planning stage: the budgeted search, the meters (eager and graph),
+  the default plan, the plan cache, and :func:`plan`, the explicit step;
+* :mod:`cqil_fx.graph` -- the runtime: the backend's one pipeline, the execution modes, the
+  concurrent executor, the SPMD runtime and its transports;
+* :mod:`cqil_fx.tools` -- inspection, the CLI, the quality study, the real model and text, timing,
+  latency assertions, generation.
 
 See docs/ for the semantics (CQIL, Zou et al., ACL 2024) and the pipeline.
 """
@@ -51,7 +57,9 @@ from .eager.reference import cqil_reference
 from .errors import (CQILConfigError, CQILDistributedError, CQILError, CQILPlanError, CQILUnsupportedError,
                      ModelNotAvailableError, RecoveredWeightsError, TextSplitError, UncalibratableGraphError,
                      UnrecognisedBlockError)
-from .graph.backend import CompileReport, CQILBackend, cqil_backend, make_backend, rewrite_graph
+from .graph.backend import CQILBackend, cqil_backend, make_backend, rewrite_graph
+from .graph.report import CompileReport
+from .planning import plan
 
 __all__ = [
     "CQILBackend",
@@ -75,6 +83,7 @@ __all__ = [
     "distill_plan",
     "load_recovered",
     "make_backend",
+    "plan",
     "recover",
     "rewrite_graph",
     "save_recovered",

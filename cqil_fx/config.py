@@ -22,7 +22,30 @@ from typing import Any
 
 from .errors import CQILConfigError, CQILError, CQILPlanError
 
-MODES = ("auto", "local", "concurrent", "spmd")
+AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModeRow:
+    """One execution mode: its name, the module that implements it (a module under
+    :mod:`cqil_fx.graph.modes` whose ``MODE`` is the mode's class, imported when a graph is compiled in
+    it) and the config options that apply to it besides the common ones."""
+
+    name: str
+    module: str
+    options: frozenset[str] = frozenset()
+
+
+# The execution modes: adding one is a module under cqil_fx/graph/modes/ and a row here. "auto" is a rule over
+# this table (cqil_fx.graph.modes.execution_mode): it tries the rows from the last to the first, most
+# specialised first, and takes the first mode that suits the graph; local, the first row, always does.
+MODE_TABLE = (
+    ModeRow("local", "cqil_fx.graph.modes.local"),
+    ModeRow("concurrent", "cqil_fx.graph.modes.concurrent", frozenset({"cuda_graphs"})),
+    ModeRow("spmd", "cqil_fx.graph.modes.spmd", frozenset({"tensor_parallel", "tp_fallback"})),
+)
+AUTO_OPTIONS = frozenset({"tensor_parallel", "tp_fallback"})  # auto may pick spmd, never cuda_graphs by itself
+MODES = (AUTO, *(row.name for row in MODE_TABLE))
 INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 TRANSPORTS = ("auto", "process_group", "shared_memory")
 
@@ -32,9 +55,8 @@ TRANSPORTS = ("auto", "process_group", "shared_memory")
 DEFAULT_START_FRACTION = 0.4
 DEFAULT_TAIL_BLOCKS = 2
 # The default quality budget: the relative perplexity increase a plan may cost
-# (the default plan searches at a fraction of it: cqil_fx.eager.planner.SAFETY).
+# (the default plan searches at a fraction of it: cqil_fx.planning.auto.SAFETY).
 DEFAULT_BUDGET = 0.10
-AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -296,7 +318,7 @@ class CQILConfig:
     plan is measured, never guessed: the backend reuses a cached plan for the
     model, or lets the model write its own calibration text and searches the
     plan that saves the most block-time within ``budget``, with corrections,
-    and caches it (:mod:`cqil_fx.graph.default_plan`); when nothing fits, the
+    and caches it (:mod:`cqil_fx.planning.default`; or ahead of time with :func:`cqil_fx.plan`); when nothing fits, the
     graph is compiled unchanged.
 
     Or hand over a finished :class:`Plan` (``plan=Plan.load("plan.json")``), or
@@ -373,13 +395,15 @@ class CQILConfig:
             raise CQILConfigError(f"transport={self.transport!r} is unknown; use one of {', '.join(TRANSPORTS)}")
         if not isinstance(self.cuda_graphs, bool):
             raise CQILConfigError(f"cuda_graphs={self.cuda_graphs!r} must be True or False")
-        if self.cuda_graphs and self.mode != "concurrent":
+        if self.mode not in MODES:
+            raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
+        if self.cuda_graphs and not mode_accepts(self.mode, "cuda_graphs"):
             raise CQILConfigError(
                 f"cuda_graphs=True applies to mode='concurrent'; with mode={self.mode!r} give an inner compiler "
                 "that uses CUDA graphs instead (e.g. Inductor with triton.cudagraphs, docs/user-guide.md)")
         if not isinstance(self.tensor_parallel, bool):
             raise CQILConfigError(f"tensor_parallel={self.tensor_parallel!r} must be True or False")
-        if self.tensor_parallel and self.mode not in ("spmd", "auto"):
+        if self.tensor_parallel and not mode_accepts(self.mode, "tensor_parallel"):
             raise CQILConfigError(
                 f"tensor_parallel=True splits blocks over the ranks of mode='spmd'; with mode={self.mode!r} "
                 "there is one process: use mode='spmd' under torchrun, or tensor_parallel=False")
@@ -388,8 +412,6 @@ class CQILConfig:
             raise CQILConfigError(f"tp_fallback={self.tp_fallback!r} must be True or False")
         if self.tp_fallback and not self.tensor_parallel:
             raise CQILConfigError("tp_fallback=True applies to tensor_parallel=True; set both or neither")
-        if self.mode not in MODES:
-            raise CQILConfigError(f"mode={self.mode!r} is unknown; use one of {', '.join(MODES)}")
         if not (callable(self.inner) or self.inner in INNER_COMPILERS):
             raise CQILConfigError(
                 f"inner={self.inner!r} is unknown; use one of {', '.join(INNER_COMPILERS)} "
@@ -450,7 +472,7 @@ class CQILConfig:
         if self.wants_default_plan:
             raise CQILConfigError(
                 "the default plan is measured at compile time, for the model (backend.reports[-1].plan after "
-                "the first call, or cqil_fx.eager.planner.plan_default(model)); give groups= or start=/end= "
+                "the first call, or cqil_fx.plan(model)); give groups= or start=/end= "
                 "for a fixed plan")
         if isinstance(self.plan, Plan):
             if self.plan.num_blocks != num_blocks:
@@ -470,6 +492,16 @@ class CQILConfig:
                 f"decoder blocks (0..{num_blocks - 1}); fix groups= or start=/end="
             )
         return Plan(num_blocks, tuple(g for g in groups if len(g) > 1), self.bypass)
+
+
+def mode_row(mode: str) -> ModeRow:
+    """The row of :data:`MODE_TABLE` named ``mode`` (not "auto")."""
+    return next(row for row in MODE_TABLE if row.name == mode)
+
+
+def mode_accepts(mode: str, option: str) -> bool:
+    """Whether ``option`` (a :class:`CQILConfig` field) applies to ``mode``."""
+    return option in (AUTO_OPTIONS if mode == AUTO else mode_row(mode).options)
 
 
 def default_span(num_blocks: int, parallel: int) -> tuple[int, int]:

@@ -92,7 +92,7 @@ def private_plan_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def small_self_text(monkeypatch):
     """The default plan's self-written text, at a size a test can afford."""
-    from cqil_fx.eager import planner
+    from cqil_fx.planning import self_text as planner
 
     monkeypatch.setattr(planner, "SELF_TOKENS", 256)
     monkeypatch.setattr(planner, "SELF_WINDOW", 32)

@@ -529,3 +529,62 @@ def loaded_tp_dynamic_generation(rank: int, world_size: int) -> dict:
 def sharded_tp_dynamic_generation(rank: int, world_size: int) -> dict:
     """:func:`loaded_tp_dynamic_generation` with the whole model sharded in memory (:func:`shard_rank_weights`)."""
     return loaded_tp_generation(rank, world_size, cache="dynamic", in_memory=True)
+
+
+# --------------------------------------------------------------------------- planning under torch.distributed
+
+PLAN_TIMEOUT = 3.0  # collective_timeout of the planning scenarios: rank 0's search takes longer
+
+
+def _small_default_search(monkeypatch_rank0_delay: float) -> dict:
+    """Make the default plan's search affordable, and slower than PLAN_TIMEOUT on rank 0; count searches."""
+    from cqil_fx.planning import auto, self_text
+
+    self_text.SELF_TOKENS, self_text.SELF_WINDOW = 256, 32
+    calls = {"searches": 0}
+    real = auto.plan_default
+
+    def slow(*args, **kwargs):
+        calls["searches"] += 1
+        time.sleep(monkeypatch_rank0_delay)
+        return real(*args, **kwargs)
+
+    import cqil_fx.planning.default as default
+
+    default.plan_default = slow
+    return calls
+
+
+def plan_on_rank0(rank: int, world_size: int) -> dict:
+    """cqil_fx.plan on every rank: rank 0 searches (for longer than the collective timeout), rank 1 receives
+    the plan; then backend="cqil" finds it on both ranks and the SPMD logits equal the reference."""
+    import cqil_fx
+
+    os.environ["CQIL_FX_PLAN_CACHE"] = f"{os.environ['CQIL_TEST_DIR']}/cache{rank}"  # a cache per rank
+    calls = _small_default_search(2 * PLAN_TIMEOUT if rank == 0 else 0.0)
+    model, ids = tiny_model("llama"), tokens()
+    start = time.perf_counter()
+    plan = cqil_fx.plan(model, budget=0.5, collective_timeout=PLAN_TIMEOUT, progress=False)
+    waited = time.perf_counter() - start
+    backend = make_backend(budget=0.5, collective_timeout=PLAN_TIMEOUT)
+    logits = torch.compile(model, backend=backend)(ids, use_cache=False).logits
+    reference = cqil_reference(model, CQILConfig(plan=plan), ids, use_cache=False).logits
+    report = backend.reports[-1]
+    return dict(plan=plan.to_json(), waited=waited, searches=calls["searches"], source=report.source,
+                mode=report.mode, error=((logits - reference).norm() / reference.norm()).item())
+
+
+def plan_rank0_dies(rank: int, world_size: int) -> dict:
+    """Rank 0 dies while it searches: rank 1 raises within the collective timeout instead of waiting forever."""
+    import cqil_fx
+
+    if rank == 0:
+        from cqil_fx.planning import default
+
+        default.plan_default = lambda *args, **kwargs: os._exit(3)
+    start = time.perf_counter()
+    try:
+        cqil_fx.plan(tiny_model("llama"), collective_timeout=PLAN_TIMEOUT, progress=False)
+    except Exception as e:  # noqa: BLE001 - what rank 1 raised is the result
+        return dict(error=_unwrap(e), seconds=time.perf_counter() - start)
+    return dict(error=None, seconds=time.perf_counter() - start)

@@ -12,7 +12,7 @@ from cqil_fx import CQILConfig, cqil_reference, make_backend
 from cqil_fx.graph import executor
 from cqil_fx.graph.executor import ConcurrentProgram
 from cqil_fx.tools.inspect import capture_graph
-from cqil_fx.graph.rewrite import apply_plan
+from cqil_fx.passes import apply_plan
 from cqil_fx.passes import find_blocks
 from cqil_fx.passes.module_stack import layer_of
 from cqil_fx.passes.segments import split_segments
@@ -354,7 +354,7 @@ def test_repeated_calls_and_lengths(inner):
 def test_cuda_graphs_on_cpu_runs_the_plain_program(caplog):
     """cuda_graphs=True is for CUDA inputs; on CPU the program runs as usual, with one INFO line."""
     model, ids = tiny_model("llama"), tokens()
-    with caplog.at_level("INFO", logger="cqil_fx.graph.backend"):
+    with caplog.at_level("INFO", logger="cqil_fx.graph"):
         actual = compiled(model, start=2, end=6, inner="eager", cuda_graphs=True)(ids, use_cache=False).logits
     expected = cqil_reference(model, CQILConfig(start=2, end=6), ids, use_cache=False).logits
     assert relative_error(actual, expected) <= 1e-4

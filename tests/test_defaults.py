@@ -9,14 +9,16 @@ import pytest
 import torch
 
 from cqil_fx import CQILConfig, Plan, cqil_reference, make_backend
-from cqil_fx import plan_cache
+from cqil_fx.planning import auto as planner
+from cqil_fx.planning import cache as plan_cache
 from cqil_fx.errors import CQILConfigError
-from cqil_fx.eager import planner
 from cqil_fx.eager.correction import LowRankEquations, NormalEquations, fit_corrections
-from cqil_fx.eager.planner import DistortionMeter, plan_auto, self_generated_text
+from cqil_fx.planning.auto import plan_auto
+from cqil_fx.planning.meter import EagerMeter as DistortionMeter
+from cqil_fx.planning.self_text import self_generated_text
 from cqil_fx.eager.reference import cqil_semantics
-from cqil_fx.graph import backend as backend_module
-from cqil_fx.graph.backend import execution_mode
+from cqil_fx.graph import modes as backend_module
+from cqil_fx.graph.modes import execution_mode
 from cqil_fx.stack import decoder_layers
 
 from conftest import relative_error
@@ -313,7 +315,8 @@ def test_cli_correct_fits_writes_and_measures_a_low_rank_plan(smollm2, tmp_path,
 
 def _key(model, budget=0.1):
     layers = decoder_layers(model)
-    return plan_cache.PlanKey.of(["sequential"] * len(layers), [list(l.parameters()) for l in layers], budget, 2)
+    return plan_cache.PlanKey.of(["sequential"] * len(layers), [list(l.parameters()) for l in layers], budget, 2,
+                                 search=planner.default_search_settings())
 
 
 def test_plan_cache_hits_and_misses(tmp_path, monkeypatch):
@@ -466,7 +469,7 @@ def _inputs(device):
 ])
 def test_auto_picks_the_mode_measured_fastest(monkeypatch, threads, device, compile_mode, expected):
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
-    monkeypatch.setattr(backend_module, "_device_of", lambda inputs: torch.device(device))
+    monkeypatch.setattr(backend_module, "device_of", lambda inputs: torch.device(device))
     choice = execution_mode(CQILConfig(), _inputs(device), compile_mode)
     assert (choice.mode, choice.cuda_graphs) == expected and choice.why
     assert execution_mode(CQILConfig(mode="local"), _inputs(device), compile_mode).mode == "local"
@@ -476,7 +479,7 @@ def test_auto_picks_the_mode_measured_fastest(monkeypatch, threads, device, comp
 def test_the_model_and_its_graph_have_the_same_plan_cache_key(family):
     """`cqil-fx plan --default` (the model) fills the entry the backend (the graph) looks up."""
     from cqil_fx.eager.reference import branches_of
-    from cqil_fx.graph.default_plan import graph_plan_key, model_plan_key
+    from cqil_fx.planning.default import graph_plan_key, model_plan_key
     from cqil_fx.passes import find_blocks
 
     model = tiny_model(family)

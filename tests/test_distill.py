@@ -21,8 +21,8 @@ from cqil_fx.eager.distill import _HiddenMatch, distillation_kl
 from cqil_fx.eager.quality import perplexity
 from cqil_fx.eager.reference import cqil_semantics
 from cqil_fx.stack import decoder_layers
-from cqil_fx.planning import SimilarityReport
-from cqil_fx.eager.study import Row, plan_label, write_report
+from cqil_fx.eager.similarity import SimilarityReport
+from cqil_fx.tools.study import Row, plan_label, write_report
 
 from conftest import relative_error
 from tiny_models import VOCAB, tiny_model, tokens

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from cqil_fx import CQILConfig, CQILConfigError, CQILPlanError, Plan, cqil_reference, make_backend
-from cqil_fx.graph.calibration import GraphCalibration
+from cqil_fx.planning.graph_meter import GraphMeter
 from cqil_fx.tools.inspect import capture_graph
-from cqil_fx.eager.planner import plan_auto
+from cqil_fx.planning.auto import plan_auto
 from cqil_fx.eager.quality import measure_copying, perplexity, removed_blocks
 from cqil_fx.eager.similarity import measure_similarity, save_heatmap
 from cqil_fx.passes import find_blocks
-from cqil_fx.planning import SimilarityReport, search_plan
+from cqil_fx.eager.similarity import SimilarityReport
+from cqil_fx.planning.search import search_plan
 
 from conftest import relative_error
 from tiny_models import LAYERS, tiny_model, tokens
@@ -36,7 +37,7 @@ def test_similarity_on_the_graph_equals_the_hooked_eager_pass():
     ids = CALIBRATION[0]
     gm = capture_graph(model, ids, use_cache=False)
     example_inputs = _real_inputs(model, gm, ids)
-    graph_report = GraphCalibration(gm, example_inputs, CALIBRATION).similarity(find_blocks(gm))
+    graph_report = GraphMeter(gm, example_inputs, CALIBRATION).similarity(find_blocks(gm))
     eager_report = measure_similarity(model, CALIBRATION, progress=False)
     torch.testing.assert_close(graph_report.matrix, eager_report.matrix, atol=1e-5, rtol=0)
 
@@ -158,7 +159,7 @@ def test_plans_that_are_not_admissible_are_not_kept(beam):
 def test_keep_copying_keeps_only_plans_that_copy_enough(monkeypatch):
     """``measure_copying`` stood in for (tiny random models do not copy): a plan grouping block 2 copies
     half as well as the original; with ``keep_copying=0.9`` no such plan is kept."""
-    import cqil_fx.eager.planner as planner
+    import cqil_fx.planning.meter as planner
 
     seeds = set()
 
@@ -212,14 +213,14 @@ def test_backend_plans_on_the_graph_like_the_eager_planner():
 
 @pytest.mark.parametrize("length", [16, 17])
 def test_copying_on_the_graph_equals_the_eager_models(length, monkeypatch):
-    """GraphCalibration.copying: repeated random sequences shaped like the traced input (2 x length: four
+    """GraphMeter.copying: repeated random sequences shaped like the traced input (2 x length: four
     windows for 8 rows), scored on the logits the eager model gives on them, with and without a plan."""
     from cqil_fx.eager import quality
-    from cqil_fx.planning import COPYING_SEED
+    from cqil_fx.planning.search import COPYING_SEED
 
     model, ids = tiny_model("llama"), tokens(batch=2, length=length)
     gm = capture_graph(model, ids, use_cache=False)
-    runner = GraphCalibration(gm, _real_inputs(model, gm, ids), CALIBRATION)
+    runner = GraphMeter(gm, _real_inputs(model, gm, ids), CALIBRATION)
     vocab = model.config.vocab_size
     rows = quality.repeated_random_tokens(vocab, 8, length // 2, seed=COPYING_SEED,
                                           bos=vocab // 4 if length % 2 else None)
@@ -240,7 +241,7 @@ def test_copying_on_the_graph_equals_the_eager_models(length, monkeypatch):
 
 
 def test_the_search_on_the_graph_keeps_the_original_copying(monkeypatch):
-    """GraphCalibration.copying stood in for: plans grouping block 2 copy half as well; the backend's
+    """GraphMeter.copying stood in for: plans grouping block 2 copy half as well; the backend's
     search on the graph keeps none of them (its floor is KEEP_COPYING)."""
     def stand_in(self, plan=None, rows=8):
         return 0.5 if plan is not None and any(2 in g for g in plan.groups) else 1.0
@@ -250,7 +251,7 @@ def test_the_search_on_the_graph_keeps_the_original_copying(monkeypatch):
     torch.compile(model, backend=free)(ids, use_cache=False)
     assert any(2 in g for g in free.reports[-1].plan.groups), free.reports[-1]
     torch._dynamo.reset()
-    monkeypatch.setattr(GraphCalibration, "copying", stand_in)
+    monkeypatch.setattr(GraphMeter, "copying", stand_in)
     floored = make_backend(plan="auto", calibration=CALIBRATION, budget=0.3, inner="eager")
     torch.compile(model, backend=floored)(ids, use_cache=False)
     plan = floored.reports[-1].plan
@@ -312,7 +313,7 @@ def test_copying_is_the_share_of_the_second_occurrence_predicted():
 
 def test_quality_study_writes_its_report(tmp_path):
     from cqil_fx.eager.quality import QualityProbe
-    from cqil_fx.eager.study import run_study, write_report
+    from cqil_fx.tools.study import run_study, write_report
 
     model = tiny_model("llama")
     probe = QualityProbe(model, CALIBRATION[:2], tokens(batch=2, length=6, seed=9), new_tokens=4)

@@ -359,7 +359,7 @@ def test_cache_generation_on_two_ranks(tmp_path, scenario):
 
 
 def test_released_cache_inputs_are_one_element_expanded():
-    from cqil_fx.graph.backend import released_inputs
+    from cqil_fx.graph.modes.spmd import released_inputs
 
     whole, released = torch.zeros(2, 3, 4), torch.zeros(()).expand(2, 3, 4)
     inputs = [whole, released, torch.zeros(()).expand(1, 1), torch.tensor(5), 7]
@@ -416,3 +416,26 @@ def test_fold_linear_gathers_takes_only_a_linear_gathered_along_its_features():
         kept = graph(dim, second_use, dtype)
         assert fold_linear_gathers(kept, gather, fused) == 0
         assert len(kept.graph.find_nodes(op="call_function", target=gather)) == 1
+
+
+# --------------------------------------------------------------------------- planning under torch.distributed
+
+
+def test_rank0_plans_and_the_other_ranks_receive_the_plan_past_the_collective_timeout(tmp_path):
+    """cqil_fx.plan under torchrun: only rank 0 searches, for longer than collective_timeout, while rank 1
+    waits outside any collective and gets the same plan; backend="cqil" then compiles that plan on both."""
+    ranks = run_ranks("plan_on_rank0", tmp_path)
+    assert ranks[0]["plan"] == ranks[1]["plan"] and '"groups": [[' in ranks[0]["plan"]
+    assert [r["searches"] for r in ranks] == [1, 0]
+    assert ranks[1]["waited"] > 2 * spmd_worker.PLAN_TIMEOUT  # past the timeout, and no error
+    for rank, r in enumerate(ranks):
+        assert (r["mode"], r["source"]) == ("spmd", "chosen"), rank
+        assert r["error"] < TOLERANCE, rank
+
+
+def test_a_rank_waiting_for_a_plan_gives_up_when_rank0_dies(tmp_path):
+    result = run_ranks("plan_rank0_dies", tmp_path)[1]
+    kind, message = result["error"]
+    assert kind == "CQILDistributedError", result
+    assert "rank 0" in message and "collective_timeout" in message
+    assert result["seconds"] < spmd_worker.PLAN_TIMEOUT + 10  # the timeout plus slack for a loaded machine

@@ -11,17 +11,60 @@ output); similarities are averaged over every token of every batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from ..planning import SimilarityAccumulator, SimilarityReport
+from ..errors import CQILConfigError
 from ..progress import progress as _progress
 from ..stack import decoder_layers
 from .reference import layer_input
 
-__all__ = ["SimilarityReport", "measure_similarity", "save_heatmap"]
+__all__ = ["SimilarityAccumulator", "SimilarityReport", "measure_similarity", "save_heatmap"]
+
+
+@dataclasses.dataclass(frozen=True)
+class SimilarityReport:
+    """``matrix`` is (N+1, N+1): index i < N is block i's input, index N the stack's output."""
+
+    matrix: torch.Tensor
+    tokens: int
+
+    @property
+    def num_blocks(self) -> int:
+        return self.matrix.shape[0] - 1
+
+    @property
+    def influence(self) -> torch.Tensor:
+        """Per block, 1 - mean cos(input, output): how much the block changes the stream."""
+        return 1 - self.matrix.diagonal(offset=1)
+
+    def group_similarity(self, group: Sequence[int]) -> float:
+        """Mean similarity of each later member's input to the group's input (1.0 = identical)."""
+        first = group[0]
+        return float(self.matrix[first, list(group[1:])].mean()) if len(group) > 1 else 1.0
+
+
+class SimilarityAccumulator:
+    """Sums token-wise cosine similarities of a stack of hidden states over batches."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, states: Sequence[torch.Tensor]) -> None:
+        """``states``: one (batch, tokens, hidden) tensor per block input (and the stack output)."""
+        unit = nn.functional.normalize(torch.stack(list(states)).flatten(1, -2).double(), dim=-1)
+        step = torch.einsum("itd,jtd->ij", unit, unit)
+        self.total = step if self.total is None else self.total + step
+        self.tokens += unit.shape[1]
+
+    def report(self) -> SimilarityReport:
+        if not self.tokens:
+            raise CQILConfigError("similarity needs at least one batch of token ids")
+        return SimilarityReport((self.total / self.tokens).float(), self.tokens)
 
 
 def measure_similarity(model: nn.Module, batches: Iterable[torch.Tensor], progress: bool = True,

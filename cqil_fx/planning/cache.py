@@ -5,14 +5,22 @@
     store_plan(key, plan, {"cost": 0.061})
 
 Where: ``$CQIL_FX_PLAN_CACHE`` if set, else ``plans/`` under ``$CQIL_FX_CACHE``
-(the cqil_fx cache root, default ``~/.cache/cqil_fx``), the way Inductor's
-``TORCHINDUCTOR_CACHE_DIR`` moves its cache. An entry is one JSON file named
+(the cqil_fx cache root), else ``cqil_fx/plans`` under ``$XDG_CACHE_HOME``
+(default ``~/.cache``), the way Inductor's ``TORCHINDUCTOR_CACHE_DIR`` moves
+its cache and other Linux caches follow the XDG base directories. An entry is one JSON file named
 by the key's digest: plain data, never pickle, because a cache directory is
 not trusted code. The key holds what determines the answer: the decoder
 stack's structure (number of blocks and their kinds), a fingerprint of every
 block's weights, the budget, the group size, the measure, this package's
 version and the search's own settings (the self-written text's size, the safety
-factor, the correction's ridge...), so a change to the search is a miss. An entry that does not parse, or was written for another key, is
+factor, the correction's ridge...), so a change to the search is a miss.
+A model whose weights cannot be fingerprinted (:mod:`cqil_fx.fingerprint`)
+has no key: its plan is searched every time, with one log line, never cached.
+
+Besides these searched entries, :func:`cqil_fx.planning.plan` writes a
+*chosen* entry (:meth:`PlanKey.chosen`: the blocks and weights, no budget or
+search settings): the plan the user picked for these weights, which the
+backend with no plan fields prefers to any searched entry. An entry that does not parse, or was written for another key, is
 ignored with a warning; a directory that cannot be written means no cache
 (one warning), never a failure. Writes go to a temporary file in the same
 directory and are renamed into place, so two processes writing the same entry
@@ -34,15 +42,16 @@ from typing import Any
 
 import torch
 
-from .config import Plan
-from .errors import CQILError
+from ..config import Plan
+from ..errors import CQILError
+from ..fingerprint import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
 ENV_DIR = "CQIL_FX_PLAN_CACHE"
 ENV_ROOT = "CQIL_FX_CACHE"
 FORMAT = "cqil_fx.plan-cache/1"
-_SAMPLE = 4096  # elements of each weight hashed (evenly strided), plus its shape and dtype
+CHOSEN = "chosen"  # PlanKey.measure of the plan cqil_fx.plan() picked for a model's weights
 
 
 def cache_dir() -> Path:
@@ -50,7 +59,11 @@ def cache_dir() -> Path:
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR]).expanduser()
     root = os.environ.get(ENV_ROOT)
-    return (Path(root).expanduser() if root else Path.home() / ".cache" / "cqil_fx") / "plans"
+    if root:
+        return Path(root).expanduser() / "plans"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg and Path(xdg).is_absolute() else Path.home() / ".cache"
+    return base / "cqil_fx" / "plans"
 
 
 def package_version() -> str:
@@ -58,24 +71,6 @@ def package_version() -> str:
         return metadata.version("cqil-fx")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """A digest of a weight: its shape, dtype and an evenly strided sample of its values."""
-    flat = t.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // _SAMPLE)]
-    h = hashlib.sha256(f"{tuple(t.shape)}|{t.dtype}".encode())
-    h.update(sample.to("cpu", torch.float32).numpy().tobytes())
-    return h.hexdigest()
-
-
-def weights_fingerprint(block_weights: Sequence[Iterable[torch.Tensor]]) -> str:
-    """One digest for every block's weights, in block order; within a block, order does not matter
-    (the graph and the module list their parameters in different orders)."""
-    h = hashlib.sha256()
-    for weights in block_weights:
-        h.update(("|".join(sorted(tensor_digest(w) for w in weights)) + ";").encode())
-    return h.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,19 +83,31 @@ class PlanKey:
     parallel: int
     measure: str = "kl"
     version: str = dataclasses.field(default_factory=package_version)
-    search: str = ""  # the search's own settings (eager.planner.default_search_settings), as sorted JSON
+    search: str = ""  # the search's own settings (planning.auto.default_search_settings), as sorted JSON
 
     @classmethod
     def of(cls, kinds: Sequence[str], block_weights: Sequence[Iterable[torch.Tensor]], budget: float,
-           parallel: int, measure: str = "kl") -> PlanKey:
-        from .eager.planner import default_search_settings
+           parallel: int, measure: str = "kl", search: Mapping[str, Any] | None = None) -> PlanKey | None:
+        """The key of a searched plan; ``search``: the search's own settings. None when a weight cannot
+        be fingerprinted (no cache for that model)."""
+        weights = weights_fingerprint(block_weights)
+        if weights is None:
+            return None
+        return cls(tuple(kinds), weights, float(budget), int(parallel), measure,
+                   search=json.dumps(dict(search or {}), sort_keys=True))
 
-        return cls(tuple(kinds), weights_fingerprint(block_weights), float(budget), int(parallel), measure,
-                   search=json.dumps(default_search_settings(), sort_keys=True))
+    def chosen(self) -> PlanKey:
+        """The key of the plan chosen for these blocks and weights, whatever the budget or search."""
+        return dataclasses.replace(self, budget=0.0, parallel=0, measure=CHOSEN, search="")
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+# Chosen plans also kept in memory, per cache directory, so that cqil_fx.plan() then backend="cqil" works in
+# one process even where the directory cannot be written.
+_CHOSEN: dict[tuple[Path, str], tuple[Plan, dict]] = {}
 
 
 def entry_path(key: PlanKey, directory: Path | None = None) -> Path:
@@ -109,6 +116,9 @@ def entry_path(key: PlanKey, directory: Path | None = None) -> Path:
 
 def load_plan(key: PlanKey, directory: Path | None = None) -> tuple[Plan, dict] | None:
     """(the cached plan, what was stored with it), or None on a miss or an unusable entry."""
+    if key.measure == CHOSEN and (directory or cache_dir(), key.digest) in _CHOSEN:
+        plan, info = _CHOSEN[directory or cache_dir(), key.digest]
+        return plan, dict(info)
     path = entry_path(key, directory)
     try:
         text = path.read_text()
@@ -130,6 +140,8 @@ def load_plan(key: PlanKey, directory: Path | None = None) -> tuple[Plan, dict] 
 def store_plan(key: PlanKey, plan: Plan, info: Mapping[str, Any] | None = None,
                directory: Path | None = None) -> Path | None:
     """Write ``plan`` for ``key``; returns the entry's path, or None (one warning) if it cannot be written."""
+    if key.measure == CHOSEN:
+        _CHOSEN[directory or cache_dir(), key.digest] = (plan, dict(info or {}))
     path = entry_path(key, directory)
     payload = json.dumps({"format": FORMAT, "key": dataclasses.asdict(key), "plan": plan.to_dict(),
                           "info": dict(info or {})})

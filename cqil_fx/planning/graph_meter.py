@@ -1,4 +1,7 @@
-"""Calibration on the captured graph itself, for automatic planning inside the backend.
+"""The graph meter: plans measured on the captured graph itself, for planning inside the backend.
+
+    meter = GraphMeter(gm, example_inputs, calibration)   # calibration: batches of token ids
+    meter.base, meter(plan), meter.similarity(), meter.copying(plan)   # the Meter interface (meter.py)
 
 The Dynamo graph is a pure function of its placeholders, and its example
 inputs are the real weights, so the backend can measure a candidate plan
@@ -9,10 +12,10 @@ the similarity ranking are recorded with a ``torch.fx.Interpreter``.
 Graphs traced with dynamic shapes are not calibrated (their shapes are
 symbols); the backend says so and uses the default plan.
 
-The search keeps :data:`~cqil_fx.planning.KEEP_COPYING` of the original's
-in-context copying (:class:`~cqil_fx.planning.CopyingFloor`), measured on
-repeated random sequences shaped like the traced token input
-(:meth:`GraphCalibration.copying`).
+The backend's searches keep :data:`~cqil_fx.planning.search.KEEP_COPYING` of
+the original's in-context copying (:class:`~cqil_fx.planning.search.CopyingFloor`),
+measured on repeated random sequences shaped like the traced token input
+(:meth:`GraphMeter.copying`).
 """
 
 from __future__ import annotations
@@ -24,31 +27,48 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..config import CQILConfig, Plan
+from ..config import Plan
+from ..eager import quality
+from ..eager.similarity import SimilarityAccumulator, SimilarityReport
 from ..errors import UncalibratableGraphError
-from ..passes import Block, find_blocks
-from ..planning import (COPYING_SEED, KEEP_COPYING, CopyingFloor, PlanSearch, SimilarityAccumulator,
-                        SimilarityReport, search_plan)
+from ..passes import Block, find_blocks, rewritten_copy
 from ..tokens import NextTokenLoss, token_windows
-from .rewrite import apply_plan
+from .search import COPYING_SEED
 
 log = logging.getLogger(__name__)
 
 
-class GraphCalibration:
-    """Runs copies of a captured graph on calibration windows shaped like its token input."""
+class GraphMeter:
+    """Runs copies of a captured graph on calibration windows shaped like its token input (a
+    :class:`~cqil_fx.planning.meter.Meter` measuring perplexity). ``blocks``: the graph's blocks
+    (default: found again) for :meth:`similarity`."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, calibration: Sequence[torch.Tensor]):
+    measure = "perplexity"
+
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs: Sequence, calibration: Sequence[torch.Tensor],
+                 blocks: Sequence[Block] | None = None):
         if any(not isinstance(x, torch.Tensor) for x in example_inputs):
             raise UncalibratableGraphError("the graph has symbolic-size inputs (dynamic shapes)")
         self.gm = gm
         self.example_inputs = list(example_inputs)
-        self.token_index = _token_input_index(gm)
+        self.token_index = token_input_index(gm)
         self.logits_index, self.vocab = _logits_output(gm)
         if self.example_inputs[self.token_index].shape[-1] < 2:
             raise UncalibratableGraphError("traced with one token per sequence: no next token to predict")
         self.windows = _windows_like(calibration, self.example_inputs[self.token_index])
+        self.blocks = list(blocks) if blocks is not None else None
         self._last: tuple | None = None  # (groups, bypass, copy, constants) of the last uncorrected plan
+        self._base: float | None = None
+
+    @property
+    def base(self) -> float:
+        """The original graph's perplexity on the calibration windows (measured once)."""
+        if self._base is None:
+            self._base = self.perplexity()
+        return self._base
+
+    def __call__(self, plan: Plan) -> float:
+        return self.perplexity(plan)
 
     def _graph(self, plan: Plan | None) -> tuple[torch.fx.GraphModule, tuple]:
         """The graph rewritten for ``plan`` and its constants. The copy for the last plan without
@@ -79,38 +99,28 @@ class GraphCalibration:
         """In-context copying of the graph (rewritten for ``plan``): :func:`~cqil_fx.eager.quality.copying`
         on at least ``rows`` repeated random sequences (seed :data:`~cqil_fx.planning.COPYING_SEED`), each
         as long as the traced token input allows (after one fixed token when that length is odd)."""
-        from ..eager.quality import copying, repeated_random_tokens
-
         gm, constants = self._graph(plan)
         example = self.example_inputs[self.token_index]
         batch, length = (example.shape[0] if example.dim() > 1 else 1), example.shape[-1] // 2
         windows = -(-rows // batch)
-        ids = repeated_random_tokens(self.vocab, windows * batch, length, seed=COPYING_SEED,
+        ids = quality.repeated_random_tokens(self.vocab, windows * batch, length, seed=COPYING_SEED,
                                      bos=None if example.shape[-1] % 2 == 0 else self.vocab // 4)
         shares = []
         with torch.no_grad():
             for window in ids.to(example.dtype).split(batch):
                 logits = gm(*self.inputs(window.view(example.shape)), *constants)[self.logits_index]
-                shares.append(copying(logits.view(window.shape[0], window.shape[1], -1), window, length))
+                shares.append(quality.copying(logits.view(window.shape[0], window.shape[1], -1), window, length))
         return sum(shares) / len(shares)
 
-    def similarity(self, blocks: Sequence[Block]) -> SimilarityReport:
+    def similarity(self, blocks: Sequence[Block] | None = None) -> SimilarityReport:
         """Mean cosine similarity of block inputs (and the stack output) over the windows."""
+        blocks = blocks if blocks is not None else (self.blocks or find_blocks(self.gm))
         watched = [b.input for b in blocks] + [blocks[-1].output]
         accumulator = SimilarityAccumulator()
         for window in self.windows:
             values = _Recorder(self.gm, set(watched)).record(*self.inputs(window))
             accumulator.add([values[w] for w in watched])
         return accumulator.report()
-
-
-def rewritten_copy(gm: torch.fx.GraphModule, plan: Plan) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...]]:
-    """A copy of ``gm`` with ``plan`` applied (``gm`` itself is untouched), and the values of the
-    inputs the rewrite appended (call the copy with ``*inputs, *constants``)."""
-    from .backend import own_copy
-
-    copy = own_copy(gm)
-    return copy, apply_plan(copy, find_blocks(copy), plan).constants
 
 
 class _Recorder(torch.fx.Interpreter):
@@ -131,7 +141,7 @@ class _Recorder(torch.fx.Interpreter):
         return self.values
 
 
-def _token_input_index(gm: torch.fx.GraphModule) -> int:
+def token_input_index(gm: torch.fx.GraphModule) -> int:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is nn.functional.embedding:
@@ -161,26 +171,3 @@ def _windows_like(calibration: Sequence[torch.Tensor], example: torch.Tensor) ->
         raise UncalibratableGraphError(
             f"calibration holds {flat.numel()} tokens, fewer than one traced input ({tuple(example.shape)})")
     return token_windows(flat, example.shape)
-
-
-def search_graph_plan(gm: torch.fx.GraphModule, example_inputs: Sequence, blocks: Sequence[Block],
-                      config: CQILConfig) -> PlanSearch | None:
-    """The automatic plan for a captured graph (inside the backend), per ``config``'s ``parallel``,
-    ``budget`` and ``calibration``; None, with a WARNING, when the graph cannot be calibrated."""
-    try:
-        runner = GraphCalibration(gm, example_inputs, config.calibration)
-    except UncalibratableGraphError as e:
-        log.warning("cqil: cannot calibrate this graph (%s); using the default plan", e)
-        return None
-    sequential = all(b.kind == "sequential" for b in blocks)
-    distances = tuple(range(config.parallel)) if sequential else (0,)
-
-    def build(groups: tuple[tuple[int, ...], ...], d: int) -> Plan:
-        return Plan(len(blocks), groups, d)
-
-    def evaluate(groups: tuple[tuple[int, ...], ...], d: int) -> float:
-        return runner.perplexity(build(groups, d))
-
-    return search_plan(len(blocks), config.parallel, config.budget, distances, runner.similarity(blocks),
-                       runner.perplexity(), evaluate, progress=False,
-                       admissible=CopyingFloor(runner.copying, KEEP_COPYING, build))

@@ -1,11 +1,11 @@
-"""The front of the pipeline on one captured graph: find the blocks, choose the plan, rewrite.
+"""The planning stage's entry for one captured graph: find the blocks, choose the plan.
 
     outcome = plan_graph(gm, config, example_inputs)   # Planned(blocks, plan, source, cost), or Unchanged(why)
-    rewritten = apply_plan(gm, outcome.blocks, outcome.plan)   # RewrittenGraph: groups, then bypass edges
 
-The backend, the graph calibration and inspection all rewrite through
-:func:`apply_plan`, so the passes always run in this one order. Planning is
-here; what the plan is measured with is in :mod:`cqil_fx.graph.calibration`.
+The backend calls this, then applies the plan with
+:func:`cqil_fx.passes.apply_plan`. Which plan: the one ``config`` names, the
+automatic search on ``calibration=`` (:func:`cqil_fx.planning.auto.search_graph_plan`),
+or the default plan (:mod:`cqil_fx.planning.default`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ from torch._dynamo.utils import counters
 
 from ..config import CQILConfig, Plan
 from ..errors import UnrecognisedBlockError
-from ..passes import Block, RewrittenGraph, add_bypass_edges, find_blocks, rewrite_groups
+from ..passes import Block, find_blocks
+from .auto import search_graph_plan
+from .default import default_plan
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +62,11 @@ def plan_graph(gm: torch.fx.GraphModule, config: CQILConfig,
         return Unchanged("no decoder blocks found")
     counters["cqil"]["blocks_found"] += len(blocks)
     if config.wants_auto_plan:
-        from .calibration import search_graph_plan
-
         search = search_graph_plan(gm, example_inputs, blocks, config)
         if search is not None:
             log.info("cqil: automatic plan %s", search)
             return _planned(blocks, search.plan, "searched on calibration=", search.cost)
     if config.wants_default_plan or config.wants_auto_plan:  # an uncalibratable graph gets the default
-        from .default_plan import default_plan
-
         found = default_plan(gm, example_inputs, blocks, config)
         if found.plan is None:
             return Unchanged(f"default plan: {found.why}", tuple(blocks))
@@ -81,16 +79,6 @@ def _planned(blocks: list[Block], plan: Plan, source: str, cost: float | None = 
         return Unchanged(f"{plan} has no groups of two or more blocks", tuple(blocks), plan)
     plan.check_block_kinds({b.index: b.kind for b in blocks})
     return Planned(blocks, plan, source, cost)
-
-
-def apply_plan(gm: torch.fx.GraphModule, blocks: Sequence[Block], plan: Plan) -> RewrittenGraph:
-    """Rewrite ``gm`` in place: concurrent groups (with the plan's corrections), then bypass edges."""
-    rewritten = rewrite_groups(gm, blocks, plan.groups, plan.corrections or None)
-    if plan.bypass:
-        rewritten = add_bypass_edges(rewritten, plan.bypass)
-    counters["cqil"]["groups_rewritten"] += len(rewritten.rewrites)
-    counters["cqil"]["bypass_edges"] += rewritten.bypass_edges
-    return rewritten
 
 
 def plan_for_blocks(blocks: Sequence[Block], config: CQILConfig) -> Plan:

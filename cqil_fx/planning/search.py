@@ -1,10 +1,12 @@
-"""Planning under a quality budget, whatever measures the plans: the search and its signals.
+"""The budgeted plan search, whatever measures the plans.
 
 The search takes an ``evaluate(groups, bypass) -> perplexity`` and a
-:class:`SimilarityReport`; who runs the model does not matter here. The eager
-side supplies them with module hooks (:func:`cqil_fx.eager.planner.plan_auto`),
-the graph side with copies of the captured graph
-(:func:`cqil_fx.graph.calibration.search_graph_plan`).
+:class:`~cqil_fx.eager.similarity.SimilarityReport`; who runs the model does
+not matter here. A :class:`~cqil_fx.planning.meter.Meter` supplies both: the
+eager model with module hooks (:class:`~cqil_fx.planning.meter.EagerMeter`,
+behind :func:`cqil_fx.planning.auto.plan_auto`) or copies of the captured
+graph (:class:`~cqil_fx.planning.graph_meter.GraphMeter`, behind
+:func:`cqil_fx.planning.auto.search_graph_plan`).
 
 1. *Rank* every window of ``parallel`` adjacent blocks by the similarity of
    its members' inputs (the paper's signal, cheap: one pass).
@@ -37,12 +39,10 @@ import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 
-import torch
-from torch import nn
-
-from .config import Plan
-from .errors import CQILConfigError
-from .progress import progress as _progress
+from ..config import Plan
+from ..eager.similarity import SimilarityReport
+from ..errors import CQILConfigError
+from ..progress import progress as _progress
 
 log = logging.getLogger(__name__)
 
@@ -50,48 +50,6 @@ GROW_PATIENCE = 4  # growing stops after this many windows in a row that do not 
 KEEP_COPYING = 0.9  # the share of the original's in-context copying the backend's plans keep (CopyingFloor)
 COPYING_SEED = 1  # the repeated random sequences the floor measures (quality reports measure seed 0)
 MIN_COPYING = 0.05  # no floor for a model that copies less than this (random weights: nothing to keep)
-
-
-@dataclasses.dataclass(frozen=True)
-class SimilarityReport:
-    """``matrix`` is (N+1, N+1): index i < N is block i's input, index N the stack's output."""
-
-    matrix: torch.Tensor
-    tokens: int
-
-    @property
-    def num_blocks(self) -> int:
-        return self.matrix.shape[0] - 1
-
-    @property
-    def influence(self) -> torch.Tensor:
-        """Per block, 1 - mean cos(input, output): how much the block changes the stream."""
-        return 1 - self.matrix.diagonal(offset=1)
-
-    def group_similarity(self, group: Sequence[int]) -> float:
-        """Mean similarity of each later member's input to the group's input (1.0 = identical)."""
-        first = group[0]
-        return float(self.matrix[first, list(group[1:])].mean()) if len(group) > 1 else 1.0
-
-
-class SimilarityAccumulator:
-    """Sums token-wise cosine similarities of a stack of hidden states over batches."""
-
-    def __init__(self) -> None:
-        self.total: torch.Tensor | None = None
-        self.tokens = 0
-
-    def add(self, states: Sequence[torch.Tensor]) -> None:
-        """``states``: one (batch, tokens, hidden) tensor per block input (and the stack output)."""
-        unit = nn.functional.normalize(torch.stack(list(states)).flatten(1, -2).double(), dim=-1)
-        step = torch.einsum("itd,jtd->ij", unit, unit)
-        self.total = step if self.total is None else self.total + step
-        self.tokens += unit.shape[1]
-
-    def report(self) -> SimilarityReport:
-        if not self.tokens:
-            raise CQILConfigError("similarity needs at least one batch of token ids")
-        return SimilarityReport((self.total / self.tokens).float(), self.tokens)
 
 
 @dataclasses.dataclass(frozen=True)

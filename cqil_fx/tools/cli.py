@@ -181,7 +181,7 @@ def _recover_parser(sub) -> None:
     _text_arguments(recover, "training")
     recover.add_argument("--self-openings", choices=("none", "varied"), default="none",
                          help="self-written text from the BOS token alone, or from 16 openings of varied kinds "
-                              "(cqil_fx.eager.planner.VARIED_OPENINGS), one per round of texts")
+                              "(cqil_fx.planning.self_text.VARIED_OPENINGS), one per round of texts")
     recover.add_argument("--repeats", type=float, default=0.0, metavar="FRACTION",
                          help="also train on this fraction of the training windows with their second half "
                               "replaced by their first (in-context copying, which grouped blocks lose; default 0)")
@@ -294,21 +294,17 @@ def _inspect(args: argparse.Namespace, config: CQILConfig) -> int:
 
 
 def _plan(args: argparse.Namespace, config: CQILConfig) -> int:
-    from ..eager.planner import plan_auto
+    from ..planning.auto import plan_auto
     from .models import token_batches
 
     model, tokenizer = _load(args.model)
     if args.default:
-        from ..eager.reference import branches_of
-        from ..graph.default_plan import default_plan_for_model
-        from ..stack import decoder_layers
+        from ..planning import plan
 
-        kinds = [branches_of(layer).kind for layer in decoder_layers(model)]
-        found = default_plan_for_model(model, kinds, CQILConfig(parallel=args.parallel, budget=args.budget))
-        cost = f", promised cost {found.cost:+.1%}" if found.cost is not None else ""
-        print(f"{found.plan} ({found.source}{cost}); in the plan cache for backend='cqil'")
+        chosen = plan(model, budget=args.budget, parallel=args.parallel)
+        print(f"{chosen}; chosen for these weights: backend='cqil' uses it")
         if args.out:
-            found.plan.save(args.out)
+            chosen.save(args.out)
             print(f"wrote {args.out}")
         return 0
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
@@ -325,8 +321,8 @@ def _eval(args: argparse.Namespace, config: CQILConfig) -> int:
     import torch
 
     from ..eager.quality import QualityProbe
-    from ..eager.study import run_study, write_report
     from .models import token_batches
+    from .study import run_study, write_report
 
     model, tokenizer = _load(args.model)
     calibration = token_batches(tokenizer, "calibration", args.seq_len, args.windows)
@@ -383,7 +379,7 @@ def _recover(args: argparse.Namespace, config: CQILConfig) -> int:
     train, validation, evaluation = recovery_windows(tokenizer, args.seq_len, args.batch, args.validation)
     files = _text_windows(args, tokenizer)  # before the minutes of self-written text: a refused file fails fast
     if args.data in ("self", "mixed"):  # text the model writes: the data-free distillation of LLM-QAT
-        from ..eager.planner import VARIED_OPENINGS, self_generated_text
+        from ..planning.self_text import VARIED_OPENINGS, self_generated_text
 
         openings = None
         if args.self_openings == "varied":

@@ -19,9 +19,9 @@ from ..config import CQILConfig, Plan
 from ..eager.quality import perplexity
 from ..errors import CQILUnsupportedError
 from ..graph.backend import CompileReport, rewrite_graph
-from ..graph.default_plan import default_plan_for_model
-from ..graph.rewrite import plan_for_blocks
 from ..passes import Block, find_blocks, layer_of
+from ..planning.default import default_plan_for_model
+from ..planning.graph_plan import plan_for_blocks
 
 
 @dataclasses.dataclass(eq=False)

@@ -339,7 +339,7 @@ def correction_text(model, tokenizer: PreTrainedTokenizerBase, data: str = "mixe
     """Calibration text for fitting corrections, as (1, seq_len) batches: ``self_tokens`` tokens the model
     writes itself (``"self"``), the Python reference's whole calibration split (``"python"``), or both,
     self-written first (``"mixed"``: 122,112 tokens for SmolLM2 at the defaults)."""
-    from ..eager.planner import self_generated_text
+    from ..planning.self_text import self_generated_text
 
     if data not in ("mixed", "self", "python"):
         raise CQILConfigError(f"calibration text {data!r}: choose 'mixed', 'self' or 'python'")

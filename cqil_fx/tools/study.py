@@ -9,10 +9,10 @@ with the original of
 * the original model;
 * uniform CQIL plans (P = 2 and 4, D = 0 and 1) over the middle of the stack,
   and more spans, with and without closed-form corrections;
-* automatic plans (:func:`cqil_fx.eager.planner.plan_auto`) at several budgets,
+* automatic plans (:func:`cqil_fx.planning.auto.plan_auto`) at several budgets,
   with their promise (what the search measured on its calibration text) next
   to the outcome; the KL-measured, corrected search, greedy and as a beam search; and the plan
-  ``backend="cqil"`` finds with no data (:func:`~cqil_fx.eager.planner.plan_default`);
+  ``backend="cqil"`` finds with no data (:func:`~cqil_fx.planning.auto.plan_default`);
 * ShortGPT-style layer removal (drop the blocks of lowest influence,
   1 - cos(input, output), on the calibration split) at the same numbers of
   saved block-times;
@@ -36,13 +36,12 @@ import torch
 from torch import nn
 
 from ..config import CQILConfig, Plan, default_span
-from ..planning import SimilarityReport
+from ..eager.correction import fit_corrections
+from ..eager.quality import QualityProbe
+from ..eager.similarity import SimilarityReport, save_heatmap
+from ..planning.auto import plan_auto, plan_default
 from ..progress import progress as _progress
 from ..stack import decoder_layers
-from .correction import fit_corrections
-from .planner import plan_auto, plan_default
-from .quality import QualityProbe
-from .similarity import save_heatmap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +65,7 @@ def run_study(model: nn.Module, calibration: Sequence[torch.Tensor], probe: Qual
     a 135M model and 2 cores.
 
     ``recovered``: (distilled model, its plan) pairs measured as "recovered" rows. ``default``: add the
-    row of :func:`cqil_fx.eager.planner.plan_default` (the plan ``backend="cqil"`` finds with no data).
+    row of :func:`cqil_fx.planning.auto.plan_default` (the plan ``backend="cqil"`` finds with no data).
     ``spans``: more uniform P = 2 spans, each measured with and without corrections. ``beam``: the width of
     a beam search (:func:`cqil_fx.planning.search_plan`) measured next to the greedy KL-corrected search
     (1: none).
