@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call (about ten minutes) on the GPU machine of docs/gpu-sweep.md (one GPU, 16 cores).
+# One device call (about ten minutes) on the GPU machine of docs/notes/gpu-sweep.md (one GPU, 16 cores).
 #
 #   bash benchmarks/gpu_session.sh gpu OUT [SECONDS] [GPU_SWEEP_ARGS...]
 #   bash benchmarks/gpu_session.sh cpu OUT [SECONDS]

@@ -11,7 +11,7 @@ process's resident memory above its level before the load (``PeakMemory``).
 Shapes: ``llama`` (hidden 512, 8 layers, vocabulary 8192, untied: 152 MB of
 float32 weights; plan S2-E6) and ``qwen2.5-0.5b`` (Qwen2.5-0.5B's shape: 24
 layers, hidden 896, a 151,936-word embedding tied to the LM head, 1.98 GB;
-plan S10-E22, the plan of docs/performance.md's TP benchmark) and ``smollm2``
+plan S10-E22, the plan of docs/notes/performance.md's TP benchmark) and ``smollm2``
 (SmolLM2-135M's shape, random weights: 30 layers, hidden 576, 9 / 3 heads, a
 49,152-word tied embedding; plan S12-E28; its heads do not divide by 2, so
 TP loads with ``tp_fallback=True``: attention whole on every rank).

@@ -39,7 +39,7 @@ SHIPPED = Path(__file__).resolve().parents[1] / "adapters" / "smollm2-135m-s12-e
 @pytest.mark.real_model
 def test_shipped_adapters_reproduce_their_documented_perplexity(smollm2):
     """The adapters in the repository load onto SmolLM2 under their own plan only, and give the held-out
-    (licence text) perplexity their recovery.json (and docs/distillation.md) reports."""
+    (licence text) perplexity their recovery.json (and docs/notes/distillation.md) reports."""
     model, tokenizer = smollm2
     summary = json.loads((SHIPPED / "recovery.json").read_text())
     recovered = copy.deepcopy(model)
@@ -47,8 +47,8 @@ def test_shipped_adapters_reproduce_their_documented_perplexity(smollm2):
     assert plan == Plan.from_json(json.dumps(summary["plan"])) and plan.saved_blocks == 8
     held_out = token_batches(tokenizer, "licenses", 256, 24)
     assert perplexity(recovered, held_out, plan=plan) == pytest.approx(summary["perplexity"]["recovered"], rel=1e-4)
-    # ... and copy as docs/quality.md (written by `cqil-fx eval --recovered` with them) reports
-    rows = json.loads((SHIPPED.parents[1] / "docs" / "quality.json").read_text())["rows"]
+    # ... and copy as docs/results/quality.md (written by `cqil-fx eval --recovered` with them) reports
+    rows = json.loads((SHIPPED.parents[1] / "docs" / "results" / "quality.json").read_text())["rows"]
     documented = next(r for r in rows if r["name"] == "recovered S12-E28 P2 D0")
     assert documented["perplexity"] == pytest.approx(summary["perplexity"]["recovered"], rel=1e-4)
     assert measure_copying(recovered, plan) == pytest.approx(documented["copying"], abs=1e-6)

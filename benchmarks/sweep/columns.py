@@ -44,7 +44,7 @@ def compile_settings(column: str, plans: dict[str, Plan], part: Part) -> tuple[d
         if kind == "inductor-graphs":
             return {"backend": "inductor", "mode": "reduce-overhead"}, None
         # inductor-cpp: the settings of concurrent mode's shared segments (the C++ wrapper, built apart at
-        # -O1 from the kernels: the same per call, about half the cold compile; docs/performance.md)
+        # -O1 from the kernels: the same per call, about half the cold compile; docs/notes/performance.md)
         cpp = segment_settings(shared=True, device_type="cpu")
         return {"backend": inductor_with(cpp) if kind == "inductor-cpp" else "inductor"}, None
     plan = plans[key]

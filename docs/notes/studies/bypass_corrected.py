@@ -1,13 +1,13 @@
 """Bypass distance 0 against 1 for corrected plans, on held-out text.
 
-    python benchmarks/bypass_corrected.py --out benchmarks/results/bypass-corrected.json
+    python docs/notes/studies/bypass_corrected.py --out docs/notes/studies/results/bypass-corrected.json
 
-The searched SmolLM2 plans of docs/quality-notes.md (4 and 6 saved, found by the KL beam search at D = 0)
+The searched SmolLM2 plans of docs/notes/quality-notes.md (4 and 6 saved, found by the KL beam search at D = 0)
 and S12-E28, each at D = 0 and D = 1, with the corrections the backend's search fits (scale and bias, on
 every other batch of the 2,048 tokens SmolLM2 writes itself, seed 0): the perplexity change on the
 licence texts uncorrected and corrected, and the corrected plan's in-context copying. D = 1 feeds each
 pair's first member's attention output into its second member's MLP; in concurrent mode that is a
-second rendezvous per group (docs/performance.md).
+second rendezvous per group (docs/notes/performance.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from cqil_fx.config import Plan
 
 
 def main() -> None:
-    args = study_arguments(__doc__, "benchmarks/results/bypass-corrected.json")
+    args = study_arguments(__doc__, "docs/notes/studies/results/bypass-corrected.json")
     model, _, fit, held, base = smollm2_study(args.held_out)
     result = {"date": time.strftime("%Y-%m-%d"), "held_out_tokens": 256 * args.held_out, "rows": []}
     for name, groups in SEARCHED_PLANS.items():

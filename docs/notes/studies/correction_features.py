@@ -1,7 +1,7 @@
 """Study: does a correction that also reads the group input x beat one linear in the deltas alone?
 
-    python benchmarks/correction_features.py --groups 5-6,17-18,22-23,25-26 \
-        --out benchmarks/results/correction-features.json
+    python docs/notes/studies/correction_features.py --groups 5-6,17-18,22-23,25-26 \
+        --out docs/notes/studies/results/correction-features.json
 
 What member k of a group misses is ``Δ_k(x + Δ_<k) - Δ_k(x)``, about
 ``J_k(x) Δ_<k``: it depends on the token's own x, which the shipped low-rank

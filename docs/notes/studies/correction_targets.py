@@ -1,6 +1,6 @@
 """Study: what the affine group correction is fitted towards, and in which order the groups are fitted.
 
-    python benchmarks/correction_targets.py --out benchmarks/results/correction-targets.json
+    python docs/notes/studies/correction_targets.py --out docs/notes/studies/results/correction-targets.json
 
 ``fit_corrections`` fits every group's scale and bias in one pass, the other
 groups uncorrected, towards ``seq(x)``: the group's blocks one after the other
@@ -15,7 +15,7 @@ seed 0), held out on the licence texts:
   group's last block, so that a group's correction also undoes what the
   earlier groups left (``mix`` of it and ``seq(x)``: 0.5 and 1).
 
-Plans: the searched 4- and 6-saved plans of docs/quality-notes.md and S12-E28,
+Plans: the searched 4- and 6-saved plans of docs/notes/quality-notes.md and S12-E28,
 all at D = 0. An eager study; nothing here is a plan option.
 """
 
@@ -61,7 +61,7 @@ def towards_the_original(model, plan: Plan, batches: list, original: BlockOutput
 
 
 def main() -> None:
-    args = study_arguments(__doc__, "benchmarks/results/correction-targets.json")
+    args = study_arguments(__doc__, "docs/notes/studies/results/correction-targets.json")
     model, _, fit, held, base = smollm2_study(args.held_out)
     original = BlockOutputs.of(model, fit)
     result = {"date": time.strftime("%Y-%m-%d"), "held_out_tokens": 256 * args.held_out,

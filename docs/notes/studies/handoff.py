@@ -1,7 +1,7 @@
 """How fast two members start together on CPU: the OpenMP team against a thread pool.
 
-    python benchmarks/handoff.py                 # 300 interleaved steps of each
-    python benchmarks/handoff.py --steps 1000 --member-ms 0.5
+    python docs/notes/studies/handoff.py                 # 300 interleaved steps of each
+    python docs/notes/studies/handoff.py --steps 1000 --member-ms 0.5
 
 One step is what a group step of ``mode="concurrent"`` does after a shared
 segment: a two-thread ATen op (the "shared segment", which leaves the OpenMP

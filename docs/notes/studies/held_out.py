@@ -1,4 +1,4 @@
-"""What the held-out quality studies of benchmarks/ share (imported by them as a sibling module).
+"""What the held-out quality studies in this folder share (imported by them as a sibling module).
 
     model, tokenizer, fit, held, base = smollm2_study(args.held_out)
     record(result, row)            # appended, and printed as a JSON line
@@ -8,7 +8,7 @@
 of the 2,048 tokens SmolLM2 writes itself, seed 0); ``held``: 256-token
 windows of the licence texts, which nothing plans, fits or trains on;
 ``base``: the original's perplexity there. ``SEARCHED_PLANS``: the searched
-SmolLM2 plans of docs/quality-notes.md (the KL beam search at D = 0) and S12-E28.
+SmolLM2 plans of docs/notes/quality-notes.md (the KL beam search at D = 0) and S12-E28.
 """
 
 from __future__ import annotations

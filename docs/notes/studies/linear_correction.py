@@ -1,9 +1,9 @@
 """Study: a reduced-rank linear group correction on top of the affine one, and whether it transfers.
 
-    python benchmarks/linear_correction.py --out benchmarks/results/linear-correction.json
+    python docs/notes/studies/linear_correction.py --out docs/notes/studies/results/linear-correction.json
 
 The shipped correction (``cqil_fx/eager/correction.py``) is a scale per member
-and channel plus a bias. Issue 16's first measurement found that a full linear
+and channel plus a bias. A first measurement found that a full linear
 map of the deltas, fitted on 2,048 tokens, made unseen text worse. This script
 asks whether that was the calibration's size: it fits, per group, the affine
 correction and then a linear map ``W`` of the concatenated member deltas onto

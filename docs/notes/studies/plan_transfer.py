@@ -1,10 +1,10 @@
 """Does the default search's promise hold on text of another kind? Promise against held-out outcome.
 
-    python benchmarks/plan_transfer.py --budgets 0.06 0.1 0.15 --out benchmarks/results/plan-transfer.json
-    python benchmarks/plan_transfer.py --budgets 0.2 0.35 --beam 4 --held-out 24   # the frontier beyond +10 %
-    python benchmarks/plan_transfer.py --budgets 0.09 --held-out 24 --repeats 0 0.25   # calibrating on copying too
-    python benchmarks/plan_transfer.py --budgets 0.09 --held-out 24 --keep-copying 0 0.9   # a floor on copying
-    python benchmarks/plan_transfer.py --budgets 0.2 --held-out 24 --bypass 0 1   # bypass distances 0 and 1
+    python docs/notes/studies/plan_transfer.py --budgets 0.06 0.1 0.15 --out docs/notes/studies/results/plan-transfer.json
+    python docs/notes/studies/plan_transfer.py --budgets 0.2 0.35 --beam 4 --held-out 24   # the frontier beyond +10 %
+    python docs/notes/studies/plan_transfer.py --budgets 0.09 --held-out 24 --repeats 0 0.25   # calibrating on copying too
+    python docs/notes/studies/plan_transfer.py --budgets 0.09 --held-out 24 --keep-copying 0 0.9   # a floor on copying
+    python docs/notes/studies/plan_transfer.py --budgets 0.2 --held-out 24 --bypass 0 1   # bypass distances 0 and 1
 
 The search of ``backend="cqil"`` with no arguments (``plan_auto`` with
 ``measure="kl"``, ``correct=True``, D = 0) on text SmolLM2 writes itself
@@ -20,7 +20,7 @@ plan's copying (``cqil_fx.eager.quality.measure_copying``, original in ``copying
 ``--keep-copying F`` searches with ``plan_auto(keep_copying=F)`` (0: without), a floor on the copying
 a plan keeps, measured on other random sequences than the reported copying. ``--bypass D ...``: the
 distances the search may choose (default 0, as the backend's; 1 adds a rendezvous per group in
-concurrent mode, docs/performance.md).
+concurrent mode, docs/notes/performance.md).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def main() -> None:
     parser.add_argument("--keep-copying", type=float, nargs="+", default=[0.0],
                         help="shares of the original's copying a plan must keep (0: no floor), one search each")
     parser.add_argument("--bypass", type=int, nargs="+", default=[0], help="bypass distances to search (default 0)")
-    parser.add_argument("--out", default="benchmarks/results/plan-transfer.json")
+    parser.add_argument("--out", default="docs/notes/studies/results/plan-transfer.json")
     args = parser.parse_args()
     if any(b <= 0 for b in args.budgets) or args.held_out < 1 or args.beam < 1:
         parser.error("budgets must be > 0, --held-out and --beam >= 1")

@@ -1,9 +1,9 @@
 """Where in a window a plan's perplexity cost falls: perplexity by token position on held-out text.
 
-    python benchmarks/position_gap.py --adapters adapters/smollm2-135m-s12-e28-p2 [--adapters DIR ...] [--pairs]
+    python docs/notes/studies/position_gap.py --adapters adapters/smollm2-135m-s12-e28-p2 [--adapters DIR ...] [--pairs]
 
 For SmolLM2-135M-Instruct on the 24 licence windows of 256 tokens (the held-out text of
-docs/distillation.md), prints the original's perplexity over spans of positions, and beside it the
+docs/notes/distillation.md), prints the original's perplexity over spans of positions, and beside it the
 training-free plan's and each recovered model's, with their increase over the original on the same
 span.  The plan is the one the adapters were trained for (their plan.json).  Positions are those of
 the predicted token (1 = the second token of a window).  The last column is in-context copying: the
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[3]  # the repository
 sys.path.insert(0, str(ROOT))
 
 from cqil_fx.config import CQILConfig  # noqa: E402

@@ -4,13 +4,13 @@
 # without the `law`, `disclaimer` and `ascii-art` files), Ambrose Bierce's The Devil's Dictionary
 # and the Jargon File (dictd's gzip-compressed `.dz` files, read as they are).
 #
-#     bash benchmarks/real_text.sh DIR        # DIR/fortunes/, DIR/devil.dict.dz, DIR/jargon.dict.dz
+#     bash docs/notes/studies/real_text.sh DIR        # DIR/fortunes/, DIR/devil.dict.dz, DIR/jargon.dict.dz
 #
 # Needs `apt-get download` (a Debian-based machine that reaches its package archive) and `dpkg -x`;
-# installs nothing. The held-out licence texts (docs/quality.md) are another kind of text, and
+# installs nothing. The held-out licence texts (docs/results/quality.md) are another kind of text, and
 # `text_file_windows` refuses any file that shares a run of 12 words with them.
 set -euo pipefail
-out=${1:?usage: bash benchmarks/real_text.sh DIR}
+out=${1:?usage: bash docs/notes/studies/real_text.sh DIR}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 (cd "$work" && apt-get download -q fortunes fortunes-min dict-devil dict-jargon >/dev/null 2>&1) \

@@ -1,7 +1,7 @@
 """Concurrent mode's segment compile settings side by side, in one process, on SmolLM2-135M.
 
-    python benchmarks/segment_settings.py --variants default together py-shared --workloads decode-1 prefill-256
-    python benchmarks/segment_settings.py --variants default together --workloads generate --reps 15
+    python docs/notes/studies/segment_settings.py --variants default together py-shared --workloads decode-1 prefill-256
+    python docs/notes/studies/segment_settings.py --variants default together --workloads generate --reps 15
 
 Variants of ``cqil_fx.graph.executor.segment_settings`` (on CPU):
 
