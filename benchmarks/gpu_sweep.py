@@ -6,6 +6,7 @@
                                                          # the work list and its estimated time
     python benchmarks/gpu_sweep.py --cpu-small [--cpu]   # the same code paths at tiny sizes on this CPU (< 2 min)
     python benchmarks/gpu_sweep.py --models smollm2-135m --batches 1 --workloads decode --budget-s 200
+    python benchmarks/gpu_sweep.py --work missing --models llama-3.1-8b --big-layers 32   # what the leases left
 
 **Models.** Random-weight models built from transformers configs (no downloads;
 latency does not depend on the weights' values) with the architectures of
@@ -105,7 +106,8 @@ from sweep.runner import Sweep  # noqa: E402
 from sweep.shapes import (  # noqa: E402, F401
     CPU_SHAPES, SHAPES, TINY_SHAPES, build_model, plan_label, sweep_plans, without_saved_blocks)
 from sweep.work import (  # noqa: E402, F401
-    CPU_CORE, GPU_CONTEXT, GPU_CORE, Cell, column_parts, cpu_work, gpu_work, make_part, restrict, selected_shapes)
+    CPU_CORE, GPU_CONTEXT, GPU_CORE, Cell, column_parts, cpu_work, gpu_work, make_part, missing_work, restrict,
+    selected_shapes)
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -122,6 +124,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.ArgumentParser, arg
                         help=f"a subset of {', '.join(SHAPES)} (or {', '.join(TINY_SHAPES)} with --cpu-small)")
     parser.add_argument("--batches", nargs="+", type=int, metavar="B", help="batch sizes (GPU: 1 8; CPU: 1)")
     parser.add_argument("--workloads", nargs="+", choices=("decode", "prefill"), default=["decode", "prefill"])
+    parser.add_argument("--work", choices=("priority", "missing"), default="priority",
+                        help="priority: every cell in priority order (default); missing: the GPU cells the first "
+                             "two leases left (batch 8, the 8B shape, the P<wide> plan)")
     parser.add_argument("--wide", type=int, choices=(3, 4), default=4, help="P of the second plan (default 4)")
     parser.add_argument("--big-layers", type=int, default=16, metavar="N",
                         help="layers built of the 8B shape's 32 (default 16; the output says so)")
@@ -166,6 +171,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--big-layers must be between 4 and 32 (the 8B shape has 32), got {args.big_layers}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.work == "missing" and args.cpu:
+        parser.error("--work missing lists GPU cells: run it without --cpu")
     if args.threads is not None and not (args.cpu or args.cpu_small):
         parser.error("--threads applies to the CPU part (--cpu or --cpu-small)")
     missing = [str(path) for path in args.replot or () if not path.is_file()]
@@ -206,7 +213,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     shapes = selected_shapes(args)
     batches = args.batches or ([1, 8] if part.name == "gpu" and not part.small else [1])
     plans = {name: sweep_plans(shape.layers, args.wide) for name, shape in shapes.items()}
-    work = gpu_work if part.name == "gpu" else cpu_work
+    work = missing_work if args.work == "missing" else gpu_work if part.name == "gpu" else cpu_work
     cells = restrict(work(part, shapes, batches, args.wide), args.workloads, plans, args.columns)
     if args.dry_run:
         dry_run(part, shapes, cells, plans, args.wide)

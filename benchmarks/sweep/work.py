@@ -142,6 +142,23 @@ def cpu_work(part: Part, shapes: dict[str, Shape], batches: Sequence[int], wide:
     return _cells(tiers, batches)
 
 
+def missing_work(part: Part, shapes: dict[str, Shape], batches: Sequence[int], wide: int) -> list[Cell]:
+    """The GPU cells the first two leases left (docs/notes/gpu-sweep.md, "Still to measure"), in order:
+    batch-8 decode of the first small shape, the big shape's batch-1 decode, and batch-1 decode with the
+    P<wide> plan on the last small shape; each against the baseline and the ideal (``--work missing``;
+    ``--models`` picks which of them a process runs)."""
+    decode = part.workloads[0]
+    small = [n for n, s in shapes.items() if not s.big]
+    big = [n for n, s in shapes.items() if s.big]
+    wide_cols = (part.base, f"cqil-concurrent-graphs|P{wide}", f"ideal|P{wide}")
+    tiers = [
+        [(small[0], decode, 8, GPU_CORE)] if small else [],
+        [(m, decode, 1, GPU_CORE) for m in big],
+        [(small[-1], decode, 1, wide_cols)] if small else [],
+    ]
+    return _cells(tiers, batches)
+
+
 def _cells(tiers: list[list[tuple]], batches: Sequence[int]) -> list[Cell]:
     cells = []
     for tier, entries in enumerate(tiers, 1):
