@@ -46,8 +46,8 @@ def token_windows(ids: torch.Tensor | Sequence[torch.Tensor], shape: int | Seque
 def repeated_windows(windows: Sequence[torch.Tensor], fraction: float, seed: int = 0) -> list[torch.Tensor]:
     """A seeded random ``fraction`` of ``windows`` (each (batch, tokens)), each with its second half replaced
     by its first: text that exercises in-context copying, which the grouped blocks of a plan lose and
-    ordinary text rarely asks for (docs/distillation.md, "In-context copying"); ``cqil-fx recover --repeats``
-    trains on it, ``benchmarks/plan_transfer.py --repeats`` calibrates on it."""
+    ordinary text rarely asks for (docs/notes/distillation.md, "In-context copying"); ``cqil-fx recover --repeats``
+    trains on it, ``docs/notes/studies/plan_transfer.py --repeats`` calibrates on it."""
     if not 0 <= fraction <= 1:
         raise CQILConfigError(f"the fraction of repeated windows must be in [0, 1], got {fraction}")
     generator = torch.Generator().manual_seed(seed)

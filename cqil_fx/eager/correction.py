@@ -25,12 +25,12 @@ regression (:class:`LowRankEquations`). It costs two matmuls per member,
 (before the all-reduce in SPMD mode); its normal equations hold
 ``(P · hidden)²`` float64 numbers per group while fitting.
 
-Why these forms: measured on SmolLM2 (docs/quality.md), a scale per member
+Why these forms: measured on SmolLM2 (docs/results/quality.md), a scale per member
 and channel with a bias transfers to text of another kind even when fitted on
 2,048 tokens, where a linear map of the deltas fitted on as few made unseen
 text worse (issue 16's first measurement); fitted on ~100k tokens the linear
 map carries over and takes a further quarter to two fifths off the cost
-(docs/quality-notes.md).
+(docs/notes/quality-notes.md).
 
 The activations: the model runs under :func:`cqil_semantics` of the plan
 without corrections; each group's input ``x`` and member deltas are recorded
@@ -55,7 +55,7 @@ from .reference import cqil_semantics, resolve_plan
 from .replay import BlockOutputs, first_group
 
 DEFAULT_RIDGE = 0.05
-DEFAULT_LOW_RANK_RIDGE = 0.1  # the study's (benchmarks/linear_correction.py)
+DEFAULT_LOW_RANK_RIDGE = 0.1  # the study's (docs/notes/studies/linear_correction.py)
 
 
 class NormalEquations:
@@ -109,7 +109,7 @@ def fit_corrections(model: nn.Module, plan: Plan, batches: Iterable[torch.Tensor
     the affine corrections) fits each group's :class:`~cqil_fx.config.LowRank`
     term of rank ``min(r, hidden)`` on what the affine correction still misses
     (:class:`LowRankEquations`). It needs far more text than the affine
-    correction to carry to unseen text (docs/quality-notes.md).
+    correction to carry to unseen text (docs/notes/quality-notes.md).
     """
     if low_rank < 0:
         raise CQILConfigError(f"low_rank must be 0 (no low-rank term) or a positive rank, got {low_rank}")
@@ -184,7 +184,7 @@ def group_activations(model: nn.Module, plan: Plan, batches: list, outputs: Bloc
                       ) -> Iterator[tuple[int, torch.Tensor, list, torch.Tensor]]:
     """``(group, x, deltas, seq(x))`` for every group and batch, under the semantics of ``plan`` (its
     corrections applied to what later groups read; ``deltas`` uncorrected): what every correction is
-    fitted on, and what studies of other corrections read (benchmarks/correction_features.py)."""
+    fitted on, and what studies of other corrections read (docs/notes/studies/correction_features.py)."""
     layers = decoder_layers(model)
     last = max(range(len(plan.groups)), key=lambda g: plan.groups[g][0])
     for b, ids in enumerate(_progress(batches, progress, what)):

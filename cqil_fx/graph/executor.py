@@ -23,7 +23,7 @@ is handed out in one go, in parts of steps with the same k
   runtime's barrier: the runtime's other threads are still spinning from the
   shared segment just before, so the later member starts sooner than a
   sleeping worker thread, which has to wait for the scheduler
-  (docs/performance.md has the measured hand-off, ``benchmarks/handoff.py``).
+  (docs/notes/performance.md has the measured hand-off, ``docs/notes/studies/handoff.py``).
   Inside the region ATen runs its ops on the calling thread, so each member
   has one intra-op thread.  The region has T threads (the members claim P of
   them), so that the runtime keeps the pool the shared segments use.
@@ -47,11 +47,11 @@ is therefore compiled with ``cpp_wrapper = True`` (:func:`segment_settings`):
 the whole segment is one C++ call that releases the GIL on entry, and the
 shared segments lose the wrapper's per-kernel Python too.  A segment that
 fails to compile or run that way is compiled again without it (one WARNING,
-counter ``cpp_wrapper_fallbacks``).  docs/performance.md has the measured
+counter ``cpp_wrapper_fallbacks``).  docs/notes/performance.md has the measured
 effect.  The wrapper is built apart from the kernels
 (``cpp_wrapper_build_separate``): the kernels at -O3 as before, the wrapper's
 straight-line calls at -O1, which takes 30-40 % off a cold compile of
-SmolLM2 at no measured cost per call (docs/performance.md, "Compile time").
+SmolLM2 at no measured cost per call (docs/notes/performance.md, "The default backend").
 
 Every segment is compiled under a tracing context of its own whose fake mode
 has a shape env, so Inductor's FX graph cache and AOTAutograd's cache serve
@@ -433,7 +433,7 @@ class CudaGraphProgram:
         # workspaces later (Inductor's CUDA graph trees do, around every recording; torch frees a
         # stream's workspaces when a graph captured on it is destroyed, and streams come from a
         # shared pool) leaves the replay writing freed memory (pytorch/pytorch#193402; the likely
-        # cause of the illegal memory access in docs/gpu-sweep.md's first run). Cleared before the
+        # cause of the illegal memory access in docs/notes/gpu-sweep.md's first run). Cleared before the
         # capture, the captured matmuls allocate their workspace in this graph's private pool,
         # which lives as long as the graph; cleared after, no eager matmul inherits it. Inductor's
         # own graphs do the same.

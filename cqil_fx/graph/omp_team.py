@@ -12,8 +12,8 @@ while (libgomp: ``GOMP_SPINCOUNT``) before they sleep.  A member handed to an
 ordinary worker thread right after a shared segment therefore has to wait
 until the scheduler takes the other core from a spinning OpenMP thread.
 Running the members *as* a parallel region of that same runtime reuses the
-spinning threads (measured in docs/performance.md with
-``benchmarks/handoff.py``).
+spinning threads (measured in docs/notes/performance.md with
+``docs/notes/studies/handoff.py``).
 
 How: the runtime's ``GOMP_parallel(fn, data, num_threads, flags)`` — the
 entry point GCC emits for ``#pragma omp parallel``, exported under the same
@@ -34,7 +34,7 @@ Consecutive steps (consecutive groups, or the two phases of a bypassed group)
 run as *stages* of one region (:meth:`OpenMPTeam.run_stages`): the threads
 meet at the runtime's own barrier (``GOMP_barrier``, spinning first) between
 stages instead of leaving the region and entering the next one (cheaper per
-step: ``benchmarks/handoff.py``, docs/performance.md).  A thread that leaves the region
+step: ``docs/notes/studies/handoff.py``, docs/notes/performance.md).  A thread that leaves the region
 before the others would leave them waiting at a barrier for good, so each
 thread's part is written so that whatever is raised on it, even an interrupt
 (``KeyboardInterrupt`` arrives on the main thread, which is thread 0, when a

@@ -3,7 +3,7 @@
 A gloo ``all_reduce`` between two processes on one machine costs about as
 much as a decoder block of a small model at one token, even when both ranks
 are ready: the bytes travel over TCP loopback and each message wakes a
-sleeping thread (docs/performance.md has the measurements), so a collective
+sleeping thread (docs/notes/performance.md has the measurements), so a collective
 per group eats what CQIL saves.  Here the ranks instead share one memory
 segment and spin: a rank copies its tensor into
 its slot, publishes a sequence number, waits (spinning, so no wake-up
@@ -228,7 +228,7 @@ def shm_all_gather(x: torch.Tensor, channel: str, after: torch.Tensor | None = N
     Each slot is copied once, straight to its place in the result: gathering the
     vocabulary-split logits along their last dim this way saves the two copies of
     "gather along dim 0, then chunk and concatenate" (most of a prefill's
-    collective time under tensor parallelism, docs/performance.md).
+    collective time under tensor parallelism, docs/notes/performance.md).
     """
     return torch.cat(_CHANNELS[channel].exchange(x), dim=dim)
 

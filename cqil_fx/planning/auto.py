@@ -37,7 +37,7 @@ reports measure; :class:`cqil_fx.planning.search.CopyingFloor`).
 writes its own calibration text (:mod:`cqil_fx.planning.self_text`), and the
 search runs on it with the KL measure and corrections, at the budget scaled
 by :data:`SAFETY` (the margin measured between calibration promise and
-held-out outcome, docs/quality.md), keeping :data:`KEEP_COPYING` of the
+held-out outcome, docs/results/quality.md), keeping :data:`KEEP_COPYING` of the
 original's copying.
 """
 
@@ -65,12 +65,12 @@ from .search import (COPYING_SEED, GROW_PATIENCE, KEEP_COPYING, CopyingFloor, Gr
 
 log = logging.getLogger(__name__)
 
-# plan_default searches at SAFETY * budget. Measured (benchmarks/plan_transfer.py, docs/quality-notes.md):
+# plan_default searches at SAFETY * budget. Measured (docs/notes/studies/plan_transfer.py, docs/notes/quality-notes.md):
 # the promise on self-written text (KL, corrections) was within 0.2 points of the cost on held-out licence
 # text for the plans found at +6 % and +10 %; the 10 % margin is for what two plans cannot show.
 SAFETY = 0.9
 # plan_default keeps KEEP_COPYING (cqil_fx.planning.search) of the original's copying. Measured
-# (benchmarks/plan_transfer.py --keep-copying, docs/quality-notes.md): on SmolLM2 the search without it chose
+# (docs/notes/studies/plan_transfer.py --keep-copying, docs/notes/quality-notes.md): on SmolLM2 the search without it chose
 # [17-18] [26-27] (copying 62.7 % -> 35.3 %, licences +8.1 %), with it [14-15] [26-27] (63.5 %, +6.5 %).
 
 

@@ -103,7 +103,7 @@ class CopyingFloor:
     (:func:`cqil_fx.eager.quality.repeated_random_tokens` of seed :data:`COPYING_SEED`); ``build(groups,
     bypass)`` makes the plan measured. Perplexity and KL on ordinary text hardly see copying, which runs
     through attention composing across blocks, so a plan within its budget can lose most of it
-    (docs/quality-notes.md, "In-context copying"). A model that copies less than :data:`MIN_COPYING` has
+    (docs/notes/quality-notes.md, "In-context copying"). A model that copies less than :data:`MIN_COPYING` has
     none to keep: every plan passes.
     """
 

@@ -4,7 +4,7 @@
     cqil-fx inspect --model path/to/hf_model_dir --groups 3-5,8-9
     cqil-fx plan --budget 0.1 --out plan.json     # automatic plan on the calibration split
     cqil-fx plan --default                        # the plan backend="cqil" uses, into the plan cache
-    cqil-fx eval --out docs                       # quality study: CQIL vs layer removal
+    cqil-fx eval --out docs/results               # quality study: CQIL vs layer removal
     cqil-fx recover --start 12 --end 28 --steps 400 --out recovered/   # distil the plan's blocks
     cqil-fx correct --start 16 --end 28 --low-rank 128 --out plan.json  # fit corrections on 122k tokens
 """
@@ -81,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     study.add_argument("--no-default", action="store_true", help="leave out the default plan's row")
     study.add_argument("--beam", type=_beam, default=4,
                        help="width of the beam-search row next to the greedy KL-corrected search (1: no such row)")
-    study.add_argument("--out", default="docs", help="directory for quality.md, quality.json, quality.png")
+    study.add_argument("--out", default="docs/results", help="directory for quality.md, quality.json, quality.png")
     study.add_argument("--recovered", action="append", default=[], metavar="DIR",
                        help="add a 'recovered' row for weights written by `cqil-fx recover --out DIR` (repeatable)")
     study.set_defaults(run=_eval, groups=None, start=None, end=None, parallel=2, bypass=0, verbose=False)

@@ -256,7 +256,7 @@ def license_text() -> str:
 
     Read from :data:`LICENSES_DIR` (Debian's base-files), joined in that order.
     No plan, calibration or recovery here ever reads it; it is the held-out text
-    of the quality claims (docs/quality.md).
+    of the quality claims (docs/results/quality.md).
 
     Raises:
         TextSplitError: the directory or a file is missing (not a Debian-based machine).

@@ -13,7 +13,7 @@ calls, and the medians compared: ``reduction = 1 - median(candidate) /
 median(baseline)``.  On a noisy machine one comparison can fall short by
 chance, so by default a failing comparison is measured once more and the
 assertion fails only if both fall short.  Pick ``min_reduction`` well below
-what a quiet run measures (docs/performance.md has our numbers).  The timing and
+what a quiet run measures (docs/notes/performance.md has our numbers).  The timing and
 its statistics are :mod:`cqil_fx.tools.timing`'s (``timer=`` takes a fake clock
 for tests of this code).
 """
