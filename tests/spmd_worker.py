@@ -588,3 +588,33 @@ def plan_rank0_dies(rank: int, world_size: int) -> dict:
     except Exception as e:  # noqa: BLE001 - what rank 1 raised is the result
         return dict(error=_unwrap(e), seconds=time.perf_counter() - start)
     return dict(error=None, seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- quantized weights (torchao)
+
+QUANTIZED_FAMILIES = ("llama", "qwen2", "phi")
+
+
+def quantized(rank: int, world_size: int) -> dict:
+    """Int8 weight-only models of three families on two ranks: a given plan (with and without tensor
+    parallelism where the quantized linears can be split) against the reference on the quantized model."""
+    from cqil_fx.tools.quant import quantize
+
+    out = {}
+    ids = tokens()
+    for family in QUANTIZED_FAMILIES:
+        model = quantize(copy.deepcopy(tiny_model(family)), "int8-weight-only")
+        config = CQILConfig(**SPAN, mode="spmd", inner="aot_eager")
+        reference = cqil_reference(model, config, ids, use_cache=False).logits
+        logits = torch.compile(model, backend=make_backend(config))(ids, use_cache=False).logits
+        out[family] = dict(error=((logits - reference).norm() / reference.norm()).item())
+        torch._dynamo.reset()
+        try:
+            tp = make_backend(config, tensor_parallel=True)
+            logits = torch.compile(model, backend=tp)(ids, use_cache=False).logits
+            out[family]["tp_error"] = ((logits - reference).norm() / reference.norm()).item()
+            out[family]["tp_blocks"] = tp.reports[-1].sharding.blocks
+        except Exception as e:  # noqa: BLE001 - a refusal is a result: its type and message
+            out[family]["tp_refused"] = _unwrap(e)
+        torch._dynamo.reset()
+    return out

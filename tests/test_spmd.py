@@ -439,3 +439,22 @@ def test_a_rank_waiting_for_a_plan_gives_up_when_rank0_dies(tmp_path):
     assert kind == "CQILDistributedError", result
     assert "rank 0" in message and "collective_timeout" in message
     assert result["seconds"] < spmd_worker.PLAN_TIMEOUT + 10  # the timeout plus slack for a loaded machine
+
+
+# --------------------------------------------------------------------------- quantized weights (torchao)
+
+
+def test_quantized_weights_on_two_ranks_equal_the_quantized_reference(tmp_path):
+    """int8 weight-only models of three families under mode="spmd": each rank's logits equal the plan's
+    reference on the quantized model; with tensor parallelism they do too, or the refusal names the
+    combination (CQILUnsupportedError)."""
+    pytest.importorskip("torchao")
+    for rank, results in enumerate(run_ranks("quantized", tmp_path)):
+        for family in spmd_worker.QUANTIZED_FAMILIES:
+            r = results[family]
+            assert r["error"] < TOLERANCE, (rank, family)
+            if "tp_refused" in r:
+                kind, message = r["tp_refused"]
+                assert kind == "CQILUnsupportedError" and "quantized" in message, (rank, family, r)
+            else:
+                assert r["tp_error"] < TOLERANCE and r["tp_blocks"], (rank, family)

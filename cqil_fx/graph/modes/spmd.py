@@ -23,6 +23,7 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 from ...errors import CQILPlanError, CQILUnsupportedError, SpmdPlacementError
+from ...fingerprint import is_quantized
 from ...passes import RewrittenGraph, place_members, shard_blocks
 from ...passes.spmd import check_placeable
 from ...planning import Planned, Unchanged
@@ -77,6 +78,7 @@ class SpmdMode(ExecutionMode):
         agree(world, repr(outcome.plan) + (", tensor parallel" if self.tensor_parallel else "") + f"; inputs {shapes}")
         rewritten = place_members(rewritten, world.rank, world.world_size, world.group_name)
         if self.tensor_parallel:
+            _refuse_quantized_splits(example_inputs, world.rank)
             rewritten = shard_blocks(rewritten, world.rank, world.world_size, world.group_name,
                                      presharded_weights(gm, example_inputs), fallback=self.config.tp_fallback)
         transport = choose_transport(gm, world, self.config.transport)
@@ -89,6 +91,17 @@ class SpmdMode(ExecutionMode):
         compiled = with_constants(compiled, placed.constants)
         return guard_collectives(check_inputs(compiled, self.world, self.inputs, self.config.check_inputs),
                                  self.world)
+
+
+def _refuse_quantized_splits(example_inputs: Sequence, rank: int) -> None:
+    """Tensor parallelism splits weights in the graph (slices of each linear's rows or columns), which
+    torchao's tensor subclasses do not implement: refuse, naming the combination, before any compile."""
+    quantized = sorted({type(x).__name__ for x in example_inputs if isinstance(x, nn.Parameter) and is_quantized(x)})
+    if quantized:
+        raise CQILUnsupportedError(
+            f"rank {rank}: tensor_parallel=True on quantized weights ({', '.join(quantized)}) is not supported: the "
+            "blocks outside groups are split in the graph by slicing each weight, which these tensor subclasses do "
+            "not implement; use tensor_parallel=False (one group member per rank works on quantized weights)")
 
 
 def user_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[int, str]:

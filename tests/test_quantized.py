@@ -1,0 +1,145 @@
+"""Quantized weights (torchao tensor subclasses) through every path: given and default plans, local and
+concurrent modes, corrections, the plan cache; SPMD in tests/test_spmd.py. Skipped without torchao.
+
+Most cases compile with ``inner="aot_eager"`` (AOTAutograd traces the
+subclasses' dispatch, the kernels stay eager's): the rewrite is under test,
+held to the same 1e-4 as float weights. Weight-only int8 also compiles through
+Inductor to what its own eager run computes (one case per mode here; the
+real model in tests/test_real_model.py). int4 and dynamic int8 round
+differently in Inductor's kernels than in eager (about 1e-2 between plain
+compiled and eager on these models): that noise is the quantization's.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+
+import cqil_fx  # noqa: E402
+from cqil_fx import CQILConfig, cqil_reference, make_backend  # noqa: E402
+from cqil_fx.eager.correction import fit_corrections  # noqa: E402
+from cqil_fx.fingerprint import is_quantized, weights_fingerprint  # noqa: E402
+from cqil_fx.stack import decoder_layers  # noqa: E402
+from cqil_fx.tools.quant import QUANTIZATIONS, quantize  # noqa: E402
+
+from conftest import relative_error  # noqa: E402
+from tiny_models import tiny_model, tokens  # noqa: E402
+
+TOLERANCE = 1e-4
+FAMILIES = ("llama", "qwen2", "phi")
+
+
+def quantized(family: str, name: str = "int8-weight-only", seed: int = 0) -> torch.nn.Module:
+    model = copy.deepcopy(tiny_model(family, seed))
+    if name == "int4-weight-only":
+        model = model.to(torch.bfloat16)  # torchao's CPU int4 kernel reads bf16 activations
+    quantize(model, name)
+    assert is_quantized(decoder_layers(model)[0].mlp.fc1.weight if family == "phi"
+                        else decoder_layers(model)[0].mlp.up_proj.weight)
+    return model
+
+
+def compiled_logits(model, backend, ids):
+    return torch.compile(model, backend=backend)(ids, use_cache=False).logits.float()
+
+
+# Every quantization in local mode; concurrent mode (segments compiled alone) with the one that is exact
+# through Inductor too.
+CASES = [(f, name, "local") for f in FAMILIES for name in QUANTIZATIONS] + [(f, "int8-weight-only", "concurrent")
+                                                                           for f in FAMILIES]
+
+
+@pytest.mark.parametrize(("family", "name", "mode"), CASES, ids=lambda v: str(v))
+def test_a_given_plan_on_quantized_weights_equals_the_quantized_reference(family, name, mode):
+    model, ids = quantized(family, name), tokens()
+    config = CQILConfig(start=2, end=6, bypass=1 if family != "phi" and name == "int8-weight-only" else 0, mode=mode)
+    backend = make_backend(config, inner="aot_eager")
+    actual = compiled_logits(model, backend, ids)
+    expected = cqil_reference(model, config, ids, use_cache=False).logits.float()
+    assert backend.reports[-1].fallback is None and backend.reports[-1].mode == mode
+    assert relative_error(actual, expected) < TOLERANCE
+    assert relative_error(expected, model(ids, use_cache=False).logits.float()) > 0.05  # the plan changed it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["local", "concurrent"])
+def test_int8_weights_through_inductor_equal_the_quantized_reference(mode):
+    model, ids = quantized("llama"), tokens()
+    config = CQILConfig(start=2, end=6, bypass=1, mode=mode)
+    actual = compiled_logits(model, make_backend(config), ids)
+    assert relative_error(actual, cqil_reference(model, config, ids, use_cache=False).logits) < TOLERANCE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_corrected_plan_on_quantized_weights_equals_its_reference(family):
+    model, ids = quantized(family), tokens()
+    plan = fit_corrections(model, CQILConfig(start=2, end=6).plan_for(8), [tokens(2, 16, seed=s) for s in (3, 4)],
+                           low_rank=2)
+    backend = make_backend(plan, mode="concurrent", inner="aot_eager")
+    actual = compiled_logits(model, backend, ids)
+    expected = cqil_reference(model, CQILConfig(plan=plan), ids, use_cache=False).logits
+    assert relative_error(actual, expected) < TOLERANCE
+    uncorrected = cqil_reference(model, CQILConfig(plan=plan.without_corrections()), ids, use_cache=False).logits
+    assert relative_error(expected, uncorrected) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["llama", "phi"])  # a sequential and a parallel-residual family
+def test_the_default_backend_on_quantized_weights_plans_and_equals_the_reference(family, small_self_text, caplog):
+    """backend="cqil" with no arguments on an int8 model: searched once (the model found on the stack),
+    cached under the quantized weights' fingerprint, found again by a second compile."""
+    model, ids = quantized(family), tokens()
+    backend = make_backend(budget=0.5, inner="aot_eager")
+    with caplog.at_level(logging.INFO, logger="cqil_fx"):
+        actual = compiled_logits(model, backend, ids)
+    report = backend.reports[-1]
+    assert report.fallback is None and report.source == "searched", report
+    expected = cqil_reference(model, CQILConfig(plan=report.plan), ids, use_cache=False).logits
+    assert relative_error(actual, expected) < TOLERANCE
+    torch._dynamo.reset()
+    again = make_backend(budget=0.5, inner="aot_eager")
+    compiled_logits(model, again, ids)
+    assert again.reports[-1].source == "cached" and again.reports[-1].plan == report.plan
+
+
+def test_the_explicit_plan_step_on_quantized_weights_is_what_the_backend_uses(small_self_text):
+    model, ids = quantized("llama"), tokens()
+    plan = cqil_fx.plan(model, budget=0.5, progress=False)
+    assert plan.groups
+    backend = make_backend(inner="aot_eager")  # no plan fields: what backend="cqil" does
+    actual = compiled_logits(model, backend, ids)
+    report = backend.reports[-1]
+    assert (report.source, report.plan) == ("chosen", plan)
+    assert relative_error(actual, cqil_reference(model, CQILConfig(plan=plan), ids, use_cache=False).logits) < TOLERANCE
+
+
+@pytest.mark.parametrize("name", QUANTIZATIONS)
+def test_quantized_weights_have_a_fingerprint_of_their_own(name):
+    def fingerprint(model):
+        return weights_fingerprint([list(layer.parameters()) for layer in decoder_layers(model)])
+
+    a, b = quantized("llama", name), quantized("llama", name)
+    assert fingerprint(a) == fingerprint(b) is not None
+    assert fingerprint(quantized("llama", name, seed=1)) != fingerprint(a)  # other weights
+    assert fingerprint(a) != fingerprint(tiny_model("llama"))  # the float weights they came from
+
+
+def test_a_weight_the_fingerprint_cannot_read_means_a_search_without_the_cache(small_self_text, caplog):
+    """A weight whose values cannot be read (here: a subclass whose inner tensor is on the meta device)
+    gives no cache key: the default plan is searched, with one log line, and the compile goes on."""
+    model, ids = quantized("llama"), tokens()
+    layer = decoder_layers(model)[3].mlp
+    inner = layer.down_proj.weight
+    unreadable = copy.copy(inner)
+    unreadable.qdata = torch.empty_like(inner.qdata, device="meta")
+    assert weights_fingerprint([[unreadable]]) is None
+    from cqil_fx.planning import default
+
+    key = default.plan_key(["sequential"], [[unreadable]], CQILConfig())
+    assert key is None
+    with caplog.at_level(logging.INFO, logger="cqil_fx"):
+        assert default.lookup(key) is None
