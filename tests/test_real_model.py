@@ -59,3 +59,23 @@ def test_shipped_adapters_reproduce_their_documented_perplexity(smollm2):
         other.model.layers[0].mlp.down_proj.weight[0, 0] += 1.0
     with pytest.raises(RecoveredWeightsError, match="another base model"):
         load_recovered(other, SHIPPED)
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+def test_int8_smollm2_with_a_plan_equals_its_reference_on_the_quantized_model(smollm2):
+    """torchao int8 weight-only SmolLM2 through Inductor in concurrent mode: the logits equal the plan's eager
+    reference on the quantized model (the quantized model is its own reference)."""
+    pytest.importorskip("torchao")
+    from cqil_fx.tools.quant import quantize
+
+    model, tokenizer = smollm2
+    int8 = quantize(copy.deepcopy(model), "int8-weight-only")
+    ids = token_batches(tokenizer, "evaluation", seq_len=64, num_batches=1)[0]
+    config = CQILConfig(start=12, end=28, parallel=2, mode="concurrent")
+    backend = make_backend(config)
+    with torch.no_grad():
+        actual = torch.compile(int8, backend=backend)(ids, use_cache=False).logits
+        expected = cqil_reference(int8, config, ids, use_cache=False).logits
+    assert backend.reports[-1].fallback is None and len(backend.reports[-1].rewrites) == 8
+    assert relative_error(actual, expected) <= 1e-4
