@@ -40,6 +40,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.fx
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from cqil_fx.errors import SpmdPlacementError
 
@@ -290,7 +291,8 @@ def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather)
     Only where the gather concatenates along the linear's output features (``d``
     its last dim), is the linear's only use, and the linear's output has its
     inputs' dtype (under autocast it does not, and the op would compute in the
-    inputs' dtype): the vocabulary-split LM head of
+    inputs' dtype), and the weight is a plain tensor (a quantized weight, a
+    tensor subclass, has no implementation of the fused op): the vocabulary-split LM head of
     :func:`cqil_fx.passes.tensor_parallel.shard_blocks`, whose rank-local logits
     ``linear_all_gather`` computes straight into the transport's buffer.
     Returns how many it folded.
@@ -306,7 +308,7 @@ def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather)
         x, weight = linear.args[0], linear.args[1] if len(linear.args) > 1 else linear.kwargs["weight"]
         bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
         if any(getattr(n.meta.get("example_value"), "dtype", value.dtype) != value.dtype
-               for n in (x, weight, bias) if isinstance(n, torch.fx.Node)):
+               for n in (x, weight, bias) if isinstance(n, torch.fx.Node)) or _from_tensor_subclass(weight):
             continue
         with gm.graph.inserting_before(gather):
             fused = gm.graph.call_function(linear_all_gather, (x, weight, bias, *gather.args[1:3]))
@@ -319,6 +321,17 @@ def fold_linear_gathers(gm: torch.fx.GraphModule, all_gather, linear_all_gather)
         gm.graph.lint()
         gm.recompile()
     return folded
+
+
+def _from_tensor_subclass(node) -> bool:
+    """Whether ``node`` is, or slices or views, an input whose traced value is a tensor subclass."""
+    while isinstance(node, torch.fx.Node):
+        if is_traceable_wrapper_subclass(node.meta.get("example_value")):
+            return True
+        if node.op == "placeholder" or not node.args:
+            return False
+        node = node.args[0]
+    return False
 
 
 def replace_collectives(gm: torch.fx.GraphModule, all_reduce, all_gather, channel: str) -> int:

@@ -596,18 +596,22 @@ QUANTIZED_FAMILIES = ("llama", "qwen2", "phi")
 
 
 def quantized(rank: int, world_size: int) -> dict:
-    """Int8 weight-only models of three families on two ranks: a given plan (with and without tensor
-    parallelism where the quantized linears can be split) against the reference on the quantized model."""
+    """Int8 weight-only models of three families on two ranks: a given plan with and without tensor
+    parallelism against the reference on the quantized model; the other members' quantized weights
+    released; int4 weights under tensor parallelism refused."""
     from cqil_fx.tools.quant import quantize
 
     out = {}
     ids = tokens()
     for family in QUANTIZED_FAMILIES:
         model = quantize(copy.deepcopy(tiny_model(family)), "int8-weight-only")
+        before = parameter_bytes(model)
+        reference = cqil_reference(model, CQILConfig(**SPAN), ids, use_cache=False).logits
+        released = release_other_members(model, CQILConfig(**SPAN))
         config = CQILConfig(**SPAN, mode="spmd", inner="aot_eager")
-        reference = cqil_reference(model, config, ids, use_cache=False).logits
         logits = torch.compile(model, backend=make_backend(config))(ids, use_cache=False).logits
-        out[family] = dict(error=((logits - reference).norm() / reference.norm()).item())
+        out[family] = dict(error=((logits - reference).norm() / reference.norm()).item(),
+                           released=released / before)
         torch._dynamo.reset()
         try:
             tp = make_backend(config, tensor_parallel=True)
@@ -617,4 +621,11 @@ def quantized(rank: int, world_size: int) -> dict:
         except Exception as e:  # noqa: BLE001 - a refusal is a result: its type and message
             out[family]["tp_refused"] = _unwrap(e)
         torch._dynamo.reset()
+    int4 = quantize(copy.deepcopy(tiny_model("llama")), "int4-weight-only")
+    try:
+        tp = make_backend(CQILConfig(**SPAN, mode="spmd", inner="aot_eager", tensor_parallel=True))
+        torch.compile(int4, backend=tp)(tokens(), use_cache=False)
+        out["int4_tp"] = (None, "compiled")
+    except Exception as e:  # noqa: BLE001 - the refusal is the result
+        out["int4_tp"] = _unwrap(e)
     return out

@@ -511,3 +511,16 @@ def test_run_recovery_writes_weights_and_summary_that_eval_can_load(tmp_path):
     [(model, plan)] = _recovered_models(fresh(), [str(tmp_path)])
     assert plan == PLAN
     assert perplexity(model, HELD_OUT, plan=plan) == pytest.approx(summary["perplexity"]["recovered"], rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["int4-weight-only", "int8-dynamic"])
+def test_lora_through_weights_without_a_gradient_is_refused_naming_them(name):
+    """torch has no backward for the CPU int4 kernel, and activations quantized per call carry none: LoRA
+    training through such weights is refused before any step, naming the weight and its type."""
+    pytest.importorskip("torchao")
+    from cqil_fx.errors import CQILUnsupportedError
+    from cqil_fx.tools.quant import quantize
+
+    model = quantize(fresh(), name)
+    with pytest.raises(CQILUnsupportedError, match=r"method='lora' on (Int4OpaqueTensor|Int8Tensor with dynamic)"):
+        distill_plan(model, CONFIG, TRAIN, steps=1, method="lora", progress=False)

@@ -223,6 +223,7 @@ def _student(model: nn.Module, trained: Sequence[int], method: str, rank: int, a
     student = copy.deepcopy(model).eval()
     student.requires_grad_(False)
     if method == "lora":
+        _check_trainable_through(student)
         adapters = _Adapters(student, _lora_config(student, trained, rank, alpha))
         return student, adapters, adapters.parameters()
     quantized = _quantized_weights(student, _block_prefixes(student, trained))
@@ -353,6 +354,20 @@ def _peft_config(targets: Sequence[str], rank: int, alpha: float) -> LoraConfig:
 
     alpha = int(alpha) if float(alpha).is_integer() else alpha
     return LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM")
+
+
+def _check_trainable_through(model: nn.Module) -> None:
+    """Refuse LoRA training through quantized weights whose kernels have no backward: the gradient of every
+    adapter flows through the later blocks' weights. torchao's int8 weight-only Int8Tensor has one."""
+    for name, p in model.named_parameters():
+        if type(p) in (torch.Tensor, nn.Parameter):
+            continue
+        dynamic = getattr(p, "act_quant_kwargs", None) is not None  # activations quantized: no gradient
+        if type(p).__name__ != "Int8Tensor" or dynamic:
+            kind = f"{type(p).__name__}{' with dynamic activation quantization' if dynamic else ''}"
+            raise CQILUnsupportedError(
+                f"method='lora' on {kind} weights ({name}): no gradient flows through them, so no adapter can "
+                "be trained; recover with int8 weight-only weights or the unquantized model, then quantize")
 
 
 def _quantized_weights(model: nn.Module, prefixes: Sequence[str]) -> tuple[str, str] | None:

@@ -40,9 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.fx
 from torch import nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..config import CQILConfig, Plan
 from ..errors import CQILDistributedError, CQILUnsupportedError
+from ..fingerprint import plain_components
 from ..stack import decoder_layers
 from .shm import gathered_like
 
@@ -275,7 +277,9 @@ def release_other_members(model: nn.Module, plan: Plan | CQILConfig, rank: int |
     Each such parameter keeps its shape, dtype and device (Dynamo traces the
     whole model on every rank) but becomes a zero-stride view of a single
     element, so it holds no memory.  The SPMD graph never reads them.  Call it
-    before compiling, with the plan the backend will use.
+    before compiling, with the plan the backend will use. A quantized weight
+    (a tensor subclass such as torchao's) is released component by component
+    and stays an instance of its class.
     """
     if rank is None:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -287,17 +291,36 @@ def release_other_members(model: nn.Module, plan: Plan | CQILConfig, rank: int |
             raise CQILDistributedError(f"rank {rank} has no member in group {list(group)}")
         for k, index in enumerate(group):
             if k != rank:
-                for p in layers[index].parameters():
-                    p.data = torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape)
+                for module in layers[index].modules():
+                    for name, p in list(module.named_parameters(recurse=False)):
+                        _release(module, name, p)
     released = before - parameter_bytes(model)
     log.info("cqil: rank %d released %.1f MB of other members' weights", rank, released / 2**20)
     return released
 
 
+def _stand_in(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s shape, dtype and device in one element (a traceable subclass: each plain component so)."""
+    if not is_traceable_wrapper_subclass(t):
+        return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+    names, context = t.__tensor_flatten__()
+    inner = {n: _stand_in(getattr(t, n)) for n in names}
+    return type(t).__tensor_unflatten__(inner, context, t.shape, t.stride())
+
+
+def _release(module: nn.Module, name: str, p: nn.Parameter) -> None:
+    if is_traceable_wrapper_subclass(p):
+        setattr(module, name, nn.Parameter(_stand_in(p), requires_grad=p.requires_grad))
+    else:
+        p.data = _stand_in(p)
+
+
 def parameter_bytes(model: nn.Module) -> int:
-    """Bytes of memory actually held by the model's parameters (shared storage counted once)."""
+    """Bytes of memory actually held by the model's parameters (shared storage counted once; a tensor
+    subclass such as a quantized weight by its plain components)."""
     storages = {}
     for p in model.parameters():
-        s = p.untyped_storage()
-        storages[(s.data_ptr(), p.device)] = s.nbytes()
+        for _, part in plain_components(p):
+            s = part.untyped_storage()
+            storages[(s.data_ptr(), part.device)] = s.nbytes()
     return sum(storages.values())

@@ -93,7 +93,9 @@ import torch
 import torch.fx
 from torch._dynamo.utils import counters
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from ..fingerprint import plain_components
 from ..passes import Segment, SplitGraph
 
 from .omp_team import autograd_modes, openmp_team, primary_threads, run_in_modes
@@ -365,8 +367,8 @@ class CudaGraphProgram:
     inputs that alternate between addresses cost at most one recapture each.
     A capture that fails is logged once and the program then runs without a
     graph; so does a graph whose inputs are not all CUDA tensors on one device.
-    A replay first compares the static inputs' addresses (``data_ptr``), a few
-    microseconds per hundred inputs.
+    A replay first compares the static inputs' addresses (``data_ptr``; a
+    quantized weight's by its plain components).
     """
 
     def __init__(self, program: ConcurrentProgram, pinned: Sequence[int], mutates_inputs: bool):
@@ -381,7 +383,7 @@ class CudaGraphProgram:
 
     def __call__(self, *args):
         if self.graph is not None:  # the hot path: the static inputs are where they were captured
-            moved = [i for i, a in zip(self.static, self._addresses) if args[i].data_ptr() != a]
+            moved = [i for i, a in zip(self.static, self._addresses) if _address(args[i]) != a]
             if not moved:
                 return self._replay(args)
             self._demoted.update(i for i in moved if i not in self.pinned)
@@ -391,7 +393,7 @@ class CudaGraphProgram:
             self._disable("an input is not a CUDA tensor, or the inputs are on several devices")
         if self.disabled is not None:
             return self.program(*args)
-        addresses = [x.data_ptr() for x in args]
+        addresses = [_address(x) for x in args]
         if self._previous is None:
             self._previous = addresses
             return self._run_on_capture_stream(args)
@@ -441,9 +443,9 @@ class CudaGraphProgram:
 
         with clear_cublas_manager(), torch.cuda.graph(graph, stream=self.stream):
             outputs = self.program(*self.inputs)
-        by_address = {args[i].data_ptr(): args[i] for i in self.static}
+        by_address = {_address(args[i]): args[i] for i in self.static}
         self._leaves, self._spec = torch.utils._pytree.tree_flatten(outputs)
-        self._aliases = [by_address.get(x.data_ptr()) if isinstance(x, torch.Tensor) else None for x in self._leaves]
+        self._aliases = [by_address.get(_address(x)) if isinstance(x, torch.Tensor) else None for x in self._leaves]
         self.graph = graph
         counters["cqil"]["cuda_graph_captures"] += 1
         log.debug("cqil: captured a CUDA graph (%d static, %d dynamic inputs)", len(self.static), len(self._dynamic))
@@ -458,6 +460,14 @@ class CudaGraphProgram:
         leaves = [alias if alias is not None else x.clone() if isinstance(x, torch.Tensor) else x
                   for x, alias in zip(self._leaves, self._aliases)]
         return torch.utils._pytree.tree_unflatten(leaves, self._spec)
+
+
+def _address(x: torch.Tensor) -> int | tuple[int, ...]:
+    """Where ``x``'s memory is: its data pointer, or for a tensor subclass (a quantized weight, whose own
+    ``data_ptr`` is 0) the data pointers of its plain components."""
+    if is_traceable_wrapper_subclass(x):
+        return tuple(part.data_ptr() for _, part in plain_components(x))
+    return x.data_ptr()
 
 
 def _capturable(args: Sequence) -> bool:

@@ -94,14 +94,24 @@ class SpmdMode(ExecutionMode):
 
 
 def _refuse_quantized_splits(example_inputs: Sequence, rank: int) -> None:
-    """Tensor parallelism splits weights in the graph (slices of each linear's rows or columns), which
-    torchao's tensor subclasses do not implement: refuse, naming the combination, before any compile."""
-    quantized = sorted({type(x).__name__ for x in example_inputs if isinstance(x, nn.Parameter) and is_quantized(x)})
-    if quantized:
+    """Tensor parallelism splits weights in the graph (narrows of each linear's rows or columns): refuse,
+    before any compile and naming the combination, the quantized weights where that cannot give the plan's
+    numbers. torchao's int8 weight-only ``Int8Tensor`` slices exactly; its int4 tensors cannot be sliced, and
+    with dynamic activation quantization a row-parallel half would scale its activations by half the features."""
+    refused = set()
+    for x in example_inputs:
+        if not (isinstance(x, nn.Parameter) and is_quantized(x)):
+            continue
+        if type(x).__name__ != "Int8Tensor":
+            refused.add(f"{type(x).__name__} (cannot be sliced)")
+        elif getattr(x, "act_quant_kwargs", None) is not None:
+            refused.add(f"{type(x).__name__} with dynamic activation quantization (each rank would scale "
+                        "activations by its half of the features)")
+    if refused:
         raise CQILUnsupportedError(
-            f"rank {rank}: tensor_parallel=True on quantized weights ({', '.join(quantized)}) is not supported: the "
-            "blocks outside groups are split in the graph by slicing each weight, which these tensor subclasses do "
-            "not implement; use tensor_parallel=False (one group member per rank works on quantized weights)")
+            f"rank {rank}: tensor_parallel=True on quantized weights {', '.join(sorted(refused))} is not supported: "
+            "the blocks outside groups are split in the graph by slicing each weight; use tensor_parallel=False "
+            "(one group member per rank works on quantized weights) or int8 weight-only quantization")
 
 
 def user_inputs(gm: torch.fx.GraphModule, example_inputs: Sequence) -> dict[int, str]:
