@@ -61,6 +61,21 @@ from .graph.backend import CQILBackend, cqil_backend, make_backend, rewrite_grap
 from .graph.report import CompileReport
 from .planning import plan
 
+
+def _register_without_install() -> None:
+    """``backend="cqil"`` from a source checkout that is not installed (its entry point then missing):
+    register the backend with Dynamo directly. An installed package leaves it to the entry point
+    (registering both would be a duplicate)."""
+    from importlib.metadata import entry_points
+
+    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
+
+    if "cqil" not in entry_points(group="torch_dynamo_backends").names and "cqil" not in _COMPILER_FNS:
+        register_backend(cqil_backend, name="cqil")
+
+
+_register_without_install()
+
 __all__ = [
     "CQILBackend",
     "CQILConfig",

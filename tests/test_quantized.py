@@ -128,18 +128,32 @@ def test_quantized_weights_have_a_fingerprint_of_their_own(name):
     assert fingerprint(a) != fingerprint(tiny_model("llama"))  # the float weights they came from
 
 
-def test_a_weight_the_fingerprint_cannot_read_means_a_search_without_the_cache(small_self_text, caplog):
-    """A weight whose values cannot be read (here: a subclass whose inner tensor is on the meta device)
-    gives no cache key: the default plan is searched, with one log line, and the compile goes on."""
-    model, ids = quantized("llama"), tokens()
-    layer = decoder_layers(model)[3].mlp
-    inner = layer.down_proj.weight
-    unreadable = copy.copy(inner)
-    unreadable.qdata = torch.empty_like(inner.qdata, device="meta")
-    assert weights_fingerprint([[unreadable]]) is None
-    from cqil_fx.planning import default
+def test_a_weight_the_fingerprint_cannot_read_means_a_search_without_the_cache(small_self_text, caplog,
+                                                                              monkeypatch):
+    """A weight whose values cannot be read gives no cache key: the default plan is searched with one log
+    line saying so, the compile goes on, and the next compile searches again instead of reading a cache."""
+    from cqil_fx import fingerprint
 
-    key = default.plan_key(["sequential"], [[unreadable]], CQILConfig())
-    assert key is None
-    with caplog.at_level(logging.INFO, logger="cqil_fx"):
-        assert default.lookup(key) is None
+    model, ids = quantized("llama"), tokens()
+    meta = copy.copy(decoder_layers(model)[3].mlp.down_proj.weight)
+    meta.qdata = torch.empty_like(meta.qdata, device="meta")
+    assert fingerprint.weights_fingerprint([[meta]]) is None  # a component on the meta device cannot be read
+    real = fingerprint.tensor_digest
+
+    def unreadable_int8(t):  # every Int8Tensor unreadable, as a subclass of unknown layout would be
+        if type(t).__name__ == "Int8Tensor":
+            raise fingerprint.UnreadableWeight(type(t).__name__)
+        return real(t)
+
+    monkeypatch.setattr(fingerprint, "tensor_digest", unreadable_int8)
+    sources = []
+    for _ in range(2):
+        torch._dynamo.reset()
+        backend = make_backend(budget=0.5, inner="aot_eager")
+        with caplog.at_level(logging.INFO, logger="cqil_fx"):
+            actual = compiled_logits(model, backend, ids)
+        sources.append(backend.reports[-1].source)
+        plan = backend.reports[-1].plan
+        assert relative_error(actual, cqil_reference(model, CQILConfig(plan=plan), ids, use_cache=False).logits) < TOLERANCE
+    assert sources == ["searched", "searched"]
+    assert "cannot be fingerprinted" in caplog.text

@@ -8,15 +8,17 @@ cqil_fx takes a model quantized any way torchao does it; this module only
 names the recipes the project measures and tests, so benchmarks, examples and
 the CLI say the same thing:
 
-=====================  ====================================================  ==========================
-name                   torchao config                                        where it runs
-=====================  ====================================================  ==========================
-``int8-weight-only``   ``Int8WeightOnlyConfig()``                            CPU and CUDA
-``int8-dynamic``       ``Int8DynamicActivationInt8WeightConfig()``           CPU and CUDA
-``int4-weight-only``   CPU: ``PrototypeInt4WeightOnlyConfig(group_size=32)``  CPU (``Int4OpaqueTensor``),
-                       (torchao's CPU packing); CUDA: ``Int4WeightOnlyConfig  CUDA where torchao has
-                       (group_size=128)``                                    kernels for the device
-=====================  ====================================================  ==========================
+* ``int8-weight-only``: ``Int8WeightOnlyConfig()``, CPU and CUDA;
+* ``int8-dynamic``: ``Int8DynamicActivationInt8WeightConfig()``, CPU and CUDA;
+* ``int4-weight-only``: on CPU ``PrototypeInt4WeightOnlyConfig(group_size=32)``
+  (torchao's CPU packing, ``Int4OpaqueTensor``); on CUDA
+  ``Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")``
+  (bf16; its kernel is PyTorch's own, where the default packing needs ``mslk``).
+
+A group size must divide a linear's input features (torchao leaves a linear it
+does not divide unquantized, silently): 32 and 64 divide SmolLM2's 576 and 1,536.
+Note that ``quantize_`` also sets some of Inductor's global options for the
+whole process (torchao's recommended settings), for every compile after it.
 
 Weight-only int8 keeps activations in the model's dtype: compiled, it equals
 its own eager run to float rounding, so a CQIL plan on it equals the plan's
@@ -74,4 +76,4 @@ def _config(name: str, device_type: str):
         return PrototypeInt4WeightOnlyConfig(group_size=32)
     from torchao.quantization import Int4WeightOnlyConfig
 
-    return Int4WeightOnlyConfig(group_size=128)
+    return Int4WeightOnlyConfig(group_size=64, int4_packing_format="tile_packed_to_4d")
