@@ -53,7 +53,8 @@ def kind(row: dict) -> str:
 
 def groups_of(detail: str) -> list[list[int]]:
     """The groups of a ``Plan`` repr: ``[12-13] [14-15]`` -> ``[[12, 13], [14, 15]]``."""
-    return [list(range(int(a), int(b) + 1)) for a, b in re.findall(r"\[(\d+)-(\d+)\]", detail.split(":")[0])]
+    head = detail.split("):")[0]  # a search's row goes on after the plan: "Plan(...): calibration ..."
+    return [list(range(int(a), int(b) + 1)) for a, b in re.findall(r"\[(\d+)-(\d+)\]", head)]
 
 
 def removed_of(detail: str) -> list[int]:
@@ -101,6 +102,7 @@ def main() -> None:
              "original C++ wrapper": {"series": "original", "saved": 0, "cost": 0.0}}
     for name in TIMED_PLANS:
         plan = CQILConfig(groups=groups_of(rows[name]["detail"])).plan_for(30)
+        assert plan.saved_blocks == rows[name]["saved_blocks"], (name, plan)
         twins[name] = compiled_twin(model, make_backend(plan), dynamic=False)
         timed[name] = {"series": "CQIL", "saved": plan.saved_blocks, "cost": rows[name]["perplexity"] / base - 1,
                        "plan": repr(plan)}
@@ -158,6 +160,7 @@ def plot(result: dict, path: Path) -> None:
             left.plot(p["saved"], 100 * p["cost"], "*", ms=18, color="gold", mec="black", label="default (backend=\"cqil\")")
     left.axhline(10, color="gray", ls=":", lw=1)
     left.set_yscale("symlog", linthresh=10)
+    left.set_ylim(bottom=0)
     left.set_xlabel("block-times saved (of 30)")
     left.set_ylabel("held-out perplexity increase, % (licence text)")
     left.set_title("quality cost: CQIL vs removing the blocks")
