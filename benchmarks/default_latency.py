@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -40,17 +41,10 @@ from cqil_fx.tools.generation import compiled_twin
 from cqil_fx.tools.models import load_smollm2
 from cqil_fx.tools.timing import Summary, time_interleaved
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parts import inductor, save_figure  # noqa: E402
+
 WORKLOADS = {"prefill-256": 256, "decode-1": 1}
-
-
-def inductor(cpp_wrapper: bool):
-    from torch._inductor.compile_fx import compile_fx
-
-    def compile_(gm, example_inputs):
-        with torch._inductor.config.patch({"cpp_wrapper": cpp_wrapper}):
-            return compile_fx(gm, example_inputs)
-
-    return compile_
 
 
 def main() -> None:
@@ -128,10 +122,7 @@ def plot(result: dict, path: Path) -> None:
                color=(["gray", "darkgray", "tab:blue"] + ["tab:purple"] * (len(names) - 4) + ["tab:green"])[:len(names)])
         ax.set_title(f"{workload}: cqil/plain {data['cqil_over_plain']:.3f}")
         ax.set_ylabel("ms (median, p10-p90)")
-    fig.suptitle(f"SmolLM2-135M, {result['threads']} threads, torch {result['torch']}, {result['date']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"SmolLM2-135M, {result['threads']} threads, torch {result['torch']}, {result['date']}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import argparse
 import functools
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -31,6 +32,9 @@ from cqil_fx.stack import without_blocks
 from cqil_fx.tools.generation import TokenClock, compiled_twin
 from cqil_fx.tools.models import load_smollm2
 from cqil_fx.tools.timing import Summary, time_interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parts import inductor, save_figure  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 QUALITY = ROOT / "docs" / "results" / "quality.json"
@@ -61,14 +65,6 @@ def removed_of(detail: str) -> list[int]:
     return [int(i) for i in re.findall(r"\d+", detail)]
 
 
-def cpp_wrapper_inductor(gm, example_inputs):
-    """Inductor with its C++ wrapper (what concurrent mode's segments use on CPU): the other plain baseline."""
-    from torch._inductor.compile_fx import compile_fx
-
-    with torch._inductor.config.patch({"cpp_wrapper": True}):
-        return compile_fx(gm, example_inputs)
-
-
 def per_token_ms(twin, ids, new_tokens: int) -> float:
     clock = TokenClock()
     with torch.no_grad():
@@ -97,7 +93,7 @@ def main() -> None:
     model, tokenizer = load_smollm2()
     ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     twins = {"original": compiled_twin(model, "inductor", dynamic=False),
-             "original C++ wrapper": compiled_twin(model, cpp_wrapper_inductor, dynamic=False)}
+             "original C++ wrapper": compiled_twin(model, inductor(True), dynamic=False)}
     timed = {"original": {"series": "original", "saved": 0, "cost": 0.0},
              "original C++ wrapper": {"series": "original", "saved": 0, "cost": 0.0}}
     for name in TIMED_PLANS:
@@ -186,11 +182,8 @@ def plot(result: dict, path: Path) -> None:
     right.set_ylabel("ms per decoded token (median, p10-p90)")
     right.set_title(f"time per token, {result['threads']} threads (labels: held-out cost)")
     right.legend(fontsize=8)
-    fig.suptitle(f"SmolLM2-135M-Instruct, {result['date']}: quality from {result['quality_source']}, "
-                 f"time measured by benchmarks/frontier.py", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"SmolLM2-135M-Instruct, {result['date']}: quality from {result['quality_source']}, "
+                           f"time measured by benchmarks/frontier.py")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import argparse
 import copy
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -49,18 +50,11 @@ from cqil_fx.tools.models import load_smollm2, token_batches
 from cqil_fx.tools.quant import quantize
 from cqil_fx.tools.timing import Summary, time_interleaved
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parts import inductor, save_figure  # noqa: E402
+
 PROMPTS = ("The capital of France is", "Water freezes at a temperature of", "The largest planet in the solar system is")
 UNIFORM = CQILConfig(start=12, end=28, parallel=2)
-
-
-def inductor(cpp_wrapper: bool):
-    from torch._inductor.compile_fx import compile_fx
-
-    def compile_(gm, example_inputs):
-        with torch._inductor.config.patch({"cpp_wrapper": cpp_wrapper}):
-            return compile_fx(gm, example_inputs)
-
-    return compile_
 
 
 def generate_ms(twin, batch, pad: int, new_tokens: int) -> float:
@@ -196,11 +190,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("ms per call (generate: per decode step), median and p10-p90")
         ax.set_title(workload)
     costs = ", ".join(f"{name} {p['cost_vs_int8']:+.1%}" for name, p in result["plans"].items())
-    fig.suptitle(f"{result['model']} int8 weight-only, {result['threads']} threads, {result['date']}; "
-                 f"held-out perplexity cost of each plan against int8 alone: {costs}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, f"{result['model']} int8 weight-only, {result['threads']} threads, {result['date']}; "
+                           f"held-out perplexity cost of each plan against int8 alone: {costs}")
 
 
 if __name__ == "__main__":

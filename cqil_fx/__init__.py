@@ -55,8 +55,8 @@ from .config import CQILConfig, Plan
 from .eager.distill import PlanMismatchWarning, Recovery, distill_plan, load_recovered, recover, save_recovered
 from .eager.reference import cqil_reference
 from .errors import (CQILConfigError, CQILDistributedError, CQILError, CQILPlanError, CQILUnsupportedError,
-                     ModelNotAvailableError, RecoveredWeightsError, TextSplitError, UncalibratableGraphError,
-                     UnrecognisedBlockError)
+                     LatencyRegressionError, ModelCacheError, ModelNotAvailableError, RecoveredWeightsError,
+                     TextSplitError, UncalibratableGraphError, UnrecognisedBlockError)
 from .graph.backend import CQILBackend, cqil_backend, make_backend, rewrite_graph
 from .graph.report import CompileReport
 from .planning import plan
@@ -85,6 +85,8 @@ __all__ = [
     "CQILPlanError",
     "CQILUnsupportedError",
     "CompileReport",
+    "LatencyRegressionError",
+    "ModelCacheError",
     "ModelNotAvailableError",
     "Plan",
     "PlanMismatchWarning",

@@ -60,3 +60,11 @@ class TextSplitError(CQILError, ValueError):
 
 class RecoveredWeightsError(CQILError, ValueError):
     """A recovered-weights directory is missing, malformed, or does not fit the model."""
+
+
+class ModelCacheError(CQILError, FileExistsError):
+    """The converted-model cache cannot be written: something that is not a finished cache is in the way."""
+
+
+class LatencyRegressionError(CQILError, AssertionError):
+    """:func:`cqil_fx.tools.testing.assert_latency_reduction` measured less than the reduction asked for."""

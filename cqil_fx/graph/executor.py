@@ -50,8 +50,8 @@ fails to compile or run that way is compiled again without it (one WARNING,
 counter ``cpp_wrapper_fallbacks``).  docs/notes/performance.md has the measured
 effect.  The wrapper is built apart from the kernels
 (``cpp_wrapper_build_separate``): the kernels at -O3 as before, the wrapper's
-straight-line calls at -O1, which takes 30-40 % off a cold compile of
-SmolLM2 at no measured cost per call (docs/notes/performance.md, "The default backend").
+straight-line calls at -O1, which shortens a cold compile (measured in
+docs/notes/performance.md, "The default backend").
 
 Every segment is compiled under a tracing context of its own whose fake mode
 has a shape env, so Inductor's FX graph cache and AOTAutograd's cache serve

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
+from ..errors import CQILConfigError
+
 
 def compiled_twin(model: torch.nn.Module, backend: Any, **compile_kwargs: Any) -> torch.nn.Module:
     """A shallow copy of ``model`` (parameters, buffers and config shared) whose ``forward`` is
@@ -54,5 +56,5 @@ class TokenClock(StoppingCriteria):
     def per_token_ms(self) -> float:
         """Mean milliseconds per decode step (the steps after the prefill)."""
         if len(self.stamps) < 2:
-            raise ValueError("per-token time needs at least two generated tokens")
+            raise CQILConfigError("per-token time needs at least two generated tokens")
         return (self.stamps[-1] - self.stamps[0]) * 1e3 / (len(self.stamps) - 1)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..errors import CQILConfigError, ModelNotAvailableError, TextSplitError
+from ..errors import CQILConfigError, ModelCacheError, ModelNotAvailableError, TextSplitError
 from ..tokens import token_windows
 
 if TYPE_CHECKING:
@@ -216,7 +216,7 @@ def _publish(staging: Path, target: Path) -> None:
         # Another process published first (rename onto a non-empty directory
         # fails); keep its cache. Anything else in the way is a real problem.
         if not _is_complete_cache(target):
-            raise FileExistsError(
+            raise ModelCacheError(
                 f"cannot write the SmolLM2 cache to {target}: something is there that is "
                 f"not a finished cache (no {MANIFEST_NAME}); delete it and retry"
             ) from e

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ..errors import CQILConfigError, LatencyRegressionError
 from .timing import device_sync, median, quantile, ratios, time_interleaved
 
 
@@ -67,7 +68,7 @@ def p10_p90(values) -> tuple[float, float]:
     between the samples, never beyond them); one value: itself."""
     values = list(values)
     if not values:
-        raise ValueError("p10_p90 needs at least one value")
+        raise CQILConfigError("p10_p90 needs at least one value")
     return quantile(values, 0.1), quantile(values, 0.9)
 
 
@@ -80,7 +81,7 @@ def compare_latency(baseline: Callable[..., Any], candidate: Callable[..., Any],
     ``time.perf_counter``.
     """
     if reps < 1 or warmup < 0:
-        raise ValueError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
+        raise CQILConfigError(f"reps must be >= 1 and warmup >= 0, got reps={reps}, warmup={warmup}")
     sync = sync or device_sync("cuda" if torch.cuda.is_available() else "cpu")
     calls = {"baseline": lambda: baseline(*args, **kwargs), "candidate": lambda: candidate(*args, **kwargs)}
     with torch.no_grad():
@@ -99,7 +100,7 @@ def assert_latency_reduction(baseline: Callable[..., Any], candidate: Callable[.
     :class:`LatencyComparison`.  ``sync`` and ``timer`` are :func:`compare_latency`'s.
     """
     if attempts < 1:
-        raise ValueError(f"attempts must be >= 1, got {attempts}")
+        raise CQILConfigError(f"attempts must be >= 1, got {attempts}")
     seen = []
     for _ in range(attempts):
         comparison = compare_latency(baseline, candidate, *args, reps=reps, warmup=warmup, sync=sync, timer=timer,
@@ -108,5 +109,5 @@ def assert_latency_reduction(baseline: Callable[..., Any], candidate: Callable[.
             return comparison
         seen.append(comparison)
         warmup = 0  # already warm
-    raise AssertionError(
+    raise LatencyRegressionError(
         f"latency reduction below {min_reduction:.1%} in {attempts} attempt(s): " + "; ".join(map(str, seen)))

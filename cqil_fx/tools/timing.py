@@ -39,15 +39,17 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from ..errors import CQILConfigError
+
 
 def quantile(values: Iterable[float], q: float) -> float:
     """The ``q``-quantile (``0 <= q <= 1``) of ``values``, interpolated between order statistics (type 7):
     always within ``[min(values), max(values)]``; one value is its own every quantile."""
     ordered = sorted(values)
     if not ordered:
-        raise ValueError("a quantile needs at least one value")
+        raise CQILConfigError("a quantile needs at least one value")
     if not 0.0 <= q <= 1.0:
-        raise ValueError(f"q must be between 0 and 1, got {q}")
+        raise CQILConfigError(f"q must be between 0 and 1, got {q}")
     position = (len(ordered) - 1) * q
     low = math.floor(position)
     high = min(low + 1, len(ordered) - 1)
@@ -73,7 +75,7 @@ class Summary:
     def of(cls, values: Iterable[float]) -> Summary:
         values = list(values)
         if not values:
-            raise ValueError("a summary needs at least one value")
+            raise CQILConfigError("a summary needs at least one value")
         return cls(quantile(values, 0.5), quantile(values, 0.1), quantile(values, 0.9), len(values))
 
     def __str__(self) -> str:
@@ -83,7 +85,7 @@ class Summary:
 def ratios(values: Sequence[float], baseline: Sequence[float]) -> tuple[float, ...]:
     """``values[i] / baseline[i]`` for each repetition ``i`` (the two calls were timed next to each other)."""
     if len(values) != len(baseline):
-        raise ValueError(f"ratios pair repetitions: got {len(values)} values against {len(baseline)} of the baseline")
+        raise CQILConfigError(f"ratios pair repetitions: got {len(values)} values against {len(baseline)} of the baseline")
     return tuple(v / b for v, b in zip(values, baseline))
 
 
@@ -130,7 +132,7 @@ def time_interleaved(calls: Mapping[str, Callable[[], Any]], reps: int, warmup: 
     the error propagates.
     """
     if reps < 0 or warmup < 0:
-        raise ValueError(f"reps and warmup must be >= 0, got reps={reps}, warmup={warmup}")
+        raise CQILConfigError(f"reps and warmup must be >= 0, got reps={reps}, warmup={warmup}")
     sync = sync or _no_sync
     before, after = before or {}, after or {}
     live = list(calls)
