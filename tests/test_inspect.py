@@ -94,7 +94,10 @@ def test_every_exception_raised_to_users_is_a_cqil_error():
     assert len(raised) >= 10
     for error in raised:
         assert issubclass(error, cqil_fx.CQILError)
-        assert issubclass(error, (ValueError, RuntimeError, NotImplementedError)), error  # still the builtin
+        # still the builtin it was (a bad argument a ValueError, a failed latency assertion an
+        # AssertionError, a cache in the way a FileExistsError), so `except ValueError` keeps working
+        builtin = [c for c in error.__mro__ if c.__module__ == "builtins" and c not in (Exception, BaseException, object)]
+        assert builtin, error
 
 
 @pytest.mark.real_model
