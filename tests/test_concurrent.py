@@ -117,6 +117,32 @@ def test_segments_use_inductors_caches():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
 
+def static_shape_recorder(seen: list):
+    """An inner compiler (AOTAutograd, eager kernels) that records the value of every placeholder of the
+    graphs it is handed after AOTAutograd has made its inputs fake: what Inductor would generate code for."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def record(gm, example_inputs):
+        seen.extend(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder")
+        return gm.forward
+
+    return aot_autograd(fw_compiler=record)
+
+
+def test_segments_are_compiled_for_the_static_shapes_of_their_inputs():
+    """A concurrent program runs static graphs only; its segments, weights included, must not be compiled
+    over symbolic sizes (AOTAutograd gives a real input's sizes symbols of the context's shape env)."""
+    model, ids = tiny_model("llama"), tokens()
+    seen = []
+    actual = compiled(model, groups=[[2, 3]], inner=static_shape_recorder(seen))(ids, use_cache=False).logits
+    expected = cqil_reference(model, CQILConfig(groups=[[2, 3]]), ids, use_cache=False).logits
+    assert relative_error(actual, expected) <= 1e-4
+    tensors = [v for v in seen if isinstance(v, torch.Tensor)]
+    assert len(tensors) > 20  # the weights of 8 blocks, the activations
+    symbolic = [tuple(v.shape) for v in tensors if not all(isinstance(d, int) for d in v.shape)]
+    assert not symbolic, f"segments compiled over symbolic sizes: {symbolic[:5]}"
+
+
 @pytest.mark.parametrize("bypass", [0, 1])
 def test_segments_hold_one_member_each(bypass):
     model, ids = tiny_model("llama"), tokens()

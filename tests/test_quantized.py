@@ -75,6 +75,21 @@ def test_int8_weights_through_inductor_equal_the_quantized_reference(mode):
     assert relative_error(actual, cqil_reference(model, config, ids, use_cache=False).logits) < TOLERANCE
 
 
+def test_int8_weights_reach_concurrent_segments_with_static_shapes():
+    """The inner tensors of a quantized weight are compiled for their own sizes, not over symbols (kernels
+    over symbolic sizes made int8 weights' dequantization measurably slower in concurrent mode)."""
+    from test_concurrent import static_shape_recorder
+
+    model, ids = quantized("llama"), tokens()
+    seen = []
+    config = CQILConfig(groups=[[2, 3]], mode="concurrent")
+    actual = compiled_logits(model, make_backend(config, inner=static_shape_recorder(seen)), ids)
+    assert relative_error(actual, cqil_reference(model, config, ids, use_cache=False).logits) < TOLERANCE
+    int8 = [v for v in seen if isinstance(v, torch.Tensor) and v.dtype == torch.int8]
+    assert len(int8) >= 7 * 8  # every linear of every block, unwrapped to its int8 data
+    assert all(isinstance(d, int) for v in seen if isinstance(v, torch.Tensor) for d in v.shape)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_corrected_plan_on_quantized_weights_equals_its_reference(family):
     model, ids = quantized(family), tokens()
