@@ -76,8 +76,8 @@ def test_int8_weights_through_inductor_equal_the_quantized_reference(mode):
 
 
 def test_int8_weights_reach_concurrent_segments_with_static_shapes():
-    """The inner tensors of a quantized weight are compiled for their own sizes, not over symbols (kernels
-    over symbolic sizes made int8 weights' dequantization measurably slower in concurrent mode)."""
+    """The inner tensors of a quantized weight are compiled for their own sizes, not over symbols (the
+    int8 data's conversion to float ran in kernels over symbolic sizes)."""
     from test_concurrent import static_shape_recorder
 
     model, ids = quantized("llama"), tokens()

@@ -56,7 +56,10 @@ docs/notes/performance.md, "The default backend").
 Every segment is compiled under a tracing context of its own whose fake mode
 has a shape env, so Inductor's FX graph cache and AOTAutograd's cache serve
 it: the members of every group of one model share a graph and compile once,
-and a second process compiles nothing.
+and a second process compiles nothing. Its inputs reach the inner compiler as
+fake tensors of static shape, as a Dynamo graph's reach a backend: the program
+only runs graphs of static shapes, which need no kernels generated over
+symbolic sizes (what AOTAutograd makes of real inputs under a shape env).
 
 On CUDA no worker threads are involved: kernel launches do not block, so the
 calling thread launches each member's segment on a stream of its own (one per
@@ -241,7 +244,7 @@ class ConcurrentProgram:
         # backend its graph's: a concurrent program only runs graphs of static shapes (one with
         # symbolic sizes runs in local mode), and AOTAutograd would otherwise give every size of a
         # real input a symbol of that shape env, weights included, so that Inductor generated
-        # kernels over symbolic sizes (measured slower on int8 weights' dequantization loops).
+        # kernels over symbolic sizes for graphs whose sizes never change.
         fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
         context = torch._guards.TracingContext(fake_mode)
         with torch._guards.tracing(context), torch._inductor.config.patch(settings):
