@@ -1,6 +1,6 @@
 """What planning costs on a model of the size users run: forwards counted, seconds measured and predicted.
 
-    python benchmarks/planning_cost.py --out benchmarks/results/planning-cost     # ~10 min on 2 cores
+    python benchmarks/planning_cost.py --out benchmarks/results/planning-cost     # ~25 min on 2 cores
 
 ``cqil_fx.plan(model)`` (the default plan's search: self-written text, KL to
 the original, corrections, a copying floor) costs forwards of the model. How
@@ -9,7 +9,8 @@ windows fit the budget, not on the width; what one costs depends on the
 width. So:
 
 1. **Counted**: the search runs on a random-weight stand-in of each shape's
-   depth (``--stand-in-width`` wide), hooks counting the model's calls, the
+   depth (``--stand-in-width`` wide; every search of a run with a plan cache
+   of the run's own, so none is read from an earlier one), hooks counting the model's calls, the
    tokens they read and the tokens every decoder layer processes
    (``layer_tokens``; a full-model token is ``num_layers`` of them). A real
    model's count differs by how many windows fit its budget.
@@ -18,7 +19,13 @@ width. So:
    are estimated as ``layer_tokens / num_layers`` full-model tokens at that
    per-token cost (decode steps of the self-written text run in batches of
    16 and cost more per token than that: the estimate is a floor for them).
-3. **Predicted** for the 8B shape on one H200: the FLOPs of those tokens
+3. **Searched** (``--search``): the whole search on the real shape with random
+   weights (float32: this CPU has no native bf16 arithmetic), each in a fresh
+   process with a plan cache of its own, timed, its forwards counted and its
+   peak resident memory read (``ru_maxrss``) after the model is built and after
+   the search. Random weights group more windows than trained ones (they change
+   the stream little), so the time is that of a search growing a large plan.
+4. **Predicted** for the 8B shape on one H200: the FLOPs of those tokens
    (2 x parameters per token) at ``--gpu-tflops`` effective bf16 TFLOP/s,
    plus ``--gpu-call-ms`` per model call (launches and Python, with no CUDA
    graphs in the eager search). Both are assumptions, written into the JSON.
@@ -29,7 +36,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,12 +110,49 @@ def forward_cost(shape_name: str, tokens: int) -> dict:
                 seconds_per_token=best / tokens, threads=torch.get_num_threads())
 
 
+SEARCH = """
+import dataclasses, json, resource, sys, time
+import torch
+sys.path.insert(0, sys.argv[2])
+import cqil_fx
+from planning_cost import LayerTokenCounter
+from sweep.shapes import SHAPES, build_model, parameter_count
+shape = SHAPES[sys.argv[1]]
+model = build_model(dataclasses.replace(shape, layers=shape.full_layers), "cpu", torch.float32)
+built_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+counter = LayerTokenCounter(model)
+started = time.perf_counter()
+plan = cqil_fx.plan(model, remember=False)
+seconds = time.perf_counter() - started
+counted = counter.remove()
+print(json.dumps(dict(counted, seconds=seconds, plan=repr(plan), parameters=parameter_count(model),
+                      weights_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30,
+                      peak_after_build_gib=built_kib / 2**20,
+                      peak_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      full_model_tokens=counted["layer_tokens"] / shape.full_layers, dtype="float32",
+                      threads=torch.get_num_threads())))
+"""
+
+
+def search(shape_name: str) -> dict:
+    """The whole default search on the real shape (random weights), in a fresh process with an empty plan
+    cache: seconds, forwards and peak resident memory. The search's progress goes to this process's stderr."""
+    with tempfile.TemporaryDirectory(prefix="cqil-planning-cost-") as cache:
+        done = subprocess.run([sys.executable, "-c", SEARCH, shape_name, str(Path(__file__).resolve().parent)],
+                              env=dict(os.environ, CQIL_FX_PLAN_CACHE=cache), stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the search on {shape_name} failed (exit {done.returncode})")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "llama-3.2-1b", "llama-3.1-8b"],
+    parser.add_argument("--shapes", nargs="+", default=["smollm2-135m", "qwen2.5-0.5b", "llama-3.2-1b", "llama-3.1-8b"],
                         choices=sorted(SHAPES))
     parser.add_argument("--measure", nargs="*", default=["llama-3.2-1b"], choices=sorted(SHAPES),
                         help="shapes whose real-size forward is timed on this machine")
+    parser.add_argument("--search", nargs="*", default=["qwen2.5-0.5b", "llama-3.2-1b"], choices=sorted(SHAPES),
+                        help="shapes searched whole, with random weights, timed and their peak memory read")
     parser.add_argument("--stand-in-width", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--gpu-tflops", type=float, default=100.0,
@@ -113,6 +160,8 @@ def main() -> None:
     parser.add_argument("--gpu-call-ms", type=float, default=50.0, help="assumed overhead per model call on a GPU")
     parser.add_argument("--out", default="benchmarks/results/planning-cost")
     args = parser.parse_args()
+    # every search here runs, none is read from the plan cache: a cache of this run's own
+    os.environ["CQIL_FX_PLAN_CACHE"] = tempfile.mkdtemp(prefix="cqil-planning-cost-")
     result = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "assumptions": {"gpu_tflops": args.gpu_tflops, "gpu_call_ms": args.gpu_call_ms},
               "shapes": {}}
@@ -127,6 +176,12 @@ def main() -> None:
             entry["cpu"] = dict(cost, estimated_search_s=counted["full_model_tokens"] * cost["seconds_per_token"])
             print(f"  this machine: {cost['seconds_per_token'] * 1e3:.1f} ms per token of a {args.tokens}-token "
                   f"forward; the search estimated at {entry['cpu']['estimated_search_s']:.0f} s", flush=True)
+        if name in args.search:
+            entry["searched"] = search(name)
+            done = entry["searched"]
+            print(f"  searched on this machine: {done['seconds']:.0f} s, {done['model_calls']} model calls, "
+                  f"{done['full_model_tokens']:.0f} full-model tokens; peak memory {done['peak_gib']:.2f} GiB "
+                  f"({done['weights_gib']:.2f} GiB of weights); plan {done['plan']}", flush=True)
         params = parameter_count(build_model(dataclasses.replace(SHAPES[name], layers=SHAPES[name].full_layers),
                                              "meta", torch.bfloat16))
         flops = 2 * params * counted["full_model_tokens"]
