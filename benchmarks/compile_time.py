@@ -10,9 +10,8 @@ Python process per backend (order alternating), loads SmolLM2-135M, and times
 ``torch.compile(model, backend=...)`` plus the first call on a 16-token
 forward (Dynamo's tracing, the backend, the first run). Both backends pay
 Inductor's import inside that interval (plain does it in ``torch.compile()``,
-cqil at its first compile). One untimed round first fills Inductor's caches
-and the plan cache, so the timed rounds measure warm caches, the state a
-second process finds; every cqil process checks that its graph took the
+cqil at its first compile). One untimed round first fills Inductor's caches,
+so the timed rounds measure warm caches, the state a second process finds; every cqil process checks that its graph took the
 chosen plan (report source ``chosen``). Reported: medians and the
 per-repetition ratio ``cqil / plain`` with its p10/p90.
 """
@@ -88,7 +87,7 @@ def main() -> None:
 
         return run
 
-    # the warm-up round fills Inductor's caches and the plan cache; each child times itself, so the
+    # the warm-up round fills Inductor's caches; each child times itself, so the
     # seconds are its results (compile and first call), not the interleaver's wall time per process
     times = time_interleaved({b: child(b) for b in BACKENDS}, args.reps, warmup=1).results
     spread = Summary.of(ratios(times["cqil"], times["inductor"]))
