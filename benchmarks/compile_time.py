@@ -21,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from cqil_fx.tools.timing import Summary, median, ratios, time_interleaved
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from parts import python_child  # noqa: E402
 
 CHILD = """
 import json, sys, time
@@ -56,10 +58,7 @@ BACKENDS = ("cqil", "inductor")
 
 
 def first_call_seconds(backend: str, env: dict[str, str]) -> float:
-    done = subprocess.run([sys.executable, "-c", CHILD, backend], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the {backend} process failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return json.loads(python_child(f"the {backend} process", CHILD, backend, env=env))["seconds"]
 
 
 def main() -> None:
@@ -73,10 +72,7 @@ def main() -> None:
     cache = tempfile.mkdtemp(prefix="cqil-compile-time-plans-")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), CQIL_FX_PLAN_CACHE=cache)
     print(f"the explicit step, cqil_fx.plan(model), into {cache} ...", flush=True)
-    step = subprocess.run([sys.executable, "-c", PLAN_STEP], env=env, capture_output=True, text=True)
-    if step.returncode != 0:
-        raise SystemExit(f"cqil_fx.plan failed:\n{step.stderr[-4000:]}")
-    plan = step.stdout.strip().splitlines()[-1]
+    plan = python_child("cqil_fx.plan", PLAN_STEP, env=env)
     print(plan, flush=True)
 
     def child(backend: str):

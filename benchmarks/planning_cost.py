@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cqil_fx  # noqa: E402
 from cqil_fx.stack import decoder_layers  # noqa: E402
+from parts import python_child  # noqa: E402
 from sweep.shapes import SHAPES, build_model, parameter_count  # noqa: E402
 
 
@@ -138,11 +138,9 @@ def search(shape_name: str) -> dict:
     """The whole default search on the real shape (random weights), in a fresh process with an empty plan
     cache: seconds, forwards and peak resident memory. The search's progress goes to this process's stderr."""
     with tempfile.TemporaryDirectory(prefix="cqil-planning-cost-") as cache:
-        done = subprocess.run([sys.executable, "-c", SEARCH, shape_name, str(Path(__file__).resolve().parent)],
-                              env=dict(os.environ, CQIL_FX_PLAN_CACHE=cache), stdout=subprocess.PIPE, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"the search on {shape_name} failed (exit {done.returncode})")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return json.loads(python_child(f"the search on {shape_name}", SEARCH, shape_name,
+                                       str(Path(__file__).resolve().parent),
+                                       env=dict(os.environ, CQIL_FX_PLAN_CACHE=cache), show_stderr=True))
 
 
 def main() -> None:
