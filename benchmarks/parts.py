@@ -35,10 +35,12 @@ def python_child(what: str, code: str, *args: str, env: dict[str, str], show_std
 
 
 def save_figure(fig, path: Path, title: str) -> None:
-    """Title, lay out, write as PNG and close ``fig``."""
+    """Title (wrapped to the figure's width), lay out, write as PNG and close ``fig``."""
+    import textwrap
+
     import matplotlib.pyplot as plt
 
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=int(fig.get_figwidth() * 14)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
