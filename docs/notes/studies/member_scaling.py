@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from quantized_breakdown import timed_runs
 
 from cqil_fx import CQILConfig, make_backend
 from cqil_fx.graph import executor
@@ -49,36 +50,20 @@ def timed_program(fn, ids, reps: int) -> tuple[dict, executor.ConcurrentProgram]
     """Per-run times (s) of ``reps`` calls of ``fn``, by kind of run, and the program that ran them."""
     spent = collections.defaultdict(list)
     programs = []
-    call, members, run = (executor.ConcurrentProgram._run_call, executor.ConcurrentProgram._run_members,
-                          executor.ConcurrentProgram.__call__)
 
-    def timed_call(self, env, c):
-        started = time.perf_counter()
-        call(self, env, c)
-        if c.segment.shared:
-            if threading.current_thread() is threading.main_thread():
-                spent[c.node.target].append(time.perf_counter() - started)
-        else:
-            spent["member_side_by_side"].append(time.perf_counter() - started)
+    def on_call(program, c, seconds):
+        programs.append(program)
+        if not c.segment.shared:
+            spent["member_side_by_side"].append(seconds)
+        elif threading.current_thread() is threading.main_thread():
+            spent[c.node.target].append(seconds)
 
-    def timed_members(self, steps, env):
-        started = time.perf_counter()
-        members(self, steps, env)
-        spent["group_step"].append((time.perf_counter() - started) / len(steps))
+    def on_members(program, steps, seconds):
+        spent["group_step"].append(seconds / len(steps))
 
-    def remember(self, *args):
-        programs.append(self)
-        return run(self, *args)
-
-    executor.ConcurrentProgram._run_call, executor.ConcurrentProgram._run_members = timed_call, timed_members
-    executor.ConcurrentProgram.__call__ = remember
-    try:
-        with torch.no_grad():
-            for _ in range(reps):
-                fn(ids, use_cache=False)
-    finally:
-        executor.ConcurrentProgram._run_call, executor.ConcurrentProgram._run_members = call, members
-        executor.ConcurrentProgram.__call__ = run
+    with timed_runs(on_call, on_members), torch.no_grad():
+        for _ in range(reps):
+            fn(ids, use_cache=False)
     return spent, programs[-1]
 
 

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import copy
 import functools
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,32 +44,46 @@ class Head(torch.nn.Module):
         return self.head(self.norm(hidden))
 
 
-def per_run_ms(programs: dict, reps: int) -> dict:
-    """Median ms of each run of each concurrent program (runs timed on the calling thread only)."""
-    spent = collections.defaultdict(list)
+@contextlib.contextmanager
+def timed_runs(on_call: Callable, on_members: Callable) -> Iterator[None]:
+    """Within the block, every :class:`ConcurrentProgram` run is timed: ``on_call(program, call, seconds)``
+    for each segment run (on whichever thread ran it), ``on_members(program, steps, seconds)`` for each run
+    of consecutive member steps (on the calling thread)."""
     call, members = executor.ConcurrentProgram._run_call, executor.ConcurrentProgram._run_members
 
     def timed_call(self, env, c):
         started = time.perf_counter()
         call(self, env, c)
-        if threading.current_thread() is threading.main_thread():
-            spent[self.label, c.node.target].append(time.perf_counter() - started)
+        on_call(self, c, time.perf_counter() - started)
 
     def timed_members(self, steps, env):
         started = time.perf_counter()
         members(self, steps, env)
-        spent[self.label, "members " + " ".join(c.node.target for s in steps for c in s)].append(
-            time.perf_counter() - started)
+        on_members(self, steps, time.perf_counter() - started)
 
     executor.ConcurrentProgram._run_call, executor.ConcurrentProgram._run_members = timed_call, timed_members
     try:
-        with torch.no_grad():
-            for _ in range(reps):
-                for label, fn in programs.items():
-                    executor.ConcurrentProgram.label = label
-                    fn()
+        yield
     finally:
         executor.ConcurrentProgram._run_call, executor.ConcurrentProgram._run_members = call, members
+
+
+def per_run_ms(programs: dict, reps: int) -> dict:
+    """Median ms of each run of each concurrent program (runs timed on the calling thread only)."""
+    spent = collections.defaultdict(list)
+
+    def on_call(program, c, seconds):
+        if threading.current_thread() is threading.main_thread():
+            spent[program.label, c.node.target].append(seconds)
+
+    def on_members(program, steps, seconds):
+        spent[program.label, "members " + " ".join(c.node.target for s in steps for c in s)].append(seconds)
+
+    with timed_runs(on_call, on_members), torch.no_grad():
+        for _ in range(reps):
+            for label, fn in programs.items():
+                executor.ConcurrentProgram.label = label
+                fn()
     out = collections.defaultdict(dict)
     for (label, run), values in spent.items():
         out[label][run] = 1e3 * Summary.of(values).median
