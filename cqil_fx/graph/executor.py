@@ -240,11 +240,7 @@ class ConcurrentProgram:
         # their real inputs, and must not add symbols to the enclosing Dynamo frame's guards.
         # Its fake mode has a shape env of its own: without one, Inductor's FX graph cache
         # and AOTAutograd's cache bypass the segment, and every process compiles it afresh.
-        # The segment's inputs are handed over as fake tensors of static shape, as Dynamo hands a
-        # backend its graph's: a concurrent program only runs graphs of static shapes (one with
-        # symbolic sizes runs in local mode), and AOTAutograd would otherwise give every size of a
-        # real input a symbol of that shape env, weights included, so that Inductor generated
-        # kernels over symbolic sizes for graphs whose sizes never change.
+        # Inputs as fake tensors of static shape (module docstring): real ones would get symbolic sizes.
         fake_mode = torch._subclasses.FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv())
         context = torch._guards.TracingContext(fake_mode)
         with torch._guards.tracing(context), torch._inductor.config.patch(settings):

@@ -7,7 +7,8 @@ CQIL keeps every block's work; on a CPU, concurrent mode runs a group's P member
 T // P threads each instead of one after the other on T threads. It can only win what a block loses by
 being spread over T threads. For SmolLM2-135M (real weights) in float32, with int8 weight-only weights
 and float32 activations, and with int8 weight-only weights and bfloat16 activations, compiled with
-S12-E28 P2 in concurrent mode (``dynamic=False``, 1-token forward, the threads of the process), this
+S12-E28 P2 (a plan that measures the mechanism: +84-92 % held-out perplexity, docs/notes/quantized.md)
+in concurrent mode (``dynamic=False``, 1-token forward, the threads of the process), this
 times inside :class:`cqil_fx.graph.executor.ConcurrentProgram`:
 
 * ``block_all_threads``: the first shared segment (embedding and blocks 0-11, on the calling thread with
